@@ -1,0 +1,38 @@
+"""dsa_hybrid: DeepSeek Sparse Attention (DSA) as a Rust-accelerated CPU/TPU hybrid.
+
+Public API:
+- `DSAConfig`, `YarnScaling` — model shapes and constants (presets, Hugging Face config.json).
+- `reference` — the float64 numpy oracle of spec/DSA.md, ground truth for every fast path.
+- `testing` — hypothesis strategies and assertion helpers for testing DSA kernels
+  (needs `hypothesis`: `pip install "dsa_hybrid[testing]"`); imported on first use.
+- `cpu_features()` — what the Rust host core detected about this CPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from . import _core, reference
+from .config import DSAConfig, YarnScaling
+
+__version__: str = _core.__version__
+
+if TYPE_CHECKING:
+    from . import testing
+
+
+def cpu_features() -> dict[str, bool | str]:
+    """CPU features detected by the Rust core (`avx2`, `fma`, `f16c`, `avx512f`, `neon`, ...) and
+    `simd_path`, the SIMD path its kernels dispatch to on this machine."""
+    return dict(_core.cpu_features())
+
+
+def __getattr__(name: str) -> Any:
+    # `testing` needs hypothesis, an optional dependency: import it only when asked for.
+    if name == "testing":
+        return importlib.import_module(".testing", __name__)
+    raise AttributeError(f"module 'dsa_hybrid' has no attribute {name!r}")
+
+
+__all__ = ["DSAConfig", "YarnScaling", "cpu_features", "reference", "testing", "__version__"]

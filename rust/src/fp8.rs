@@ -1,0 +1,184 @@
+//! FP8 e4m3fn encoding and power-of-two ("ue8m0") scales, bit-exact with
+//! `spec/DSA.md` §4 and `dsa_hybrid.reference`.
+//!
+//! Everything is computed in f64 in the same order as the float64 oracle, so
+//! the codes are identical by construction, not just close.
+
+/// Largest finite e4m3fn magnitude.
+pub const E4M3_MAX: f64 = 448.0;
+/// Lower bound on a vector's amax before the scale is taken (spec §4).
+pub const AMAX_FLOOR: f64 = 1e-4;
+
+/// Decode one e4m3fn code (1 sign, 4 exponent bits with bias 7, 3 mantissa
+/// bits; no infinities; 0x7F and 0xFF are NaN).
+pub const fn decode(code: u8) -> f32 {
+    let sign = if code & 0x80 != 0 { -1.0f32 } else { 1.0f32 };
+    let exp = ((code >> 3) & 0x0F) as i32;
+    let man = (code & 0x07) as f32;
+    if exp == 0x0F && (code & 0x07) == 0x07 {
+        return f32::NAN;
+    }
+    let mag = if exp == 0 {
+        // Subnormal: m/8 * 2^-6.
+        man / 8.0 / 64.0
+    } else {
+        (1.0 + man / 8.0) * pow2_f32(exp - 7)
+    };
+    sign * mag
+}
+
+const fn pow2_f32(e: i32) -> f32 {
+    // e is in [-6, 8] here; both loops are bounded and exact.
+    let mut v = 1.0f32;
+    let mut i = 0;
+    if e >= 0 {
+        while i < e {
+            v *= 2.0;
+            i += 1;
+        }
+    } else {
+        while i < -e {
+            v /= 2.0;
+            i += 1;
+        }
+    }
+    v
+}
+
+/// All 256 codes decoded, indexable by the code.
+pub static DECODE_TABLE: [f32; 256] = {
+    let mut t = [0.0f32; 256];
+    let mut c = 0;
+    while c < 256 {
+        t[c] = decode(c as u8);
+        c += 1;
+    }
+    t
+};
+
+/// Encode `x` as e4m3fn: saturate to ±448, round to nearest, ties to even.
+/// NaN encodes as 0x7F (callers reject NaN before quantizing).
+pub fn encode(x: f64) -> u8 {
+    if x.is_nan() {
+        return 0x7F;
+    }
+    let sign: u8 = if x.is_sign_negative() { 0x80 } else { 0 };
+    let a = x.abs().min(E4M3_MAX);
+    let min_normal = 2f64.powi(-6);
+    let code = if a >= min_normal {
+        // a = 2^e * (1 + f); the exponent read from the f64 bits is exact.
+        let mut e = ((a.to_bits() >> 52) & 0x7FF) as i32 - 1023;
+        let mut q = (a * 2f64.powi(3 - e)).round_ties_even() as i32; // in [8, 16]
+        if q == 16 {
+            e += 1;
+            q = 8;
+        }
+        (((e + 7) << 3) | (q - 8)) as u8
+    } else {
+        // Subnormals are multiples of 2^-9; q == 8 is the smallest normal (code 0x08).
+        (a * 512.0).round_ties_even() as u8
+    };
+    sign | code
+}
+
+/// The power-of-two scale of a vector with maximum magnitude `amax`:
+/// `2^ceil(log2(max(amax, 1e-4) / 448))`, computed exactly as the smallest
+/// `k` with `448 * 2^k >= amax`.
+pub fn pow2_scale(amax: f64) -> f32 {
+    let amax = amax.max(AMAX_FLOOR);
+    let mut k = (amax / E4M3_MAX).log2().ceil() as i32;
+    while E4M3_MAX * 2f64.powi(k) < amax {
+        k += 1;
+    }
+    while E4M3_MAX * 2f64.powi(k - 1) >= amax {
+        k -= 1;
+    }
+    2f32.powi(k)
+}
+
+/// Quantize one vector with its own power-of-two scale; returns the scale.
+/// `out.len()` must equal `v.len()`.
+pub fn quantize(v: &[f64], out: &mut [u8]) -> f32 {
+    assert_eq!(v.len(), out.len(), "quantize: length mismatch");
+    let amax = v.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    let scale = pow2_scale(amax);
+    let s = f64::from(scale);
+    for (o, x) in out.iter_mut().zip(v) {
+        *o = encode((x / s).clamp(-E4M3_MAX, E4M3_MAX));
+    }
+    scale
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_known_codes() {
+        assert_eq!(decode(0x00), 0.0);
+        assert_eq!(decode(0x01), 2f32.powi(-9));
+        assert_eq!(decode(0x08), 2f32.powi(-6));
+        assert_eq!(decode(0x38), 1.0);
+        assert_eq!(decode(0x7E), 448.0);
+        assert_eq!(decode(0xFE), -448.0);
+        assert!(decode(0x7F).is_nan());
+        assert!(decode(0xFF).is_nan());
+        assert!(decode(0x80) == 0.0 && decode(0x80).is_sign_negative());
+    }
+
+    #[test]
+    fn encode_inverts_decode_for_every_finite_code() {
+        for c in 0u16..256 {
+            let c = c as u8;
+            if c & 0x7F == 0x7F {
+                continue;
+            }
+            assert_eq!(encode(f64::from(DECODE_TABLE[c as usize])), c, "code {c:#04x}");
+        }
+    }
+
+    #[test]
+    fn encode_rounds_to_nearest_even_and_saturates() {
+        // 1.0 (0x38) and 1.125 (0x39): the midpoint goes to the even mantissa.
+        assert_eq!(encode(1.0625), 0x38);
+        // 1.125 and 1.25 (0x3A): midpoint 1.1875 goes to 0x3A (even).
+        assert_eq!(encode(1.1875), 0x3A);
+        assert_eq!(encode(1.06), 0x38);
+        assert_eq!(encode(1.07), 0x39);
+        assert_eq!(encode(1.1), 0x39);
+        // Subnormal midpoint between 0 and 2^-9 goes to 0.
+        assert_eq!(encode(2f64.powi(-10)), 0x00);
+        assert_eq!(encode(3.0 * 2f64.powi(-10)), 0x02);
+        assert_eq!(encode(1e6), 0x7E);
+        assert_eq!(encode(-1e6), 0xFE);
+        assert_eq!(encode(460.0), 0x7E);
+    }
+
+    #[test]
+    fn scales_are_exact_powers_of_two() {
+        assert_eq!(pow2_scale(448.0), 1.0);
+        assert_eq!(pow2_scale(448.0000001), 2.0);
+        assert_eq!(pow2_scale(224.0), 0.5);
+        assert_eq!(pow2_scale(0.0), pow2_scale(1e-4));
+        let mut x = 1e-3f64;
+        while x < 1e6 {
+            let s = f64::from(pow2_scale(x));
+            assert!(x / s <= E4M3_MAX && x / s > E4M3_MAX / 2.0, "amax {x}");
+            assert_eq!(s.log2().fract(), 0.0);
+            x *= 1.37;
+        }
+    }
+
+    #[test]
+    fn quantize_bounds_error() {
+        let v: Vec<f64> = (0..128).map(|i| ((i * 37 % 101) as f64 - 50.0) * 0.731).collect();
+        let mut out = vec![0u8; 128];
+        let s = f64::from(quantize(&v, &mut out));
+        for (x, c) in v.iter().zip(&out) {
+            let y = f64::from(DECODE_TABLE[*c as usize]) * s;
+            // e4m3 has 3 mantissa bits: relative error <= 2^-4 for normals,
+            // absolute error <= 2^-10 * s for subnormals.
+            assert!((x - y).abs() <= x.abs() / 16.0 + s * 2f64.powi(-10), "{x} vs {y}");
+        }
+    }
+}
