@@ -107,13 +107,8 @@ def test_glm_transformers4_spelling_and_indexer_types():
 
 
 def test_explicit_indexer_pairing_overrides_model_default():
-    assert (
-        DSAConfig.from_hf_config({**GLM5_HF, "indexer_rope_interleave": False}).indexer_rope_pairing == "half"
-    )
-    assert (
-        DSAConfig.from_hf_config({**V32_HF, "indexer_rope_interleave": True}).indexer_rope_pairing
-        == "interleaved"
-    )
+    assert DSAConfig.from_hf_config({**GLM5_HF, "indexer_rope_interleave": False}).indexer_rope_pairing == "half"
+    assert DSAConfig.from_hf_config({**V32_HF, "indexer_rope_interleave": True}).indexer_rope_pairing == "interleaved"
 
 
 @given(testing.dsa_configs())

@@ -25,9 +25,7 @@ def test_exact_scores_follow_the_formula(p):
     want = np.zeros((T, p.k.shape[0]))
     for t in range(T):
         for j in range(H):
-            want[t] += float(p.w[t, j]) * np.maximum(
-                p.q[t, j].astype(float) @ p.k.T.astype(float) / np.sqrt(D), 0
-            )
+            want[t] += float(p.w[t, j]) * np.maximum(p.q[t, j].astype(float) @ p.k.T.astype(float) / np.sqrt(D), 0)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
@@ -38,12 +36,7 @@ def test_fp8_scores_track_exact_scores(p):
     fp8 = reference.indexer_scores_fp8(p.q, p.w, k8, sk)
     # FP8 keeps ~3 significant bits per element; after the dot product and the head sum, errors are
     # a small fraction of the score scale.
-    scale = (
-        np.abs(p.w).sum(axis=1, keepdims=True)
-        * np.abs(p.q).max()
-        * np.abs(p.k).max()
-        * np.sqrt(p.q.shape[-1])
-    )
+    scale = np.abs(p.w).sum(axis=1, keepdims=True) * np.abs(p.q).max() * np.abs(p.k).max() * np.sqrt(p.q.shape[-1])
     assert np.all(np.abs(fp8 - exact) <= 0.1 * scale + 1e-12)
 
 

@@ -9,12 +9,8 @@ from dsa_hybrid import reference
 def test_rms_norm_and_layer_norm():
     x = np.array([[3.0, 4.0]])
     np.testing.assert_allclose(reference.rms_norm(x, eps=0.0), x / np.sqrt(12.5))
-    np.testing.assert_allclose(
-        reference.rms_norm(x, np.array([2.0, 1.0]), eps=0.0), x / np.sqrt(12.5) * [2, 1]
-    )
-    y = reference.layer_norm(
-        np.array([[1.0, 2.0, 3.0]]), np.array([1.0, 1.0, 2.0]), np.array([0.0, 1.0, 0.0]), eps=0.0
-    )
+    np.testing.assert_allclose(reference.rms_norm(x, np.array([2.0, 1.0]), eps=0.0), x / np.sqrt(12.5) * [2, 1])
+    y = reference.layer_norm(np.array([[1.0, 2.0, 3.0]]), np.array([1.0, 1.0, 2.0]), np.array([0.0, 1.0, 0.0]), eps=0.0)
     np.testing.assert_allclose(y, [[-np.sqrt(1.5), 1.0, 2 * np.sqrt(1.5)]])
 
 

@@ -21,9 +21,7 @@ def test_hadamard_matches_sylvester_matrix_and_is_orthonormal():
 def test_hadamard_is_its_own_inverse_and_keeps_dot_products(x):
     y = reference.hadamard(x)
     np.testing.assert_allclose(reference.hadamard(y), x, atol=1e-12)
-    np.testing.assert_allclose(
-        np.einsum("abd,acd->abc", y, y), np.einsum("abd,acd->abc", x, x), rtol=1e-12, atol=1e-10
-    )
+    np.testing.assert_allclose(np.einsum("abd,acd->abc", y, y), np.einsum("abd,acd->abc", x, x), rtol=1e-12, atol=1e-10)
 
 
 def test_hadamard_rejects_non_power_of_two():
@@ -51,9 +49,7 @@ def test_rope_dot_product_depends_only_on_position_difference(pairing, d, p, shi
     )
     assert a == pytest.approx(b, rel=1e-7, abs=1e-7)
     # A rotation keeps norms.
-    assert np.linalg.norm(reference.apply_rope(q, np.asarray(p), freqs, pairing)) == pytest.approx(
-        np.linalg.norm(q)
-    )
+    assert np.linalg.norm(reference.apply_rope(q, np.asarray(p), freqs, pairing)) == pytest.approx(np.linalg.norm(q))
 
 
 def test_rope_pairings_differ_and_match_their_definition():

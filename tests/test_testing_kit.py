@@ -85,10 +85,6 @@ def test_topk_helpers_allow_exact_ties_only():
 
 
 def test_tolerance_knows_the_dtypes():
-    assert (
-        testing.tolerance(np.float64)[0]
-        < testing.tolerance(np.float32)[0]
-        < testing.tolerance(testing.bfloat16)[0]
-    )
+    assert testing.tolerance(np.float64)[0] < testing.tolerance(np.float32)[0] < testing.tolerance(testing.bfloat16)[0]
     with pytest.raises(KeyError):
         testing.tolerance(np.int32)

@@ -87,23 +87,17 @@ class DSAConfig:
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"DSAConfig.qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
         if self.index_head_dim < self.qk_rope_head_dim:
-            raise ValueError(
-                "DSAConfig.index_head_dim must be >= qk_rope_head_dim (rope is on its first dims)"
-            )
+            raise ValueError("DSAConfig.index_head_dim must be >= qk_rope_head_dim (rope is on its first dims)")
         for name in ("indexer_rope_pairing", "mla_rope_pairing"):
             if getattr(self, name) not in ("interleaved", "half"):
-                raise ValueError(
-                    f"DSAConfig.{name} must be 'interleaved' or 'half', got {getattr(self, name)!r}"
-                )
+                raise ValueError(f"DSAConfig.{name} must be 'interleaved' or 'half', got {getattr(self, name)!r}")
         if self.rope_theta <= 0:
             raise ValueError(f"DSAConfig.rope_theta must be positive, got {self.rope_theta}")
         bad = [t for t in self.indexer_types if t not in ("full", "shared")]
         if bad:
             raise ValueError(f"DSAConfig.indexer_types: unknown entries {bad}; expected 'full' or 'shared'")
         if self.indexer_types and self.indexer_types[0] != "full":
-            raise ValueError(
-                "DSAConfig.indexer_types: the first layer must be 'full' (nothing to share from)"
-            )
+            raise ValueError("DSAConfig.indexer_types: the first layer must be 'full' (nothing to share from)")
 
     # ----- derived quantities -------------------------------------------------
 
@@ -277,9 +271,7 @@ class DSAConfig:
         rope = d.get("rope_parameters") or {}
         theta = d.get("rope_theta", rope.get("rope_theta"))
         if theta is None:
-            raise ValueError(
-                f"config.json ({model_type}): missing 'rope_theta' (or rope_parameters.rope_theta)"
-            )
+            raise ValueError(f"config.json ({model_type}): missing 'rope_theta' (or rope_parameters.rope_theta)")
         scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", rope.get("type")) else None)
         yarn = _parse_yarn(scaling, model_type)
 
@@ -369,9 +361,7 @@ def _parse_yarn(scaling: dict[str, Any] | None, model_type: str) -> YarnScaling 
     if kind in (None, "default"):
         return None
     if kind != "yarn":
-        raise ValueError(
-            f"config.json ({model_type}): unsupported rope scaling type {kind!r}; only 'yarn' is"
-        )
+        raise ValueError(f"config.json ({model_type}): unsupported rope scaling type {kind!r}; only 'yarn' is")
     try:
         return YarnScaling(
             factor=float(scaling["factor"]),

@@ -60,11 +60,7 @@ def yarn_ramp_bounds(d_rope: int, theta: float, yarn: YarnScaling) -> tuple[int,
     (10 and 23 for DeepSeek-V3.2)."""
 
     def dim_for_rotations(n_rot: float) -> float:
-        return (
-            d_rope
-            * math.log(yarn.original_max_position_embeddings / (n_rot * 2 * math.pi))
-            / (2 * math.log(theta))
-        )
+        return d_rope * math.log(yarn.original_max_position_embeddings / (n_rot * 2 * math.pi)) / (2 * math.log(theta))
 
     low = math.floor(dim_for_rotations(yarn.beta_fast))
     high = math.ceil(dim_for_rotations(yarn.beta_slow))
@@ -389,9 +385,7 @@ def positions_to_slots(positions: np.ndarray, block_table: np.ndarray, block_siz
 # ---------------------------------------------------------------------------------------------
 
 
-def pack_indexer_pages(
-    codes: np.ndarray, scales: np.ndarray, block_size: int = INDEXER_PAGE_TOKENS
-) -> np.ndarray:
+def pack_indexer_pages(codes: np.ndarray, scales: np.ndarray, block_size: int = INDEXER_PAGE_TOKENS) -> np.ndarray:
     """Pack quantized indexer keys into pages (spec §6). codes: uint8 `[n, D]`, scales: float32 `[n]`.
     Returns uint8 `[ceil(n / block_size), block_size · (D + 4)]`: per page, the `block_size × D` code
     bytes token-major, then `block_size` little-endian float32 scales. Unused slots are zero."""
@@ -486,9 +480,7 @@ def indexer_kl_loss(attn_probs: np.ndarray, scores: np.ndarray, selected: np.nda
         p = np.where(mask, p, 0.0)
         s = np.where(mask, s, -np.inf)
     p = p / p.sum(axis=-1, keepdims=True)
-    log_q = s - (
-        np.log(np.sum(np.exp(s - s.max(-1, keepdims=True)), -1, keepdims=True)) + s.max(-1, keepdims=True)
-    )
+    log_q = s - (np.log(np.sum(np.exp(s - s.max(-1, keepdims=True)), -1, keepdims=True)) + s.max(-1, keepdims=True))
     has_mass = p > 0  # 0 · log 0 = 0, also where log_q = −inf
     terms = np.where(has_mass, p * (np.log(np.where(has_mass, p, 1.0)) - np.where(has_mass, log_q, 0.0)), 0.0)
     return float(terms.sum())

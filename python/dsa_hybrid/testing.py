@@ -86,9 +86,7 @@ def assert_close(
     if a.shape != e.shape:
         raise AssertionError(f"{what}: shape {a.shape} != expected {e.shape}")
     if np.isnan(a).any() or np.isnan(e).any():
-        raise AssertionError(
-            f"{what}: NaN present (actual: {np.isnan(a).sum()}, expected: {np.isnan(e).sum()})"
-        )
+        raise AssertionError(f"{what}: NaN present (actual: {np.isnan(a).sum()}, expected: {np.isnan(e).sum()})")
     d_rtol, d_atol = tolerance(dtype)
     np.testing.assert_allclose(
         a, e, rtol=d_rtol if rtol is None else rtol, atol=d_atol if atol is None else atol, err_msg=what
@@ -106,9 +104,7 @@ def assert_mla_close(
         raise AssertionError(f"lse: shape {lse.shape} != expected {ref_lse.shape}")
     empty = np.isposinf(ref_lse)
     if not np.array_equal(np.isposinf(lse), empty):
-        raise AssertionError(
-            f"lse: +inf (empty rows) at {np.argwhere(np.isposinf(lse) != empty)[:5].tolist()} differ"
-        )
+        raise AssertionError(f"lse: +inf (empty rows) at {np.argwhere(np.isposinf(lse) != empty)[:5].tolist()} differ")
     if np.any(out[empty] != 0.0):
         raise AssertionError("out: rows with no valid index must be exactly zero")
     assert_close(lse[~empty], ref_lse[~empty], dtype, atol=atol, what="lse")
@@ -141,9 +137,7 @@ def assert_valid_topk(indices: Any, scores: Any, positions: Any, k: int) -> None
         row = idx[t]
         sel = row[row != -1]
         if sel.size != want[t]:
-            raise AssertionError(
-                f"row {t}: {sel.size} selected (want {want[t]}), entries {row[:16].tolist()}..."
-            )
+            raise AssertionError(f"row {t}: {sel.size} selected (want {want[t]}), entries {row[:16].tolist()}...")
         if np.unique(sel).size != sel.size:
             raise AssertionError(f"row {t}: duplicate positions selected")
         if sel.size and (sel.min() < 0 or sel.max() > pos[t]):
@@ -361,11 +355,7 @@ def ragged_batches(draw: st.DrawFn, max_seqs: int = 5, max_len: int = 300, max_n
     lengths = np.asarray(draw(st.lists(st.integers(0, max_len), min_size=B, max_size=B)), dtype=np.int64)
     new = np.asarray(draw(st.lists(st.integers(0, max_new), min_size=B, max_size=B)), dtype=np.int64)
     seq = np.repeat(np.arange(B), new)
-    pos = (
-        np.concatenate([lengths[b] + np.arange(new[b]) for b in range(B)])
-        if new.sum()
-        else np.zeros(0, np.int64)
-    )
+    pos = np.concatenate([lengths[b] + np.arange(new[b]) for b in range(B)]) if new.sum() else np.zeros(0, np.int64)
     return RaggedBatch(
         lengths=lengths,
         new_tokens=new,

@@ -56,6 +56,13 @@ pub static DECODE_TABLE: [f32; 256] = {
     t
 };
 
+/// `2^k` for `k` in the normal f64 exponent range, built from its bits (exact, no libm call).
+#[inline]
+fn exp2i(k: i32) -> f64 {
+    debug_assert!((-1022..=1023).contains(&k));
+    f64::from_bits(((k + 1023) as u64) << 52)
+}
+
 /// Encode `x` as e4m3fn: saturate to ±448, round to nearest, ties to even.
 /// NaN encodes as 0x7F (callers reject NaN before quantizing).
 pub fn encode(x: f64) -> u8 {
@@ -64,11 +71,10 @@ pub fn encode(x: f64) -> u8 {
     }
     let sign: u8 = if x.is_sign_negative() { 0x80 } else { 0 };
     let a = x.abs().min(E4M3_MAX);
-    let min_normal = 2f64.powi(-6);
-    let code = if a >= min_normal {
+    let code = if a >= exp2i(-6) {
         // a = 2^e * (1 + f); the exponent read from the f64 bits is exact.
         let mut e = ((a.to_bits() >> 52) & 0x7FF) as i32 - 1023;
-        let mut q = (a * 2f64.powi(3 - e)).round_ties_even() as i32; // in [8, 16]
+        let mut q = (a * exp2i(3 - e)).round_ties_even() as i32; // in [8, 16]
         if q == 16 {
             e += 1;
             q = 8;
@@ -86,14 +92,15 @@ pub fn encode(x: f64) -> u8 {
 /// `k` with `448 * 2^k >= amax`.
 pub fn pow2_scale(amax: f64) -> f32 {
     let amax = amax.max(AMAX_FLOOR);
-    let mut k = (amax / E4M3_MAX).log2().ceil() as i32;
-    while E4M3_MAX * 2f64.powi(k) < amax {
+    // Exponent of amax / 448 read from its bits, then corrected by exact comparisons.
+    let mut k = (((amax / E4M3_MAX).to_bits() >> 52) & 0x7FF) as i32 - 1023;
+    while E4M3_MAX * exp2i(k) < amax {
         k += 1;
     }
-    while E4M3_MAX * 2f64.powi(k - 1) >= amax {
+    while E4M3_MAX * exp2i(k - 1) >= amax {
         k -= 1;
     }
-    2f32.powi(k)
+    exp2i(k) as f32
 }
 
 /// Quantize one vector with its own power-of-two scale; returns the scale.
@@ -133,7 +140,11 @@ mod tests {
             if c & 0x7F == 0x7F {
                 continue;
             }
-            assert_eq!(encode(f64::from(DECODE_TABLE[c as usize])), c, "code {c:#04x}");
+            assert_eq!(
+                encode(f64::from(DECODE_TABLE[c as usize])),
+                c,
+                "code {c:#04x}"
+            );
         }
     }
 
@@ -171,14 +182,19 @@ mod tests {
 
     #[test]
     fn quantize_bounds_error() {
-        let v: Vec<f64> = (0..128).map(|i| ((i * 37 % 101) as f64 - 50.0) * 0.731).collect();
+        let v: Vec<f64> = (0..128)
+            .map(|i| ((i * 37 % 101) as f64 - 50.0) * 0.731)
+            .collect();
         let mut out = vec![0u8; 128];
         let s = f64::from(quantize(&v, &mut out));
         for (x, c) in v.iter().zip(&out) {
             let y = f64::from(DECODE_TABLE[*c as usize]) * s;
             // e4m3 has 3 mantissa bits: relative error <= 2^-4 for normals,
             // absolute error <= 2^-10 * s for subnormals.
-            assert!((x - y).abs() <= x.abs() / 16.0 + s * 2f64.powi(-10), "{x} vs {y}");
+            assert!(
+                (x - y).abs() <= x.abs() / 16.0 + s * 2f64.powi(-10),
+                "{x} vs {y}"
+            );
         }
     }
 }

@@ -5,7 +5,10 @@
 /// operations matches `dsa_hybrid.reference.hadamard`, so results are identical.
 pub fn fwht(v: &mut [f64]) {
     let n = v.len();
-    assert!(n.is_power_of_two(), "hadamard: length {n} is not a power of two");
+    assert!(
+        n.is_power_of_two(),
+        "hadamard: length {n} is not a power of two"
+    );
     let mut h = 1;
     while h < n {
         for start in (0..n).step_by(2 * h) {
@@ -35,7 +38,11 @@ mod tests {
             e[j] = 1.0;
             fwht(&mut e);
             for (i, x) in e.iter().enumerate() {
-                let sign = if (i & j).count_ones() % 2 == 0 { 1.0 } else { -1.0 };
+                let sign = if (i & j).count_ones() % 2 == 0 {
+                    1.0
+                } else {
+                    -1.0
+                };
                 assert!((x - sign / (n as f64).sqrt()).abs() < 1e-15);
             }
         }

@@ -52,7 +52,10 @@ mod bindings {
         py.detach(|| quant::quantize_rows(rows, d, hadamard, &mut codes, &mut scales))
             .map_err(|e| PyValueError::new_err(format!("x: {e}")))?;
         let codes = Array2::from_shape_vec((n, d), codes).expect("shape matches length");
-        Ok((codes.into_pyarray(py), Array1::from_vec(scales).into_pyarray(py)))
+        Ok((
+            codes.into_pyarray(py),
+            Array1::from_vec(scales).into_pyarray(py),
+        ))
     }
 
     /// The float32 value of each of the 256 e4m3fn codes (index = code).

@@ -10,16 +10,25 @@ pub enum QuantError {
     NonFinite { row: usize, col: usize },
     /// The Hadamard rotation needs a power-of-two width.
     WidthNotPowerOfTwo(usize),
+    /// Rows must have at least one element.
+    ZeroWidth,
 }
 
 impl std::fmt::Display for QuantError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             QuantError::NonFinite { row, col } => {
-                write!(f, "non-finite value (NaN or inf) at row {row}, column {col}")
+                write!(
+                    f,
+                    "non-finite value (NaN or inf) at row {row}, column {col}"
+                )
             }
+            QuantError::ZeroWidth => write!(f, "rows must have at least one column"),
             QuantError::WidthNotPowerOfTwo(d) => {
-                write!(f, "the Hadamard rotation needs a power-of-two width, got {d}")
+                write!(
+                    f,
+                    "the Hadamard rotation needs a power-of-two width, got {d}"
+                )
             }
         }
     }
@@ -37,11 +46,17 @@ pub fn quantize_rows(
     codes: &mut [u8],
     scales: &mut [f32],
 ) -> Result<(), QuantError> {
+    if width == 0 {
+        return Err(QuantError::ZeroWidth);
+    }
     if rotate && !width.is_power_of_two() {
         return Err(QuantError::WidthNotPowerOfTwo(width));
     }
     if let Some(i) = rows.iter().position(|x| !x.is_finite()) {
-        return Err(QuantError::NonFinite { row: i / width, col: i % width });
+        return Err(QuantError::NonFinite {
+            row: i / width,
+            col: i % width,
+        });
     }
     let mut buf = vec![0.0f64; width];
     for ((row, out), scale) in rows
