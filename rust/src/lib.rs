@@ -7,6 +7,8 @@
 pub mod cpu;
 pub mod fp8;
 pub mod hadamard;
+pub mod indexer_cache;
+pub mod pool;
 pub mod quant;
 
 #[cfg(feature = "python")]

@@ -1,0 +1,527 @@
+//! The paged FP8 indexer-key cache (spec §4, §6): block tables per sequence
+//! over pages of `block_size` tokens, each page `block_size × head_dim` e4m3fn
+//! bytes (token-major) followed by `block_size` little-endian f32 scales.
+//!
+//! This type holds the bookkeeping (pool, block tables, lengths); the page
+//! bytes live in a buffer the caller owns and passes in (`pages`), so the
+//! Python side can expose them as a zero-copy numpy array. Every mutating call
+//! validates everything before it changes anything: on error the cache and the
+//! pages are exactly as before.
+
+use std::collections::HashMap;
+
+use crate::fp8;
+use crate::pool::BlockPool;
+use crate::quant::{self, QuantError};
+
+/// Sequence identifiers are caller-chosen integers.
+pub type SeqId = i64;
+
+/// Why a cache call was refused. Nothing was changed when one is returned.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CacheError {
+    UnknownSequence(SeqId),
+    DuplicateSequence(SeqId),
+    PoolExhausted {
+        needed: usize,
+        free: usize,
+    },
+    Shape(String),
+    Quant(QuantError),
+    NonFiniteScale {
+        row: usize,
+    },
+    Position {
+        index: usize,
+        position: i64,
+        length: usize,
+    },
+    TruncateBeyondLength {
+        n: usize,
+        length: usize,
+    },
+    Config(String),
+}
+
+impl std::fmt::Display for CacheError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CacheError::UnknownSequence(s) => write!(f, "unknown sequence id {s}"),
+            CacheError::DuplicateSequence(s) => write!(f, "sequence id {s} already exists"),
+            CacheError::PoolExhausted { needed, free } => {
+                write!(
+                    f,
+                    "block pool exhausted: {needed} blocks needed, {free} free"
+                )
+            }
+            CacheError::Shape(m) | CacheError::Config(m) => f.write_str(m),
+            CacheError::Quant(e) => write!(f, "{e}"),
+            CacheError::NonFiniteScale { row } => {
+                write!(f, "scale of row {row} is not a finite positive number")
+            }
+            CacheError::Position {
+                index,
+                position,
+                length,
+            } => write!(
+                f,
+                "position {position} (entry {index}) is outside [0, {length})"
+            ),
+            CacheError::TruncateBeyondLength { n, length } => {
+                write!(
+                    f,
+                    "cannot truncate to {n} tokens: the sequence has {length}"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for CacheError {}
+
+#[derive(Debug, Clone, Default)]
+struct Sequence {
+    blocks: Vec<u32>,
+    len: usize,
+}
+
+/// Block pool, block tables and lengths of a paged indexer-key cache.
+#[derive(Debug, Clone)]
+pub struct IndexerKeyCache {
+    head_dim: usize,
+    block_size: usize,
+    pool: BlockPool,
+    seqs: HashMap<SeqId, Sequence>,
+}
+
+impl IndexerKeyCache {
+    /// `block_size` must be a positive multiple of 16, `head_dim` a power of two (Hadamard).
+    pub fn new(num_blocks: usize, block_size: usize, head_dim: usize) -> Result<Self, CacheError> {
+        if block_size == 0 || block_size % 16 != 0 {
+            return Err(CacheError::Config(format!(
+                "block_size must be a positive multiple of 16, got {block_size}"
+            )));
+        }
+        if !head_dim.is_power_of_two() {
+            return Err(CacheError::Config(format!(
+                "head_dim must be a power of two, got {head_dim}"
+            )));
+        }
+        if u32::try_from(num_blocks).is_err() {
+            return Err(CacheError::Config(format!(
+                "num_blocks {num_blocks} is too large"
+            )));
+        }
+        Ok(IndexerKeyCache {
+            head_dim,
+            block_size,
+            pool: BlockPool::new(num_blocks),
+            seqs: HashMap::new(),
+        })
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+    pub fn num_blocks(&self) -> usize {
+        self.pool.num_blocks()
+    }
+    /// Bytes of one page: `block_size · (head_dim + 4)` (8448 at 64 × 128).
+    pub fn page_bytes(&self) -> usize {
+        self.block_size * (self.head_dim + 4)
+    }
+    /// Bytes of the whole page buffer the caller must provide.
+    pub fn buffer_bytes(&self) -> usize {
+        self.num_blocks() * self.page_bytes()
+    }
+    pub fn num_free_blocks(&self) -> usize {
+        self.pool.num_free()
+    }
+    /// Bytes of the pages currently held by some sequence.
+    pub fn bytes_used(&self) -> usize {
+        (self.num_blocks() - self.num_free_blocks()) * self.page_bytes()
+    }
+    pub fn block_refcount(&self, block: u32) -> u32 {
+        self.pool.refcount(block)
+    }
+    pub fn num_sequences(&self) -> usize {
+        self.seqs.len()
+    }
+    pub fn sequence_ids(&self) -> Vec<SeqId> {
+        let mut ids: Vec<SeqId> = self.seqs.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    fn seq(&self, id: SeqId) -> Result<&Sequence, CacheError> {
+        self.seqs.get(&id).ok_or(CacheError::UnknownSequence(id))
+    }
+
+    pub fn length(&self, id: SeqId) -> Result<usize, CacheError> {
+        Ok(self.seq(id)?.len)
+    }
+
+    pub fn block_table(&self, id: SeqId) -> Result<&[u32], CacheError> {
+        Ok(&self.seq(id)?.blocks)
+    }
+
+    pub fn add_sequence(&mut self, id: SeqId) -> Result<(), CacheError> {
+        if self.seqs.contains_key(&id) {
+            return Err(CacheError::DuplicateSequence(id));
+        }
+        self.seqs.insert(id, Sequence::default());
+        Ok(())
+    }
+
+    /// Blocks an append of `n` tokens takes from the pool: new pages, plus one
+    /// copy of the last page when it is partial and shared with a fork.
+    fn blocks_needed(&self, s: &Sequence, n: usize) -> (usize, bool) {
+        let new_pages = (s.len + n).div_ceil(self.block_size) - s.blocks.len();
+        let cow = n > 0
+            && s.len % self.block_size != 0
+            && self
+                .pool
+                .refcount(*s.blocks.last().expect("partial page exists"))
+                > 1;
+        (new_pages + usize::from(cow), cow)
+    }
+
+    pub fn can_append(&self, id: SeqId, n: usize) -> Result<bool, CacheError> {
+        let (need, _) = self.blocks_needed(self.seq(id)?, n);
+        Ok(need <= self.pool.num_free())
+    }
+
+    /// Append `keys` (`n × head_dim` f32, post-RoPE): Hadamard, FP8, written in place.
+    pub fn append(&mut self, pages: &mut [u8], id: SeqId, keys: &[f32]) -> Result<(), CacheError> {
+        let d = self.head_dim;
+        if keys.len() % d != 0 {
+            return Err(CacheError::Shape(format!(
+                "keys: length {} is not a multiple of {d}",
+                keys.len()
+            )));
+        }
+        let n = keys.len() / d;
+        self.check_room(id, n)?; // before the quantization work, and so before any change
+        let mut codes = vec![0u8; n * d];
+        let mut scales = vec![0f32; n];
+        quant::quantize_rows(keys, d, true, &mut codes, &mut scales).map_err(CacheError::Quant)?;
+        self.append_quantized(pages, id, &codes, &scales)
+    }
+
+    fn check_room(&self, id: SeqId, n: usize) -> Result<(), CacheError> {
+        let (need, _) = self.blocks_needed(self.seq(id)?, n);
+        if need > self.pool.num_free() {
+            return Err(CacheError::PoolExhausted {
+                needed: need,
+                free: self.pool.num_free(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Append keys quantized elsewhere: `codes` (`n × head_dim` e4m3fn bytes,
+    /// already Hadamard-rotated) and their `scales` (`n`, finite, positive).
+    pub fn append_quantized(
+        &mut self,
+        pages: &mut [u8],
+        id: SeqId,
+        codes: &[u8],
+        scales: &[f32],
+    ) -> Result<(), CacheError> {
+        let (d, bs) = (self.head_dim, self.block_size);
+        let n = scales.len();
+        if codes.len() != n * d {
+            return Err(CacheError::Shape(format!(
+                "fp8 codes: {} bytes for {n} scales, expected {}",
+                codes.len(),
+                n * d
+            )));
+        }
+        self.check_buffer(pages.len())?;
+        if let Some(row) = scales.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(CacheError::NonFiniteScale { row });
+        }
+        self.check_room(id, n)?;
+        // Everything is checked: from here on nothing can fail.
+        let (need, cow) = self.blocks_needed(self.seq(id)?, n);
+        let mut fresh = self.pool.alloc(need).expect("checked above").into_iter();
+        let page_bytes = self.page_bytes();
+        let seq = self.seqs.get_mut(&id).expect("checked above");
+        if cow {
+            let old = seq.blocks.pop().expect("partial page exists");
+            let new = fresh.next().expect("allocated");
+            let (src, dst) = (old as usize * page_bytes, new as usize * page_bytes);
+            pages.copy_within(src..src + page_bytes, dst);
+            self.pool.decref(old);
+            seq.blocks.push(new);
+        }
+        seq.blocks.extend(fresh);
+        for (i, (code_row, scale)) in codes.chunks_exact(d).zip(scales).enumerate() {
+            let pos = seq.len + i;
+            let page = seq.blocks[pos / bs] as usize * page_bytes;
+            let off = pos % bs;
+            pages[page + off * d..page + (off + 1) * d].copy_from_slice(code_row);
+            let s = page + bs * d + 4 * off;
+            pages[s..s + 4].copy_from_slice(&scale.to_le_bytes());
+        }
+        seq.len += n;
+        Ok(())
+    }
+
+    fn check_buffer(&self, len: usize) -> Result<(), CacheError> {
+        if len != self.buffer_bytes() {
+            return Err(CacheError::Shape(format!(
+                "page buffer has {len} bytes, expected {}",
+                self.buffer_bytes()
+            )));
+        }
+        Ok(())
+    }
+
+    /// A new sequence `child` sharing all of `parent`'s pages (copy on write).
+    pub fn fork(&mut self, parent: SeqId, child: SeqId) -> Result<(), CacheError> {
+        let p = self.seq(parent)?.clone();
+        if self.seqs.contains_key(&child) {
+            return Err(CacheError::DuplicateSequence(child));
+        }
+        for &b in &p.blocks {
+            self.pool.incref(b);
+        }
+        self.seqs.insert(child, p);
+        Ok(())
+    }
+
+    /// Keep the first `n` tokens (rollback); pages past them return to the pool.
+    pub fn truncate(&mut self, id: SeqId, n: usize) -> Result<(), CacheError> {
+        let length = self.seq(id)?.len;
+        if n > length {
+            return Err(CacheError::TruncateBeyondLength { n, length });
+        }
+        let keep = n.div_ceil(self.block_size);
+        let seq = self.seqs.get_mut(&id).expect("checked above");
+        for b in seq.blocks.drain(keep..) {
+            self.pool.decref(b);
+        }
+        seq.len = n;
+        Ok(())
+    }
+
+    /// Remove a sequence; its pages return to the pool when no fork holds them.
+    pub fn free(&mut self, id: SeqId) -> Result<(), CacheError> {
+        let seq = self
+            .seqs
+            .remove(&id)
+            .ok_or(CacheError::UnknownSequence(id))?;
+        for b in seq.blocks {
+            self.pool.decref(b);
+        }
+        Ok(())
+    }
+
+    /// Slot of each position of sequence `id` (`block · block_size + offset`),
+    /// −1 staying −1; any other position outside `[0, length)` is an error.
+    pub fn slots_into(
+        &self,
+        id: SeqId,
+        positions: &[i64],
+        out: &mut [i32],
+    ) -> Result<(), CacheError> {
+        let seq = self.seq(id)?;
+        let bs = self.block_size;
+        for (index, (&p, o)) in positions.iter().zip(out.iter_mut()).enumerate() {
+            *o = if p == -1 {
+                -1
+            } else if p < 0 || p as usize >= seq.len {
+                return Err(CacheError::Position {
+                    index,
+                    position: p,
+                    length: seq.len,
+                });
+            } else {
+                let p = p as usize;
+                (seq.blocks[p / bs] as usize * bs + p % bs) as i32
+            };
+        }
+        Ok(())
+    }
+
+    /// Copy the FP8 codes (`n × head_dim`) and scales (`n`) of `positions` out.
+    pub fn gather(
+        &self,
+        pages: &[u8],
+        id: SeqId,
+        positions: &[i64],
+        codes: &mut [u8],
+        scales: &mut [f32],
+    ) -> Result<(), CacheError> {
+        self.check_buffer(pages.len())?;
+        let mut slots = vec![0i32; positions.len()];
+        self.slots_into(id, positions, &mut slots)?;
+        if let Some(index) = slots.iter().position(|s| *s < 0) {
+            return Err(CacheError::Position {
+                index,
+                position: -1,
+                length: self.seq(id)?.len,
+            });
+        }
+        for ((slot, code_row), scale) in slots
+            .iter()
+            .zip(codes.chunks_exact_mut(self.head_dim))
+            .zip(scales)
+        {
+            let (c, s) = self.read_slot(pages, *slot as usize);
+            code_row.copy_from_slice(c);
+            *scale = s;
+        }
+        Ok(())
+    }
+
+    fn read_slot<'a>(&self, pages: &'a [u8], slot: usize) -> (&'a [u8], f32) {
+        let (d, bs) = (self.head_dim, self.block_size);
+        let page = slot / bs * self.page_bytes();
+        let off = slot % bs;
+        let s = page + bs * d + 4 * off;
+        let scale = f32::from_le_bytes(pages[s..s + 4].try_into().expect("4 bytes"));
+        (&pages[page + off * d..page + (off + 1) * d], scale)
+    }
+
+    /// All keys of `id` dequantized (`length × head_dim`, in the Hadamard-rotated basis).
+    pub fn dequantize(&self, pages: &[u8], id: SeqId) -> Result<Vec<f32>, CacheError> {
+        self.check_buffer(pages.len())?;
+        let len = self.seq(id)?.len;
+        let positions: Vec<i64> = (0..len as i64).collect();
+        let mut codes = vec![0u8; len * self.head_dim];
+        let mut scales = vec![0f32; len];
+        self.gather(pages, id, &positions, &mut codes, &mut scales)?;
+        Ok(codes
+            .chunks_exact(self.head_dim)
+            .zip(&scales)
+            .flat_map(|(row, s)| row.iter().map(move |c| fp8::DECODE_TABLE[*c as usize] * s))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(n: usize, d: usize, seed: u32) -> Vec<f32> {
+        (0..n * d)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 100.0 - 5.0)
+            .collect()
+    }
+
+    fn cache(blocks: usize) -> (IndexerKeyCache, Vec<u8>) {
+        let c = IndexerKeyCache::new(blocks, 16, 128).unwrap();
+        let pages = vec![0u8; c.buffer_bytes()];
+        (c, pages)
+    }
+
+    #[test]
+    fn layout_is_132_bytes_per_token() {
+        let c = IndexerKeyCache::new(3, 64, 128).unwrap();
+        assert_eq!(c.page_bytes(), 8448);
+        assert_eq!(c.page_bytes() / c.block_size(), 132);
+    }
+
+    #[test]
+    fn append_writes_the_spec_layout() {
+        let (mut c, mut pages) = cache(4);
+        c.add_sequence(7).unwrap();
+        let k = keys(20, 128, 1);
+        c.append(&mut pages, 7, &k).unwrap();
+        assert_eq!(c.length(7).unwrap(), 20);
+        assert_eq!(c.block_table(7).unwrap(), &[0, 1]);
+        let mut codes = vec![0u8; 20 * 128];
+        let mut scales = vec![0f32; 20];
+        quant::quantize_rows(&k, 128, true, &mut codes, &mut scales).unwrap();
+        // Token 17 is in page 1 at offset 1.
+        let page = c.page_bytes();
+        assert_eq!(&pages[page + 128..page + 256], &codes[17 * 128..18 * 128]);
+        assert_eq!(
+            &pages[page + 16 * 128 + 4..page + 16 * 128 + 8],
+            &scales[17].to_le_bytes()
+        );
+    }
+
+    #[test]
+    fn exhausted_pool_changes_nothing() {
+        let (mut c, mut pages) = cache(2);
+        c.add_sequence(1).unwrap();
+        c.append(&mut pages, 1, &keys(20, 128, 2)).unwrap();
+        let before = pages.clone();
+        let err = c.append(&mut pages, 1, &keys(13, 128, 3)).unwrap_err();
+        assert_eq!(err, CacheError::PoolExhausted { needed: 1, free: 0 });
+        assert_eq!(c.length(1).unwrap(), 20);
+        assert_eq!(pages, before);
+        assert!(c.can_append(1, 12).unwrap() && !c.can_append(1, 13).unwrap());
+    }
+
+    #[test]
+    fn fork_shares_pages_and_copies_the_partial_one_on_write() {
+        let (mut c, mut pages) = cache(8);
+        c.add_sequence(1).unwrap();
+        c.append(&mut pages, 1, &keys(20, 128, 4)).unwrap(); // blocks 0 (full), 1 (4 tokens)
+        c.fork(1, 2).unwrap();
+        assert_eq!(c.block_refcount(0), 2);
+        assert_eq!(c.block_refcount(1), 2);
+        c.append(&mut pages, 2, &keys(1, 128, 5)).unwrap();
+        let child = c.block_table(2).unwrap().to_vec();
+        assert_eq!(child[0], 0);
+        assert_ne!(child[1], 1, "partial page copied before the write");
+        assert_eq!(c.block_refcount(1), 1);
+        let parent_keys = c.dequantize(&pages, 1).unwrap();
+        let child_keys = c.dequantize(&pages, 2).unwrap();
+        assert_eq!(parent_keys.len(), 20 * 128);
+        assert_eq!(&child_keys[..20 * 128], &parent_keys[..]);
+        c.free(1).unwrap();
+        c.free(2).unwrap();
+        assert_eq!(c.num_free_blocks(), 8);
+    }
+
+    #[test]
+    fn truncate_and_slots() {
+        let (mut c, mut pages) = cache(8);
+        c.add_sequence(3).unwrap();
+        c.append(&mut pages, 3, &keys(40, 128, 6)).unwrap();
+        c.truncate(3, 17).unwrap();
+        assert_eq!(c.block_table(3).unwrap().len(), 2);
+        assert_eq!(c.num_free_blocks(), 6);
+        let mut out = [0i32; 3];
+        c.slots_into(3, &[0, 16, -1], &mut out).unwrap();
+        assert_eq!(out, [0, 16, -1]);
+        assert!(matches!(
+            c.slots_into(3, &[17], &mut out[..1]),
+            Err(CacheError::Position { .. })
+        ));
+        assert!(c.truncate(3, 18).is_err());
+    }
+
+    #[test]
+    fn bad_input_is_refused() {
+        let (mut c, mut pages) = cache(2);
+        assert_eq!(
+            c.append(&mut pages, 9, &keys(1, 128, 0)),
+            Err(CacheError::UnknownSequence(9))
+        );
+        c.add_sequence(9).unwrap();
+        assert_eq!(c.add_sequence(9), Err(CacheError::DuplicateSequence(9)));
+        let mut k = keys(2, 128, 0);
+        k[200] = f32::NAN;
+        assert!(matches!(
+            c.append(&mut pages, 9, &k),
+            Err(CacheError::Quant(_))
+        ));
+        assert!(c.append(&mut pages, 9, &k[..100]).is_err());
+        assert!(c
+            .append_quantized(&mut pages, 9, &[0u8; 128], &[0.0])
+            .is_err());
+        assert_eq!(c.length(9).unwrap(), 0);
+        assert!(c.free(9).is_ok() && c.free(9).is_err());
+        assert!(IndexerKeyCache::new(2, 24, 128).is_err());
+        assert!(IndexerKeyCache::new(2, 16, 96).is_err());
+    }
+}
