@@ -5,6 +5,7 @@ Public API:
 - `reference` — the float64 numpy oracle of spec/DSA.md, ground truth for every fast path.
 - `testing` — hypothesis strategies and assertion helpers for testing DSA kernels
   (needs `hypothesis`: `pip install "dsa_hybrid[testing]"`); imported on first use.
+- `IndexerKeyCache`, `CacheFullError` — the paged FP8 indexer-key cache (Rust core).
 - `cpu_features()` — what the Rust host core detected about this CPU.
 """
 
@@ -14,6 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from . import _core, reference
+from .cache import CacheFullError, IndexerKeyCache
 from .config import DSAConfig, YarnScaling
 
 __version__: str = _core.__version__
@@ -35,4 +37,13 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'dsa_hybrid' has no attribute {name!r}")
 
 
-__all__ = ["DSAConfig", "YarnScaling", "cpu_features", "reference", "testing", "__version__"]
+__all__ = [
+    "CacheFullError",
+    "IndexerKeyCache",
+    "DSAConfig",
+    "YarnScaling",
+    "cpu_features",
+    "reference",
+    "testing",
+    "__version__",
+]
