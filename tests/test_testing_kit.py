@@ -21,7 +21,8 @@ def test_mla_problems_are_well_formed(p):
 @given(testing.index_rows(n_slots=10, rows=4, k=6, allow_invalid=False))
 def test_index_rows_without_invalid_are_full(rows):
     assert rows.shape == (4, 6)
-    assert np.all(rows >= 0) or np.all((rows >= 0).sum(1) == 6)
+    assert np.all((rows >= 0) & (rows < 10))  # 10 slots ≥ k = 6: every entry valid
+    assert all(np.unique(r).size == 6 for r in rows)
 
 
 @given(testing.ragged_batches())
