@@ -211,15 +211,16 @@ impl IndexerKeyCache {
         self.append_quantized(pages, id, &codes, &scales)
     }
 
-    fn check_room(&self, id: SeqId, n: usize) -> Result<(), CacheError> {
-        let (need, _) = self.blocks_needed(self.seq(id)?, n);
+    /// `blocks_needed` for an append of `n` tokens to `id`, or `PoolExhausted`.
+    fn check_room(&self, id: SeqId, n: usize) -> Result<(usize, bool), CacheError> {
+        let (need, cow) = self.blocks_needed(self.seq(id)?, n);
         if need > self.pool.num_free() {
             return Err(CacheError::PoolExhausted {
                 needed: need,
                 free: self.pool.num_free(),
             });
         }
-        Ok(())
+        Ok((need, cow))
     }
 
     /// Append keys quantized elsewhere: `codes` (`n × head_dim` e4m3fn bytes,
@@ -244,9 +245,8 @@ impl IndexerKeyCache {
         if let Some(row) = scales.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
             return Err(CacheError::NonFiniteScale { row });
         }
-        self.check_room(id, n)?;
+        let (need, cow) = self.check_room(id, n)?;
         // Everything is checked: from here on nothing can fail.
-        let (need, cow) = self.blocks_needed(self.seq(id)?, n);
         let mut fresh = self.pool.alloc(need).expect("checked above").into_iter();
         let page_bytes = self.page_bytes();
         let seq = self.seqs.get_mut(&id).expect("checked above");
@@ -259,12 +259,11 @@ impl IndexerKeyCache {
             seq.blocks.push(new);
         }
         seq.blocks.extend(fresh);
+        let (blocks, start) = (&seq.blocks, seq.len);
         for (i, (code_row, scale)) in codes.chunks_exact(d).zip(scales).enumerate() {
-            let pos = seq.len + i;
-            let page = seq.blocks[pos / bs] as usize * page_bytes;
-            let off = pos % bs;
-            pages[page + off * d..page + (off + 1) * d].copy_from_slice(code_row);
-            let s = page + bs * d + 4 * off;
+            let pos = start + i;
+            let (code_range, s) = slot_bytes(d, bs, blocks[pos / bs] as usize * bs + pos % bs);
+            pages[code_range].copy_from_slice(code_row);
             pages[s..s + 4].copy_from_slice(&scale.to_le_bytes());
         }
         seq.len += n;
@@ -380,17 +379,13 @@ impl IndexerKeyCache {
     }
 
     fn read_slot<'a>(&self, pages: &'a [u8], slot: usize) -> (&'a [u8], f32) {
-        let (d, bs) = (self.head_dim, self.block_size);
-        let page = slot / bs * self.page_bytes();
-        let off = slot % bs;
-        let s = page + bs * d + 4 * off;
+        let (code_range, s) = slot_bytes(self.head_dim, self.block_size, slot);
         let scale = f32::from_le_bytes(pages[s..s + 4].try_into().expect("4 bytes"));
-        (&pages[page + off * d..page + (off + 1) * d], scale)
+        (&pages[code_range], scale)
     }
 
     /// All keys of `id` dequantized (`length × head_dim`, in the Hadamard-rotated basis).
     pub fn dequantize(&self, pages: &[u8], id: SeqId) -> Result<Vec<f32>, CacheError> {
-        self.check_buffer(pages.len())?;
         let len = self.seq(id)?.len;
         let positions: Vec<i64> = (0..len as i64).collect();
         let mut codes = vec![0u8; len * self.head_dim];
@@ -402,6 +397,18 @@ impl IndexerKeyCache {
             .flat_map(|(row, s)| row.iter().map(move |c| fp8::DECODE_TABLE[*c as usize] * s))
             .collect())
     }
+}
+
+/// Where slot `slot` lives in the page buffer (spec §6): the byte range of its
+/// `head_dim` codes and the offset of its little-endian f32 scale.
+fn slot_bytes(head_dim: usize, block_size: usize, slot: usize) -> (std::ops::Range<usize>, usize) {
+    let page = slot / block_size * block_size * (head_dim + 4);
+    let off = slot % block_size;
+    let codes = page + off * head_dim;
+    (
+        codes..codes + head_dim,
+        page + block_size * head_dim + 4 * off,
+    )
 }
 
 #[cfg(test)]
