@@ -6,7 +6,9 @@ Public API:
 - `testing` — hypothesis strategies and assertion helpers for testing DSA kernels
   (needs `hypothesis`: `pip install "dsa_hybrid[testing]"`); imported on first use.
 - `IndexerKeyCache`, `CacheFullError` — the paged FP8 indexer-key cache (Rust core).
-- `cpu_features()` — what the Rust host core detected about this CPU.
+- `topk(scores, k, lengths)` — host top-k selection (spec §5) on SIMD kernels; `IndexerKeyCache.select`
+  fuses it with indexer scoring from the FP8 pages.
+- `cpu_features()`, `set_simd_path()` — what the Rust host core detected, and which SIMD path it uses.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from . import _core, reference
 from .cache import CacheFullError, IndexerKeyCache
 from .config import DSAConfig, YarnScaling
+from .selection import set_simd_path, topk
 
 __version__: str = _core.__version__
 
@@ -43,6 +46,8 @@ __all__ = [
     "DSAConfig",
     "YarnScaling",
     "cpu_features",
+    "set_simd_path",
+    "topk",
     "reference",
     "testing",
     "__version__",

@@ -19,6 +19,22 @@ def fp8_quantize_rows(
 def fp8_decode_table() -> npt.NDArray[np.float32]:
     """float32 `[256]`: the value of each e4m3fn code (0x7F and 0xFF are NaN)."""
 
+def set_simd_path(name: str | None = None) -> str:
+    """Pin the kernels to a SIMD path ("scalar", "avx2", "avx512", "neon"; None: the widest available).
+    Returns the path in use; ValueError if this CPU lacks it."""
+
+def topk(
+    scores: npt.NDArray[np.float32],
+    k: int,
+    lengths: npt.NDArray[np.int64] | None = None,
+    *,
+    sorted: bool = False,
+    threads: int | None = None,
+) -> npt.NDArray[np.int32]:
+    """Top-k positions of each row of C-contiguous float32 `[T, L]` scores, row `t` visible up to
+    `lengths[t]`; int32 `[T, k]`, −1 padded, ascending (or by descending score with `sorted`).
+    Ties: lowest position. ValueError on NaN among visible scores. Releases the GIL."""
+
 class CacheFullError(RuntimeError):
     """The block pool has too few free blocks for the request; nothing was written."""
 
@@ -54,4 +70,29 @@ class IndexerKeyCache:
     ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]: ...
     def dequantize(self, seq_id: int) -> npt.NDArray[np.float32]: ...
     def slots(self, seq_ids: npt.NDArray[np.int64], positions: npt.NDArray[np.int64]) -> npt.NDArray[np.int32]: ...
+    def select(
+        self,
+        seq_ids: npt.NDArray[np.int64],
+        q: npt.NDArray[np.float32],
+        weights: npt.NDArray[np.float32],
+        positions: npt.NDArray[np.int64],
+        k: int,
+        *,
+        as_slots: bool = False,
+        quantize_queries: bool = True,
+        sorted: bool = False,
+        threads: int | None = None,
+    ) -> npt.NDArray[np.int32]:
+        """Top-k keys per query row scored from the FP8 pages; int32 `[T, k]`. Releases the GIL."""
+    def scores(
+        self,
+        seq_ids: npt.NDArray[np.int64],
+        q: npt.NDArray[np.float32],
+        weights: npt.NDArray[np.float32],
+        positions: npt.NDArray[np.int64],
+        *,
+        quantize_queries: bool = True,
+        threads: int | None = None,
+    ) -> npt.NDArray[np.float32]:
+        """float32 `[T, max(positions) + 1]` indexer scores, −inf past each row's position."""
     def pages(self) -> npt.NDArray[np.uint8]: ...

@@ -11,6 +11,11 @@ the calls that touch it; appends, gathers, dequantize and slots run with the GIL
 Python threads (and other caches) proceed meanwhile. The `pages()` view is live: read it while no
 append is running on another thread (or copy it) to see a consistent state.
 
+Selection: `select` scores every visible key of each query's sequence straight from the FP8 pages
+(spec §4: `I[t, s] = Σ_j w[t, j] · ReLU(q[t, j] · k[s]) · D^-0.5`, queries Hadamard-rotated and quantized
+per head like the keys) and keeps each row's top-k (spec §5), fused, on SIMD kernels and several threads;
+`scores` returns the scores themselves.
+
 Errors: `KeyError` for an unknown sequence id, `ValueError` for a duplicate id or a bad argument
 (shape, dtype, NaN/inf, non-contiguous), `IndexError` for a position outside `[0, length)`, and
 `CacheFullError` when the pool lacks the blocks an append needs. On any error nothing was changed.
@@ -29,6 +34,16 @@ from . import _core
 CacheFullError = _core.CacheFullError
 
 _KEY_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16))
+
+
+def _float_array(name: str, x: Any, ndim: int) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy array, got {type(x).__name__}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {list(x.shape)}")
+    if x.dtype not in _KEY_DTYPES:
+        raise TypeError(f"{name}: expected float32 or bfloat16, got {x.dtype}")
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def _matrix(name: str, x: Any, width: int) -> np.ndarray:
@@ -166,6 +181,77 @@ class IndexerKeyCache:
         """Logical positions → slots `block · block_size + offset`, −1 staying −1.
         `seq_ids` int `[T]`, `positions` int `[T, K]` (row `t` belongs to `seq_ids[t]`) → int32 `[T, K]`."""
         return self._c.slots(_int_array("seq_ids", seq_ids, 1), _int_array("positions", positions, 2))
+
+    # ----- selection --------------------------------------------------------------------------
+    def select(
+        self,
+        seq_ids: Any,
+        q: np.ndarray,
+        weights: np.ndarray,
+        positions: Any,
+        k: int,
+        *,
+        as_slots: bool = False,
+        quantize_queries: bool = True,
+        sorted: bool = False,
+        threads: int | None = None,
+    ) -> npt.NDArray[np.int32]:
+        """The lightning indexer on the host: each query row's top-`k` keys (spec §4, §5).
+
+        Args:
+            seq_ids: int `[T]`, the sequence of each query row (rows of one call may mix sequences of
+                any lengths: decode, prefill and ragged batches alike).
+            q: float32 or bfloat16 `[T, H_I, head_dim]`, post-RoPE indexer queries (1 ≤ H_I ≤ 256).
+            weights: float32 or bfloat16 `[T, H_I]`, the head weights `w` (already × H_I^-0.5).
+            positions: int `[T]`, each row's absolute position `p_t`; it sees keys `0 .. p_t`, so
+                `0 ≤ p_t < length(seq_ids[t])` (append the row's own key first).
+            k: entries per row (2048 for DeepSeek-V3.2).
+            as_slots: return cache slots (`block · block_size + offset`) instead of positions.
+            quantize_queries: True (default) quantizes each query head to FP8 with its own power-of-two
+                scale after the Hadamard rotation, as deployed; False keeps the rotated queries in float32.
+            sorted: False: each row ascending by position; True: by descending score.
+            threads: worker threads (default: one per core; few-row batches split each row's keys).
+
+        Returns int32 `[T, k]`, −1 padded; rows with `p_t + 1 ≤ k` select every visible key (no scoring).
+        Ties go to the lowest position. Scores are accumulated in float32 from exact FP8 products.
+        """
+        ids = _int_array("seq_ids", seq_ids, 1)
+        q = _float_array("q", q, 3)
+        weights = _float_array("weights", weights, 2)
+        if k < 1:
+            raise ValueError(f"k: must be at least 1, got {k}")
+        return self._c.select(
+            ids,
+            q,
+            weights,
+            _int_array("positions", positions, 1),
+            int(k),
+            as_slots=as_slots,
+            quantize_queries=quantize_queries,
+            sorted=sorted,
+            threads=threads,
+        )
+
+    def scores(
+        self,
+        seq_ids: Any,
+        q: np.ndarray,
+        weights: np.ndarray,
+        positions: Any,
+        *,
+        quantize_queries: bool = True,
+        threads: int | None = None,
+    ) -> npt.NDArray[np.float32]:
+        """The indexer scores `select` ranks, float32 `[T, L]` with `L = max(positions) + 1`; entries past a
+        row's own `p_t` are −inf. Arguments as in `select`. For tests and callers that want the scores."""
+        return self._c.scores(
+            _int_array("seq_ids", seq_ids, 1),
+            _float_array("q", q, 3),
+            _float_array("weights", weights, 2),
+            _int_array("positions", positions, 1),
+            quantize_queries=quantize_queries,
+            threads=threads,
+        )
 
     def pages(self) -> npt.NDArray[np.uint8]:
         """The page buffer itself, zero-copy and read-only: uint8 `[num_blocks, page_bytes]`

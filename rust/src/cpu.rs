@@ -1,8 +1,15 @@
-//! Runtime CPU-feature detection: which SIMD paths this machine can run.
+//! Runtime CPU-feature detection and the choice of SIMD path for the kernels.
+//!
+//! The kernels (`topk`, `score`) ask `active()` which instruction set to use.
+//! It is the widest one the CPU has, unless the environment variable
+//! `DSA_HYBRID_SIMD` or `set_active` asks for a narrower one (to benchmark the
+//! AVX2 path on an AVX-512 machine, or to run the scalar twins).
+
+use std::sync::atomic::{AtomicU8, Ordering};
 
 /// The SIMD-relevant features of the running CPU, as `(name, present)` pairs.
 pub fn features() -> Vec<(&'static str, bool)> {
-    #[cfg(any(target_arch = "x86_64", target_arch = "x86"))]
+    #[cfg(target_arch = "x86_64")]
     {
         vec![
             ("sse4.2", std::is_x86_feature_detected!("sse4.2")),
@@ -17,22 +24,134 @@ pub fn features() -> Vec<(&'static str, bool)> {
     {
         vec![("neon", std::arch::is_aarch64_feature_detected!("neon"))]
     }
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "x86", target_arch = "aarch64")))]
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
         Vec::new()
     }
 }
 
-/// The widest SIMD path the kernels would dispatch to on this CPU.
+/// An instruction set a kernel can be compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// Plain Rust: the reference twin of every SIMD kernel.
+    Scalar,
+    /// AVX2 + FMA + F16C (x86-64).
+    Avx2,
+    /// AVX-512 F + BW (x86-64); the FP8 decode still uses the F16C route.
+    Avx512,
+    /// NEON (aarch64).
+    Neon,
+}
+
+impl Isa {
+    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+            Isa::Neon => "neon",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Isa> {
+        Isa::ALL.into_iter().find(|i| i.name() == name)
+    }
+
+    /// Whether this CPU can run kernels compiled for `self`.
+    pub fn supported(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                std::is_x86_feature_detected!("avx2")
+                    && std::is_x86_feature_detected!("fma")
+                    && std::is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                Isa::Avx2.supported()
+                    && std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512bw")
+            }
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// Every instruction set this CPU can run, narrowest first.
+    pub fn available() -> Vec<Isa> {
+        Isa::ALL.into_iter().filter(|i| i.supported()).collect()
+    }
+
+    fn code(self) -> u8 {
+        self as u8 + 1
+    }
+
+    fn from_code(c: u8) -> Option<Isa> {
+        Isa::ALL.get(usize::from(c).checked_sub(1)?).copied()
+    }
+}
+
+/// The widest instruction set this CPU supports.
+pub fn best() -> Isa {
+    *Isa::available().last().expect("scalar is always available")
+}
+
+/// 0: not chosen yet; otherwise `Isa::code`.
+static ACTIVE: AtomicU8 = AtomicU8::new(0);
+
+/// The instruction set the kernels use now.
+pub fn active() -> Isa {
+    if let Some(isa) = Isa::from_code(ACTIVE.load(Ordering::Relaxed)) {
+        return isa;
+    }
+    let chosen = std::env::var("DSA_HYBRID_SIMD")
+        .ok()
+        .and_then(|v| Isa::from_name(v.trim()))
+        .filter(|i| i.supported())
+        .unwrap_or_else(best);
+    ACTIVE.store(chosen.code(), Ordering::Relaxed);
+    chosen
+}
+
+/// Make the kernels use `isa` (`None`: the widest available). Refused when the CPU lacks it.
+pub fn set_active(isa: Option<Isa>) -> Result<Isa, String> {
+    let isa = isa.unwrap_or_else(best);
+    if !isa.supported() {
+        return Err(format!(
+            "this CPU cannot run the {} path (available: {})",
+            isa.name(),
+            Isa::available()
+                .iter()
+                .map(|i| i.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    ACTIVE.store(isa.code(), Ordering::Relaxed);
+    Ok(isa)
+}
+
+/// The name of the SIMD path the kernels dispatch to now.
 pub fn simd_path() -> &'static str {
-    let has = |name: &str| features().iter().any(|(n, p)| *n == name && *p);
-    if has("avx512f") && has("avx512bw") {
-        "avx512"
-    } else if has("avx2") && has("fma") && has("f16c") {
-        "avx2+fma+f16c"
-    } else if has("neon") {
-        "neon"
-    } else {
-        "scalar"
+    active().name()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_scalar_is_always_there() {
+        for isa in Isa::ALL {
+            assert_eq!(Isa::from_name(isa.name()), Some(isa));
+            assert_eq!(Isa::from_code(isa.code()), Some(isa));
+        }
+        assert!(Isa::available().contains(&Isa::Scalar));
+        assert!(best().supported());
     }
 }

@@ -41,6 +41,14 @@ pub enum CacheError {
         length: usize,
     },
     Config(String),
+    /// An FP8 code that is NaN (0x7F or 0xFF) in `row`.
+    NanCode {
+        row: usize,
+    },
+    /// A query row's scores contain NaN (infinite weights or queries).
+    NonFiniteScore {
+        row: usize,
+    },
 }
 
 impl std::fmt::Display for CacheError {
@@ -67,6 +75,12 @@ impl std::fmt::Display for CacheError {
                 f,
                 "position {position} (entry {index}) is outside [0, {length})"
             ),
+            CacheError::NanCode { row } => {
+                write!(f, "row {row} holds the e4m3fn NaN code (0x7F or 0xFF)")
+            }
+            CacheError::NonFiniteScore { row } => {
+                write!(f, "the scores of query row {row} are not finite")
+            }
             CacheError::TruncateBeyondLength { n, length } => {
                 write!(
                     f,
@@ -97,7 +111,7 @@ pub struct IndexerKeyCache {
 impl IndexerKeyCache {
     /// `block_size` must be a positive multiple of 16, `head_dim` a power of two (Hadamard).
     pub fn new(num_blocks: usize, block_size: usize, head_dim: usize) -> Result<Self, CacheError> {
-        if block_size == 0 || block_size % 16 != 0 {
+        if block_size == 0 || !block_size.is_multiple_of(16) {
             return Err(CacheError::Config(format!(
                 "block_size must be a positive multiple of 16, got {block_size}"
             )));
@@ -181,7 +195,7 @@ impl IndexerKeyCache {
     fn blocks_needed(&self, s: &Sequence, n: usize) -> (usize, bool) {
         let new_pages = (s.len + n).div_ceil(self.block_size) - s.blocks.len();
         let cow = n > 0
-            && s.len % self.block_size != 0
+            && !s.len.is_multiple_of(self.block_size)
             && self
                 .pool
                 .refcount(*s.blocks.last().expect("partial page exists"))
@@ -197,7 +211,7 @@ impl IndexerKeyCache {
     /// Append `keys` (`n × head_dim` f32, post-RoPE): Hadamard, FP8, written in place.
     pub fn append(&mut self, pages: &mut [u8], id: SeqId, keys: &[f32]) -> Result<(), CacheError> {
         let d = self.head_dim;
-        if keys.len() % d != 0 {
+        if !keys.len().is_multiple_of(d) {
             return Err(CacheError::Shape(format!(
                 "keys: length {} is not a multiple of {d}",
                 keys.len()
@@ -244,6 +258,9 @@ impl IndexerKeyCache {
         self.check_buffer(pages.len())?;
         if let Some(row) = scales.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
             return Err(CacheError::NonFiniteScale { row });
+        }
+        if let Some(i) = codes.iter().position(|c| c & 0x7f == 0x7f) {
+            return Err(CacheError::NanCode { row: i / d });
         }
         let (need, cow) = self.check_room(id, n)?;
         // Everything is checked: from here on nothing can fail.

@@ -8,8 +8,12 @@ pub mod cpu;
 pub mod fp8;
 pub mod hadamard;
 pub mod indexer_cache;
+pub mod par;
 pub mod pool;
 pub mod quant;
+pub mod score;
+pub mod select;
+pub mod topk;
 
 #[cfg(feature = "python")]
 mod bindings {
@@ -21,7 +25,7 @@ mod bindings {
     use pyo3::prelude::*;
     use pyo3::types::PyDict;
 
-    use crate::{cpu, fp8, quant};
+    use crate::{cpu, fp8, quant, topk};
 
     /// Detected CPU features (name -> bool) and the SIMD path in use.
     #[pyfunction]
@@ -62,6 +66,87 @@ mod bindings {
         ))
     }
 
+    /// Make the kernels use the named SIMD path (`None`: the widest the CPU has);
+    /// returns the path now in use. Refused with ValueError when the CPU lacks it.
+    #[pyfunction]
+    #[pyo3(signature = (name = None))]
+    fn set_simd_path(name: Option<&str>) -> PyResult<&'static str> {
+        let isa = match name {
+            None => None,
+            Some(n) => Some(cpu::Isa::from_name(n).ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "name: unknown SIMD path {n:?} (one of scalar, avx2, avx512, neon)"
+                ))
+            })?),
+        };
+        cpu::set_active(isa)
+            .map(|i| i.name())
+            .map_err(|e| PyValueError::new_err(format!("name: {e}")))
+    }
+
+    /// `None` or a count ≥ 1 of worker threads, as the core's convention (0 = one per core).
+    fn thread_count(threads: Option<usize>) -> PyResult<usize> {
+        match threads {
+            Some(0) => Err(PyValueError::new_err(
+                "threads: must be at least 1 (or None for one per core)",
+            )),
+            Some(n) => Ok(n),
+            None => Ok(0),
+        }
+    }
+
+    /// Top-k of each row of float32 `scores` `[T, L]` (spec §5); see `dsa_hybrid.topk`.
+    #[pyfunction]
+    #[pyo3(name = "topk", signature = (scores, k, lengths = None, *, sorted = false, threads = None))]
+    fn topk_rows<'py>(
+        py: Python<'py>,
+        scores: PyReadonlyArray2<'py, f32>,
+        k: usize,
+        lengths: Option<PyReadonlyArray1<'py, i64>>,
+        sorted: bool,
+        threads: Option<usize>,
+    ) -> PyResult<Bound<'py, PyArray2<i32>>> {
+        let (t, l) = (scores.shape()[0], scores.shape()[1]);
+        let rows = contiguous("scores", scores.as_slice())?;
+        if k == 0 {
+            return Err(PyValueError::new_err("k: must be at least 1"));
+        }
+        let threads = thread_count(threads)?;
+        let lens: Vec<usize> = match &lengths {
+            None => vec![l; t],
+            Some(a) => {
+                let a = contiguous("lengths", a.as_slice())?;
+                if a.len() != t {
+                    return Err(PyValueError::new_err(format!(
+                        "lengths: {} entries for {t} rows",
+                        a.len()
+                    )));
+                }
+                if let Some((i, v)) = a
+                    .iter()
+                    .enumerate()
+                    .find(|(_, v)| **v < 0 || **v as usize > l)
+                {
+                    return Err(PyValueError::new_err(format!(
+                        "lengths: entry {i} is {v}, outside [0, {l}]"
+                    )));
+                }
+                a.iter().map(|v| *v as usize).collect()
+            }
+        };
+        let isa = cpu::active();
+        let out = py
+            .detach(|| topk::topk_rows(isa, rows, l, &lens, k, sorted, threads))
+            .map_err(|r| {
+                PyValueError::new_err(format!(
+                    "scores: NaN in row {r} among its visible positions"
+                ))
+            })?;
+        Ok(Array2::from_shape_vec((t, k), out)
+            .expect("shape matches length")
+            .into_pyarray(py))
+    }
+
     /// The float32 value of each of the 256 e4m3fn codes (index = code).
     #[pyfunction]
     fn fp8_decode_table(py: Python<'_>) -> Bound<'_, PyArray1<f32>> {
@@ -74,6 +159,39 @@ mod bindings {
     use std::sync::Mutex;
 
     use crate::indexer_cache::{CacheError, IndexerKeyCache};
+    use crate::select::{self, Queries, SelectOptions};
+    use numpy::PyReadonlyArray3;
+
+    /// Errors of `select` and `scores`, named after the argument at fault.
+    fn select_err(e: CacheError) -> PyErr {
+        match e {
+            CacheError::UnknownSequence(_) => cache_err("seq_ids", e),
+            CacheError::Position { .. } => cache_err("positions", e),
+            CacheError::NonFiniteScore { .. } => cache_err("q, weights", e),
+            other => PyValueError::new_err(other.to_string()),
+        }
+    }
+
+    /// Check shapes and lay the queries out for the kernels (GIL released).
+    fn prepare_queries(
+        py: Python<'_>,
+        q: &PyReadonlyArray3<'_, f32>,
+        weights: &PyReadonlyArray2<'_, f32>,
+        quantize: bool,
+    ) -> PyResult<Queries> {
+        let (t, h, d) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+        if weights.shape() != [t, h] {
+            return Err(PyValueError::new_err(format!(
+                "weights: expected [{t}, {h}] for q of {:?}, got {:?}",
+                q.shape(),
+                weights.shape()
+            )));
+        }
+        let qs = contiguous("q", q.as_slice())?;
+        let ws = contiguous("weights", weights.as_slice())?;
+        py.detach(|| Queries::new(qs, ws, t, h, d, quantize))
+            .map_err(PyValueError::new_err)
+    }
 
     create_exception!(
         _core,
@@ -371,6 +489,71 @@ mod bindings {
                 .into_pyarray(py))
         }
 
+        /// Top-k keys per query row, scored from the FP8 pages (see `dsa_hybrid.IndexerKeyCache.select`).
+        #[pyo3(signature = (seq_ids, q, weights, positions, k, *, as_slots = false, quantize_queries = true, sorted = false, threads = None))]
+        #[allow(clippy::too_many_arguments)]
+        fn select<'py>(
+            &self,
+            py: Python<'py>,
+            seq_ids: PyReadonlyArray1<'py, i64>,
+            q: PyReadonlyArray3<'py, f32>,
+            weights: PyReadonlyArray2<'py, f32>,
+            positions: PyReadonlyArray1<'py, i64>,
+            k: usize,
+            as_slots: bool,
+            quantize_queries: bool,
+            sorted: bool,
+            threads: Option<usize>,
+        ) -> PyResult<Bound<'py, PyArray2<i32>>> {
+            let threads = thread_count(threads)?;
+            let queries = prepare_queries(py, &q, &weights, quantize_queries)?;
+            let ids = contiguous("seq_ids", seq_ids.as_slice())?;
+            let pos = contiguous("positions", positions.as_slice())?;
+            let opts = SelectOptions {
+                k,
+                as_slots,
+                by_score: sorted,
+                threads,
+                isa: cpu::active(),
+            };
+            let out = self
+                .with_pages(py, |c, pages| {
+                    select::select(c, pages, &queries, ids, pos, opts)
+                })
+                .map_err(select_err)?;
+            Ok(Array2::from_shape_vec((queries.rows(), k), out)
+                .expect("shape matches length")
+                .into_pyarray(py))
+        }
+
+        /// All visible scores per query row, −inf past each row's own length (see the wrapper).
+        #[pyo3(signature = (seq_ids, q, weights, positions, *, quantize_queries = true, threads = None))]
+        #[allow(clippy::too_many_arguments)]
+        fn scores<'py>(
+            &self,
+            py: Python<'py>,
+            seq_ids: PyReadonlyArray1<'py, i64>,
+            q: PyReadonlyArray3<'py, f32>,
+            weights: PyReadonlyArray2<'py, f32>,
+            positions: PyReadonlyArray1<'py, i64>,
+            quantize_queries: bool,
+            threads: Option<usize>,
+        ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+            let threads = thread_count(threads)?;
+            let queries = prepare_queries(py, &q, &weights, quantize_queries)?;
+            let ids = contiguous("seq_ids", seq_ids.as_slice())?;
+            let pos = contiguous("positions", positions.as_slice())?;
+            let isa = cpu::active();
+            let (out, l) = self
+                .with_pages(py, |c, pages| {
+                    select::scores(c, pages, &queries, ids, pos, threads, isa)
+                })
+                .map_err(select_err)?;
+            Ok(Array2::from_shape_vec((queries.rows(), l), out)
+                .expect("shape matches length")
+                .into_pyarray(py))
+        }
+
         /// The page buffer itself: a read-only, zero-copy `uint8 [num_blocks, page_bytes]` view.
         fn pages<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray2<u8>> {
             self.pages.bind(py).clone()
@@ -384,6 +567,8 @@ mod bindings {
         m.add_function(wrap_pyfunction!(cpu_features, m)?)?;
         m.add_function(wrap_pyfunction!(fp8_quantize_rows, m)?)?;
         m.add_function(wrap_pyfunction!(fp8_decode_table, m)?)?;
+        m.add_function(wrap_pyfunction!(set_simd_path, m)?)?;
+        m.add_function(wrap_pyfunction!(topk_rows, m)?)?;
         m.add_class::<PyIndexerKeyCache>()?;
         m.add("CacheFullError", m.py().get_type::<CacheFullError>())?;
         Ok(())

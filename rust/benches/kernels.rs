@@ -1,0 +1,110 @@
+//! `cargo bench --manifest-path rust/Cargo.toml`: the host kernels on every SIMD path this CPU has,
+//! one thread. Prints absolute figures and ratios against the scalar twin, measured in this run.
+//! (The comparisons against numpy, torch and jax are in `bench/`.)
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use dsa_hybrid_core::cpu::Isa;
+use dsa_hybrid_core::fp8::DECODE_TABLE;
+use dsa_hybrid_core::score::{padded_heads, score_keys, Query};
+use dsa_hybrid_core::topk::{topk_row, Scratch};
+
+/// Best of `reps` timings of `f`, in seconds.
+fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn lcg(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed;
+    move || {
+        x = x
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        x >> 33
+    }
+}
+
+fn bench_score() {
+    let (heads, d, n) = (64usize, 128usize, 16_384usize);
+    let hp = padded_heads(heads);
+    let mut next = lcg(1);
+    let qt: Vec<f32> = (0..d * hp)
+        .map(|_| DECODE_TABLE[(next() % 0x7e) as usize])
+        .collect();
+    let hw: Vec<f32> = (0..hp).map(|_| (next() % 100) as f32 / 100.0).collect();
+    let codes: Vec<u8> = (0..n * d).map(|_| (next() % 0x7e) as u8).collect();
+    let scales = vec![0.01f32; n];
+    let q = Query {
+        qt: &qt,
+        hw: &hw,
+        hp,
+        d,
+    };
+    let mut out = vec![0f32; n];
+    let mut scratch = Vec::new();
+    let flops = 2.0 * (heads * d * n) as f64;
+    println!("indexer scoring, H_I={heads}, D_I={d}, {n} keys in pages of 64:");
+    let mut scalar = None;
+    for isa in Isa::available() {
+        let reps = if isa == Isa::Scalar { 2 } else { 10 };
+        let t = best_of(reps, || {
+            for (c, (s, o)) in codes
+                .chunks(64 * d)
+                .zip(scales.chunks(64).zip(out.chunks_mut(64)))
+            {
+                score_keys(isa, q, c, s, o, &mut scratch);
+            }
+            black_box(&out);
+        });
+        let base = *scalar.get_or_insert(t);
+        println!(
+            "  {:7} {:8.2} ms  {:6.1} GFLOP/s  {:5.1}x scalar",
+            isa.name(),
+            t * 1e3,
+            flops / t / 1e9,
+            base / t
+        );
+    }
+}
+
+fn bench_topk() {
+    let k = 2048;
+    for &n in &[32_768usize, 131_072, 1_048_576] {
+        let mut next = lcg(n as u64);
+        let row: Vec<f32> = (0..n).map(|_| (next() % 1_000_000) as f32 / 1e3).collect();
+        let read = best_of(20, || {
+            black_box(row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)));
+        });
+        println!(
+            "top-{k} of {n} f32 (max-reduce read: {:.1} us, {:.1} GB/s):",
+            read * 1e6,
+            4.0 * n as f64 / read / 1e9
+        );
+        let mut out = vec![0i32; k];
+        let mut sc = Scratch::default();
+        for isa in Isa::available() {
+            let t = best_of(20, || {
+                topk_row(isa, &row, &mut out, false, &mut sc).unwrap();
+                black_box(&out);
+            });
+            println!(
+                "  {:7} {:8.1} us  {:5.2}x the read",
+                isa.name(),
+                t * 1e6,
+                t / read
+            );
+        }
+    }
+}
+
+fn main() {
+    bench_score();
+    bench_topk();
+}

@@ -1,0 +1,617 @@
+//! Fused lightning-indexer scoring straight from FP8 keys (spec §4):
+//! `I[s] = sk[s] · Σ_h hw[h] · ReLU(q[h] · k8[s])` for one query token and a
+//! run of consecutive keys, with `hw[h] = w[h] · D^-0.5 · sq[h]` folded in by
+//! the caller.
+//!
+//! Every kernel computes the same thing in the same order, so the SIMD kernels
+//! equal their scalar twin bit for bit: lane `h` accumulates `q[h][d] · k[d]`
+//! with one FMA per `d`, in order of `d`; the ReLU'd, weighted heads are summed
+//! by a fixed halving tree (`tree_sum`). The x86 kernels decode e4m3 through
+//! F16C (the code's bits shifted into an f16 give the value / 256) and fold
+//! the 256 back into the key's scale; both scalings are exact powers of two.
+
+use crate::cpu::Isa;
+use crate::fp8::DECODE_TABLE;
+
+/// Most indexer heads a query may have (DeepSeek-V3.2 has 64, GLM-5 32).
+pub const MAX_HEADS: usize = 256;
+
+/// Heads are padded with zero weight to a power of two of at least 16, so the
+/// head sum's halving tree is the same for every vector width.
+pub fn padded_heads(heads: usize) -> usize {
+    heads.max(16).next_power_of_two()
+}
+
+/// One query token in the layout the kernels read.
+#[derive(Clone, Copy)]
+pub struct Query<'a> {
+    /// Queries transposed: `qt[d · hp + h]`, `[head_dim][hp]`; zero past the real heads.
+    pub qt: &'a [f32],
+    /// Weight of each head after the ReLU, `[hp]`; zero past the real heads.
+    pub hw: &'a [f32],
+    /// Padded head count (`padded_heads`).
+    pub hp: usize,
+    /// Key width.
+    pub d: usize,
+}
+
+/// Scores of `scales.len()` consecutive keys (`codes`: `n × d` e4m3fn bytes)
+/// into `out`. `scratch` is reused between calls.
+pub fn score_keys(
+    isa: Isa,
+    q: Query<'_>,
+    codes: &[u8],
+    scales: &[f32],
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let n = scales.len();
+    assert!(q.hp >= 16 && q.hp.is_power_of_two() && q.hp <= MAX_HEADS);
+    assert!(q.qt.len() == q.d * q.hp && q.hw.len() == q.hp);
+    assert!(codes.len() == n * q.d && out.len() == n);
+    let simd_width_ok = q.d.is_multiple_of(16);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has the features (checked by `supported`) and the slice
+        // lengths the kernel relies on were asserted above.
+        Isa::Avx512 if simd_width_ok && isa.supported() => unsafe {
+            x86::score_keys_avx512(q, codes, scales, out, scratch)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 if simd_width_ok && isa.supported() => unsafe {
+            x86::score_keys_avx2(q, codes, scales, out, scratch)
+        },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above.
+        Isa::Neon if simd_width_ok && isa.supported() => unsafe {
+            neon::score_keys_neon(q, codes, scales, out, scratch)
+        },
+        _ => score_keys_scalar(q, codes, scales, out, scratch),
+    }
+}
+
+/// The scalar twin: the definition, in the kernels' order of operations.
+fn score_keys_scalar(
+    q: Query<'_>,
+    codes: &[u8],
+    scales: &[f32],
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let (d, hp) = (q.d, q.hp);
+    scratch.resize(d + hp, 0.0);
+    let (k, heads) = scratch.split_at_mut(d);
+    for ((row, &sk), o) in codes.chunks_exact(d).zip(scales).zip(out.iter_mut()) {
+        for (kf, c) in k.iter_mut().zip(row) {
+            *kf = DECODE_TABLE[*c as usize];
+        }
+        for (h, head) in heads.iter_mut().enumerate() {
+            let mut acc = 0.0f32;
+            for (dd, kf) in k.iter().enumerate() {
+                acc = q.qt[dd * hp + h].mul_add(*kf, acc);
+            }
+            *head = acc.max(0.0) * q.hw[h];
+        }
+        *o = tree_sum(heads) * sk;
+    }
+}
+
+/// Sum by halving: `b[i] += b[i + n/2]` until one value is left (len a power of two).
+fn tree_sum(b: &mut [f32]) -> f32 {
+    let mut n = b.len();
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            b[i] += b[i + n];
+        }
+    }
+    b[0]
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::Query;
+    use std::arch::x86_64::*;
+
+    /// 16 e4m3 codes as the f16 bit patterns whose values are code value / 256.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn e4m3_to_f16_bits(b: __m128i) -> __m256i {
+        let w = _mm256_cvtepu8_epi16(b);
+        let mag = _mm256_slli_epi16::<7>(_mm256_and_si256(w, _mm256_set1_epi16(0x7f)));
+        let sign = _mm256_slli_epi16::<8>(_mm256_and_si256(w, _mm256_set1_epi16(0x80)));
+        _mm256_or_si256(mag, sign)
+    }
+
+    /// Decode one key (`d` codes, `d % 16 == 0`) into `dst`, scaled by 1/256.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn decode_avx2(src: &[u8], dst: &mut [f32]) {
+        debug_assert!(src.len().is_multiple_of(16) && dst.len() >= src.len());
+        for (c, o) in src.chunks_exact(16).zip(dst.chunks_exact_mut(16)) {
+            // SAFETY: `c` has 16 bytes and `o` 16 floats.
+            unsafe {
+                let h = e4m3_to_f16_bits(_mm_loadu_si128(c.as_ptr().cast()));
+                _mm256_storeu_ps(o.as_mut_ptr(), _mm256_cvtph_ps(_mm256_castsi256_si128(h)));
+                _mm256_storeu_ps(
+                    o.as_mut_ptr().add(8),
+                    _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(h)),
+                );
+            }
+        }
+    }
+
+    /// `tree_sum` of `b` (a power of two ≥ 8 long) with 8-wide adds, same order.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn tree_sum_avx2(b: &mut [f32]) -> f32 {
+        let p = b.as_mut_ptr();
+        let mut n = b.len();
+        // SAFETY: every index is below the current n ≤ b.len().
+        unsafe {
+            while n > 8 {
+                n /= 2;
+                for i in (0..n).step_by(8) {
+                    _mm256_storeu_ps(
+                        p.add(i),
+                        _mm256_add_ps(_mm256_loadu_ps(p.add(i)), _mm256_loadu_ps(p.add(i + n))),
+                    );
+                }
+            }
+            let v = _mm256_loadu_ps(p);
+            let x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let y = _mm_add_ps(x, _mm_movehl_ps(x, x));
+            _mm_cvtss_f32(_mm_add_ss(y, _mm_shuffle_ps::<1>(y, y)))
+        }
+    }
+
+    /// `HB` vectors of 8 heads starting at head `h0`, `NK` decoded keys: the
+    /// weighted ReLU of each head's dot product into `heads[i · hp + h]`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::needless_range_loop)] // acc[j][i] is indexed along both axes
+    unsafe fn block_avx2<const HB: usize, const NK: usize>(
+        q: Query<'_>,
+        h0: usize,
+        k: &[f32],
+        heads: &mut [f32],
+    ) {
+        let (d, hp) = (q.d, q.hp);
+        debug_assert!(h0 + HB * 8 <= hp && k.len() >= NK * d && heads.len() >= NK * hp);
+        let (qp, kp, hd) = (
+            q.qt.as_ptr().wrapping_add(h0),
+            k.as_ptr(),
+            heads.as_mut_ptr(),
+        );
+        let mut acc = [[_mm256_setzero_ps(); NK]; HB];
+        // SAFETY: qt is d × hp, k is NK × d, heads NK × hp, hw hp (asserted by the caller).
+        unsafe {
+            for dd in 0..d {
+                let mut qv = [_mm256_setzero_ps(); HB];
+                for (j, v) in qv.iter_mut().enumerate() {
+                    *v = _mm256_loadu_ps(qp.add(dd * hp + j * 8));
+                }
+                for i in 0..NK {
+                    let kb = _mm256_broadcast_ss(&*kp.add(i * d + dd));
+                    for j in 0..HB {
+                        acc[j][i] = _mm256_fmadd_ps(qv[j], kb, acc[j][i]);
+                    }
+                }
+            }
+            let zero = _mm256_setzero_ps();
+            for (j, acc_j) in acc.iter().enumerate() {
+                let w = _mm256_loadu_ps(q.hw.as_ptr().add(h0 + j * 8));
+                for (i, a) in acc_j.iter().enumerate() {
+                    _mm256_storeu_ps(
+                        hd.add(i * hp + h0 + j * 8),
+                        _mm256_mul_ps(_mm256_max_ps(*a, zero), w),
+                    );
+                }
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn heads_avx2<const NK: usize>(q: Query<'_>, k: &[f32], heads: &mut [f32]) {
+        // SAFETY: forwarded; hp is a power of two ≥ 16, so it splits into blocks of 16.
+        // 2 head vectors × 6 keys = 12 accumulators + 2 queries + 1 broadcast fit the 16 ymm registers.
+        unsafe {
+            for h0 in (0..q.hp).step_by(16) {
+                block_avx2::<2, NK>(q, h0, k, heads);
+            }
+        }
+    }
+
+    /// AVX2 + FMA + F16C twin of `score_keys_scalar`: 6 keys × 16 heads per register block.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn score_keys_avx2(
+        q: Query<'_>,
+        codes: &[u8],
+        scales: &[f32],
+        out: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) {
+        const NK: usize = 6;
+        let (d, hp, n) = (q.d, q.hp, scales.len());
+        scratch.resize(NK * (d + hp), 0.0);
+        let (k, heads) = scratch.split_at_mut(NK * d);
+        let mut s = 0;
+        // SAFETY: the callees' bounds hold: k holds NK keys, heads NK × hp.
+        unsafe {
+            while s < n {
+                let nk = (n - s).min(NK);
+                for i in 0..nk {
+                    decode_avx2(
+                        &codes[(s + i) * d..(s + i + 1) * d],
+                        &mut k[i * d..(i + 1) * d],
+                    );
+                }
+                match nk {
+                    6 => heads_avx2::<6>(q, k, heads),
+                    5 => heads_avx2::<5>(q, k, heads),
+                    4 => heads_avx2::<4>(q, k, heads),
+                    3 => heads_avx2::<3>(q, k, heads),
+                    2 => heads_avx2::<2>(q, k, heads),
+                    _ => heads_avx2::<1>(q, k, heads),
+                }
+                for i in 0..nk {
+                    out[s + i] =
+                        tree_sum_avx2(&mut heads[i * hp..(i + 1) * hp]) * (scales[s + i] * 256.0);
+                }
+                s += nk;
+            }
+        }
+    }
+
+    /// Decode one key with AVX-512 (16 codes per conversion), scaled by 1/256.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,f16c")]
+    unsafe fn decode_avx512(src: &[u8], dst: &mut [f32]) {
+        for (c, o) in src.chunks_exact(16).zip(dst.chunks_exact_mut(16)) {
+            // SAFETY: `c` has 16 bytes and `o` 16 floats.
+            unsafe {
+                let h = e4m3_to_f16_bits(_mm_loadu_si128(c.as_ptr().cast()));
+                _mm512_storeu_ps(o.as_mut_ptr(), _mm512_cvtph_ps(h));
+            }
+        }
+    }
+
+    /// `HB` vectors of 16 heads from `h0`, `NK` keys (see `block_avx2`).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::needless_range_loop)] // acc[j][i] is indexed along both axes
+    unsafe fn block_avx512<const HB: usize, const NK: usize>(
+        q: Query<'_>,
+        h0: usize,
+        k: &[f32],
+        heads: &mut [f32],
+    ) {
+        let (d, hp) = (q.d, q.hp);
+        debug_assert!(h0 + HB * 16 <= hp && k.len() >= NK * d && heads.len() >= NK * hp);
+        let (qp, kp, hd) = (
+            q.qt.as_ptr().wrapping_add(h0),
+            k.as_ptr(),
+            heads.as_mut_ptr(),
+        );
+        let mut acc = [[_mm512_setzero_ps(); NK]; HB];
+        // SAFETY: as in `block_avx2`.
+        unsafe {
+            for dd in 0..d {
+                let mut qv = [_mm512_setzero_ps(); HB];
+                for (j, v) in qv.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(qp.add(dd * hp + j * 16));
+                }
+                for i in 0..NK {
+                    let kb = _mm512_set1_ps(*kp.add(i * d + dd));
+                    for j in 0..HB {
+                        acc[j][i] = _mm512_fmadd_ps(qv[j], kb, acc[j][i]);
+                    }
+                }
+            }
+            let zero = _mm512_setzero_ps();
+            for (j, acc_j) in acc.iter().enumerate() {
+                let w = _mm512_loadu_ps(q.hw.as_ptr().add(h0 + j * 16));
+                for (i, a) in acc_j.iter().enumerate() {
+                    _mm512_storeu_ps(
+                        hd.add(i * hp + h0 + j * 16),
+                        _mm512_mul_ps(_mm512_max_ps(*a, zero), w),
+                    );
+                }
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn heads_avx512<const NK: usize>(q: Query<'_>, k: &[f32], heads: &mut [f32]) {
+        // SAFETY: forwarded; hp is a power of two ≥ 16.
+        unsafe {
+            match q.hp {
+                16 => block_avx512::<1, NK>(q, 0, k, heads),
+                32 => block_avx512::<2, NK>(q, 0, k, heads),
+                _ => {
+                    for h0 in (0..q.hp).step_by(64) {
+                        block_avx512::<4, NK>(q, h0, k, heads);
+                    }
+                }
+            }
+        }
+    }
+
+    /// AVX-512 twin of `score_keys_scalar`: 6 keys × 64 heads per register block.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub unsafe fn score_keys_avx512(
+        q: Query<'_>,
+        codes: &[u8],
+        scales: &[f32],
+        out: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) {
+        const NK: usize = 6;
+        let (d, hp, n) = (q.d, q.hp, scales.len());
+        scratch.resize(NK * (d + hp), 0.0);
+        let (k, heads) = scratch.split_at_mut(NK * d);
+        let mut s = 0;
+        // SAFETY: as in `score_keys_avx2`.
+        unsafe {
+            while s < n {
+                let nk = (n - s).min(NK);
+                for i in 0..nk {
+                    decode_avx512(
+                        &codes[(s + i) * d..(s + i + 1) * d],
+                        &mut k[i * d..(i + 1) * d],
+                    );
+                }
+                match nk {
+                    6 => heads_avx512::<6>(q, k, heads),
+                    5 => heads_avx512::<5>(q, k, heads),
+                    4 => heads_avx512::<4>(q, k, heads),
+                    3 => heads_avx512::<3>(q, k, heads),
+                    2 => heads_avx512::<2>(q, k, heads),
+                    _ => heads_avx512::<1>(q, k, heads),
+                }
+                for i in 0..nk {
+                    out[s + i] =
+                        tree_sum_avx2(&mut heads[i * hp..(i + 1) * hp]) * (scales[s + i] * 256.0);
+                }
+                s += nk;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::{Query, DECODE_TABLE};
+    use std::arch::aarch64::*;
+
+    /// `tree_sum` with 4-wide adds, same order.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn tree_sum_neon(b: &mut [f32]) -> f32 {
+        let p = b.as_mut_ptr();
+        let mut n = b.len();
+        // SAFETY: every index is below the current n ≤ b.len().
+        unsafe {
+            while n > 4 {
+                n /= 2;
+                for i in (0..n).step_by(4) {
+                    vst1q_f32(
+                        p.add(i),
+                        vaddq_f32(vld1q_f32(p.add(i)), vld1q_f32(p.add(i + n))),
+                    );
+                }
+            }
+            let v = vld1q_f32(p);
+            let x = vadd_f32(vget_low_f32(v), vget_high_f32(v));
+            vpadds_f32(x)
+        }
+    }
+
+    /// `NK` keys × 16 heads from `h0` (see the x86 `block_avx2`).
+    #[inline]
+    #[target_feature(enable = "neon")]
+    #[allow(clippy::needless_range_loop)] // acc[j][i] is indexed along both axes
+    unsafe fn block_neon<const NK: usize>(q: Query<'_>, h0: usize, k: &[f32], heads: &mut [f32]) {
+        const HB: usize = 4;
+        let (d, hp) = (q.d, q.hp);
+        debug_assert!(h0 + HB * 4 <= hp && k.len() >= NK * d && heads.len() >= NK * hp);
+        let (qp, kp, hd) = (
+            q.qt.as_ptr().wrapping_add(h0),
+            k.as_ptr(),
+            heads.as_mut_ptr(),
+        );
+        let mut acc = [[vdupq_n_f32(0.0); NK]; HB];
+        // SAFETY: as in the x86 kernels.
+        unsafe {
+            for dd in 0..d {
+                let mut qv = [vdupq_n_f32(0.0); HB];
+                for (j, v) in qv.iter_mut().enumerate() {
+                    *v = vld1q_f32(qp.add(dd * hp + j * 4));
+                }
+                for i in 0..NK {
+                    let kb = vdupq_n_f32(*kp.add(i * d + dd));
+                    for j in 0..HB {
+                        acc[j][i] = vfmaq_f32(acc[j][i], qv[j], kb);
+                    }
+                }
+            }
+            let zero = vdupq_n_f32(0.0);
+            for (j, acc_j) in acc.iter().enumerate() {
+                let w = vld1q_f32(q.hw.as_ptr().add(h0 + j * 4));
+                for (i, a) in acc_j.iter().enumerate() {
+                    vst1q_f32(
+                        hd.add(i * hp + h0 + j * 4),
+                        vmulq_f32(vmaxq_f32(*a, zero), w),
+                    );
+                }
+            }
+        }
+    }
+
+    /// NEON twin of `score_keys_scalar`: 4 keys × 16 heads per register block,
+    /// keys decoded through the table (exact values, no 1/256 scaling).
+    #[target_feature(enable = "neon")]
+    pub unsafe fn score_keys_neon(
+        q: Query<'_>,
+        codes: &[u8],
+        scales: &[f32],
+        out: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) {
+        const NK: usize = 4;
+        let (d, hp, n) = (q.d, q.hp, scales.len());
+        scratch.resize(NK * (d + hp), 0.0);
+        let (k, heads) = scratch.split_at_mut(NK * d);
+        let mut s = 0;
+        // SAFETY: as in the x86 kernels.
+        unsafe {
+            while s < n {
+                let nk = (n - s).min(NK);
+                for (kf, c) in k.iter_mut().zip(&codes[s * d..(s + nk) * d]) {
+                    *kf = DECODE_TABLE[*c as usize];
+                }
+                for h0 in (0..hp).step_by(16) {
+                    match nk {
+                        4 => block_neon::<4>(q, h0, k, heads),
+                        3 => block_neon::<3>(q, h0, k, heads),
+                        2 => block_neon::<2>(q, h0, k, heads),
+                        _ => block_neon::<1>(q, h0, k, heads),
+                    }
+                }
+                for i in 0..nk {
+                    out[s + i] = tree_sum_neon(&mut heads[i * hp..(i + 1) * hp]) * scales[s + i];
+                }
+                s += nk;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: u64) -> impl FnMut() -> u64 {
+        let mut x = seed;
+        move || {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            x >> 33
+        }
+    }
+
+    /// A random problem: FP8-valued queries (as the quantized path makes them), codes with no NaN.
+    fn problem(
+        heads: usize,
+        d: usize,
+        n: usize,
+        seed: u64,
+    ) -> (Vec<f32>, Vec<f32>, Vec<u8>, Vec<f32>) {
+        let mut next = lcg(seed);
+        let hp = padded_heads(heads);
+        let mut qt = vec![0.0f32; d * hp];
+        let mut hw = vec![0.0f32; hp];
+        for h in 0..heads {
+            for dd in 0..d {
+                qt[dd * hp + h] = DECODE_TABLE[(next() % 0x7f) as usize]
+                    * if next().is_multiple_of(2) { 1.0 } else { -1.0 };
+            }
+            hw[h] = (next() % 2001) as f32 / 1000.0 - 1.0;
+        }
+        let codes = (0..n * d)
+            .map(|_| (next() % 256) as u8)
+            .map(|c| if c & 0x7f == 0x7f { 0 } else { c })
+            .collect();
+        let scales = (0..n)
+            .map(|_| 2f32.powi((next() % 20) as i32 - 12))
+            .collect();
+        (qt, hw, codes, scales)
+    }
+
+    fn f64_score(qt: &[f32], hw: &[f32], hp: usize, d: usize, key: &[u8], sk: f32) -> f64 {
+        (0..hp)
+            .map(|h| {
+                let dot: f64 = (0..d)
+                    .map(|dd| {
+                        f64::from(qt[dd * hp + h]) * f64::from(DECODE_TABLE[key[dd] as usize])
+                    })
+                    .sum();
+                f64::from(hw[h]) * dot.max(0.0)
+            })
+            .sum::<f64>()
+            * f64::from(sk)
+    }
+
+    #[test]
+    fn scalar_twin_is_close_to_the_f64_definition() {
+        let (heads, d, n) = (5, 32, 9);
+        let (qt, hw, codes, scales) = problem(heads, d, n, 3);
+        let hp = padded_heads(heads);
+        let q = Query {
+            qt: &qt,
+            hw: &hw,
+            hp,
+            d,
+        };
+        let mut out = vec![0.0; n];
+        score_keys(Isa::Scalar, q, &codes, &scales, &mut out, &mut Vec::new());
+        for s in 0..n {
+            let want = f64_score(&qt, &hw, hp, d, &codes[s * d..(s + 1) * d], scales[s]);
+            let mag: f64 = 1e-5 * (want.abs() + 1e-3 * f64::from(scales[s]));
+            assert!(
+                (f64::from(out[s]) - want).abs() <= mag,
+                "key {s}: {} vs {want}",
+                out[s]
+            );
+        }
+    }
+
+    #[test]
+    fn simd_kernels_equal_their_scalar_twin_bit_for_bit() {
+        for isa in Isa::available() {
+            for &(heads, d, n) in &[
+                (64, 128, 67),
+                (16, 16, 5),
+                (32, 64, 13),
+                (3, 128, 7),
+                (100, 32, 4),
+                (64, 128, 1),
+            ] {
+                let (qt, hw, codes, scales) = problem(heads, d, n, (heads * d + n) as u64);
+                let q = Query {
+                    qt: &qt,
+                    hw: &hw,
+                    hp: padded_heads(heads),
+                    d,
+                };
+                let (mut a, mut b) = (vec![0.0; n], vec![0.0; n]);
+                score_keys(isa, q, &codes, &scales, &mut a, &mut Vec::new());
+                score_keys(Isa::Scalar, q, &codes, &scales, &mut b, &mut Vec::new());
+                assert_eq!(a, b, "{isa:?} heads={heads} d={d} n={n}");
+            }
+        }
+    }
+
+    #[test]
+    fn f16c_route_decodes_every_non_nan_code_exactly() {
+        // The identity the x86 kernels rely on: f16 with bits ((c & 0x7f) << 7 | (c & 0x80) << 8) = value / 256.
+        for c in 0u16..256 {
+            if c & 0x7f == 0x7f {
+                continue;
+            }
+            let bits = ((c & 0x7f) << 7) | ((c & 0x80) << 8);
+            let sign = if bits & 0x8000 != 0 { -1.0 } else { 1.0 };
+            let (e, m) = (i32::from((bits >> 10) & 0x1f), f32::from(bits & 0x3ff));
+            let v = if e == 0 {
+                m / 1024.0 * 2f32.powi(-14)
+            } else {
+                (1.0 + m / 1024.0) * 2f32.powi(e - 15)
+            };
+            assert_eq!(sign * v * 256.0, DECODE_TABLE[c as usize], "code {c:#x}");
+        }
+    }
+}
