@@ -35,7 +35,7 @@ pub fn features() -> Vec<(&'static str, bool)> {
 pub enum Isa {
     /// Plain Rust: the reference twin of every SIMD kernel.
     Scalar,
-    /// AVX2 + FMA + F16C (x86-64).
+    /// AVX2 + FMA + F16C + POPCNT (x86-64).
     Avx2,
     /// AVX-512 F + BW (x86-64); the FP8 decode still uses the F16C route.
     Avx512,
@@ -66,6 +66,7 @@ impl Isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => {
                 std::is_x86_feature_detected!("avx2")
+                    && std::is_x86_feature_detected!("popcnt")
                     && std::is_x86_feature_detected!("fma")
                     && std::is_x86_feature_detected!("f16c")
             }

@@ -45,8 +45,8 @@ fn from_key(key: u32) -> f32 {
 
 /// Distinct 64-bit rank: larger score first, then lower position first.
 #[inline]
-fn rank(x: f32, pos: u32) -> u64 {
-    (u64::from(order_key(x)) << 32) | u64::from(!pos)
+fn rank_of(key: u32, pos: u32) -> u64 {
+    (u64::from(key) << 32) | u64::from(!pos)
 }
 
 #[inline]
@@ -58,8 +58,9 @@ fn rank_pos(r: u64) -> i32 {
 #[derive(Default)]
 pub struct Scratch {
     survivors: Vec<u32>,
+    keys: Vec<u32>,
     ranks: Vec<u64>,
-    sample: Vec<f32>,
+    sample: Vec<u32>,
     hist: Vec<u32>,
 }
 
@@ -151,37 +152,79 @@ pub fn topk_rows(
 }
 
 /// The `kk` best of `sc.survivors` (ascending positions, all ≥ the threshold) into `out`.
+///
+/// A histogram of the survivors' order keys, relative to the smallest, finds the bin holding the
+/// `kk`-th best; only that bin's elements need an exact selection on the full rank.
 fn select(row: &[f32], kk: usize, out: &mut [i32], by_score: bool, sc: &mut Scratch) {
-    let ranks = &mut sc.ranks;
-    ranks.clear();
-    ranks.extend(sc.survivors.iter().map(|&p| rank(row[p as usize], p)));
-    if ranks.len() > kk {
-        ranks.select_nth_unstable_by(kk - 1, |a, b| b.cmp(a));
+    let Scratch {
+        survivors,
+        ranks,
+        keys,
+        hist,
+        ..
+    } = sc;
+    keys.clear();
+    keys.extend(survivors.iter().map(|&p| order_key(row[p as usize])));
+    let (lo, hi) = keys
+        .iter()
+        .fold((u32::MAX, 0), |(lo, hi), &k| (lo.min(k), hi.max(k)));
+    let shift = (32 - (hi - lo).leading_zeros()).saturating_sub(RADIX_BITS);
+    hist.clear();
+    hist.resize(1 << RADIX_BITS, 0);
+    for &key in keys.iter() {
+        hist[((key - lo) >> shift) as usize] += 1;
     }
-    let best = &mut ranks[..kk];
+    let (mut bin, mut above) = (hist.len() - 1, 0usize);
+    while above + (hist[bin] as usize) < kk {
+        above += hist[bin] as usize;
+        bin -= 1;
+    }
+    let need = kk - above;
+    ranks.clear();
+    ranks.extend(
+        keys.iter()
+            .zip(survivors.iter())
+            .filter(|(key, _)| ((**key - lo) >> shift) as usize == bin)
+            .map(|(key, p)| rank_of(*key, *p)),
+    );
+    if ranks.len() > need {
+        ranks.select_nth_unstable_by(need - 1, |a, b| b.cmp(a));
+    }
+    // Every key in a higher bin outranks the whole boundary bin, so "rank ≥ cut" is the selection.
+    // Compact it in place, branch-free (about half the survivors pass: a branch would mispredict).
+    let cut = *ranks[..need].iter().min().expect("need > 0");
+    let mut n = 0;
+    for i in 0..survivors.len() {
+        let (key, p) = (keys[i], survivors[i]);
+        survivors[n] = p;
+        keys[n] = key;
+        n += usize::from(rank_of(key, p) >= cut);
+    }
+    debug_assert_eq!(n, kk);
     if by_score {
-        best.sort_unstable_by(|a, b| b.cmp(a));
-        for (o, r) in out.iter_mut().zip(best.iter()) {
+        ranks.clear();
+        ranks.extend(
+            keys[..kk]
+                .iter()
+                .zip(&survivors[..kk])
+                .map(|(k, p)| rank_of(*k, *p)),
+        );
+        ranks.sort_unstable_by(|a, b| b.cmp(a));
+        for (o, r) in out.iter_mut().zip(ranks.iter()) {
             *o = rank_pos(*r);
         }
-        return;
-    }
-    // The survivors are in ascending order already: keep those ranked at least the cut.
-    let cut = *best.iter().min().expect("kk > 0");
-    let chosen = sc
-        .survivors
-        .iter()
-        .filter(|&&p| rank(row[p as usize], p) >= cut);
-    for (o, p) in out.iter_mut().zip(chosen) {
-        *o = *p as i32;
+    } else {
+        for (o, p) in out.iter_mut().zip(&survivors[..kk]) {
+            *o = *p as i32;
+        }
     }
 }
 
 /// A score that about `1.5 kk` to `3 kk` elements of `row` reach, from a
 /// pseudo-random sample (fixed seed: results never depend on it, speed barely).
-fn sampled_threshold(row: &[f32], kk: usize, sample: &mut Vec<f32>) -> Option<f32> {
+fn sampled_threshold(row: &[f32], kk: usize, sample: &mut Vec<u32>) -> Option<f32> {
     let n = row.len();
-    let s = (n / 32).clamp(1024, 8192).min(n);
+    let s = (n / 64).clamp(1024, 4096).min(n);
     let mean = s as f64 * kk as f64 / n as f64;
     // Aim three standard deviations above the expected count, so misses are rare.
     let r = (mean + 3.0 * mean.sqrt() + 2.0).ceil() as usize;
@@ -189,20 +232,23 @@ fn sampled_threshold(row: &[f32], kk: usize, sample: &mut Vec<f32>) -> Option<f3
         return None;
     }
     sample.clear();
+    // One element from each of `s` equal strata, at a pseudo-random offset: addresses ascend
+    // (prefetch-friendly) and no periodic pattern of the scores can line up with the sample.
+    let stride = n / s;
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    for _ in 0..s {
+    for j in 0..s {
         x = x
             .wrapping_mul(6_364_136_223_846_793_005)
             .wrapping_add(1_442_695_040_888_963_407);
-        let pos = ((x >> 32) * n as u64) >> 32;
-        let v = row[pos as usize];
+        let pos = j * stride + (((x >> 32) * stride as u64) >> 32) as usize;
+        let v = row[pos];
         if v.is_nan() {
             return None; // the full pass reports it
         }
-        sample.push(v);
+        sample.push(order_key(v));
     }
-    sample.select_nth_unstable_by(r - 1, |a, b| b.total_cmp(a));
-    Some(sample[r - 1])
+    sample.select_nth_unstable_by(r - 1, |a, b| b.cmp(a));
+    Some(from_key(sample[r - 1]))
 }
 
 /// A score that at least `kk` non-NaN elements reach, from a histogram of the
@@ -271,7 +317,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     /// AVX2 twin of `filter_ge_scalar`: 32 scores per step, one movemask per 8.
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,popcnt")]
     pub unsafe fn filter_ge_avx2(row: &[f32], thr: f32, out: &mut Vec<u32>) -> bool {
         let (n, p) = (row.len(), row.as_ptr());
         let t = _mm256_set1_ps(thr);
@@ -305,7 +351,7 @@ mod x86 {
     }
 
     /// AVX-512 twin of `filter_ge_scalar`: 64 scores per step, compare straight into masks.
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,popcnt")]
     pub unsafe fn filter_ge_avx512(row: &[f32], thr: f32, out: &mut Vec<u32>) -> bool {
         let (n, p) = (row.len(), row.as_ptr());
         let t = _mm512_set1_ps(thr);
