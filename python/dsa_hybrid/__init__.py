@@ -8,6 +8,8 @@ Public API:
 - `IndexerKeyCache`, `CacheFullError` — the paged FP8 indexer-key cache (Rust core).
 - `topk(scores, k, lengths)` — host top-k selection (spec §5) on SIMD kernels; `IndexerKeyCache.select`
   fuses it with indexer scoring from the FP8 pages.
+- `LatentCache`, `sparse_mla`, `prefix_mla` — the device half (JAX): the paged bf16/FP8 MLA latent cache
+  and sparse MLA attention on it (Pallas TPU kernel, XLA path anywhere); imported on first use.
 - `cpu_features()`, `set_simd_path()` — what the Rust host core detected, and which SIMD path it uses.
 """
 
@@ -25,6 +27,8 @@ __version__: str = _core.__version__
 
 if TYPE_CHECKING:
     from . import testing
+    from .latent_cache import LatentCache
+    from .sparse_attention import prefix_mla, sparse_mla
 
 
 def cpu_features() -> dict[str, bool | str]:
@@ -33,16 +37,29 @@ def cpu_features() -> dict[str, bool | str]:
     return dict(_core.cpu_features())
 
 
+# The device half imports JAX (seconds of start-up): load it on first use.
+_LAZY = {
+    "LatentCache": ".latent_cache",
+    "sparse_mla": ".sparse_attention",
+    "prefix_mla": ".sparse_attention",
+}
+
+
 def __getattr__(name: str) -> Any:
     # `testing` needs hypothesis, an optional dependency: import it only when asked for.
     if name == "testing":
         return importlib.import_module(".testing", __name__)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'dsa_hybrid' has no attribute {name!r}")
 
 
 __all__ = [
     "CacheFullError",
     "IndexerKeyCache",
+    "LatentCache",
+    "prefix_mla",
+    "sparse_mla",
     "DSAConfig",
     "YarnScaling",
     "cpu_features",

@@ -30,6 +30,7 @@ def sparse_mla(
     d_v: int | None = None,
     topk_length: jax.Array | None = None,
     backend: Backend = "auto",
+    interpret: Any = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Sparse MLA attention in absorbed form over a paged latent cache.
 
@@ -44,6 +45,8 @@ def sparse_mla(
         d_v: value width, the first `d_v` columns of a row (default: `cache.latent_dim`).
         topk_length: optional int32 `[T]`: row `t` uses only its first `topk_length[t]` slots.
         backend: "auto", "xla" or "pallas_tpu".
+        interpret: for "pallas_tpu" off a TPU: `True` or `pltpu.InterpretParams(...)` runs the kernel in
+            TPU interpret mode (slow; for tests). Without it, "pallas_tpu" needs a TPU.
 
     Returns `(out float32 [T, h, d_v], lse float32 [T, h])`, `lse` the natural-log sum of exp of the scaled
     logits. Jit-able (`scale`, `d_v` and `backend` static).
@@ -57,9 +60,12 @@ def sparse_mla(
     if backend == "xla":
         return _sparse_mla_xla(q, cache, slots, topk_length, scale, d_v)
     if backend == "pallas_tpu":
+        _need_tpu(interpret)
         from . import sparse_attention_tpu
 
-        return sparse_attention_tpu.sparse_mla_tpu(q, cache, slots, topk_length, scale=scale, d_v=d_v)
+        return sparse_attention_tpu.sparse_mla_tpu(
+            q, cache, slots, topk_length, scale=scale, d_v=d_v, interpret=interpret
+        )
     raise ValueError(f"backend: expected 'auto', 'xla' or 'pallas_tpu', got {backend!r}")
 
 
@@ -121,6 +127,60 @@ def _sparse_mla_xla(
     vb = jnp.pad(valid, ((0, pad), (0, 0))).reshape(-1, block, K)
     out, lse = jax.lax.map(lambda a: attend(a[0], cache.rows(a[1]), a[2], scale, d_v), (qb, sb, vb))
     return out.reshape(-1, h, d_v)[:T], lse.reshape(-1, h)[:T]
+
+
+def prefix_mla(
+    q: jax.Array,
+    cache: LatentCache,
+    block_tables: jax.Array,
+    lengths: jax.Array,
+    *,
+    scale: float,
+    d_v: int | None = None,
+    backend: Backend = "auto",
+    interpret: Any = False,
+) -> tuple[jax.Array, jax.Array]:
+    """The dense-prefix fast path: row `t` attends over positions `0 .. lengths[t] − 1` of its sequence,
+    whose pages are `block_tables[t]` (int32 `[T, max_pages]`, −1 padded). This is `sparse_mla` with the
+    selection of spec §5 when `p_t + 1 ≤ K` (every visible token), read page by page instead of row by
+    row. `lengths` int32 `[T]` (0 gives `out = 0`, `lse = +inf`). Other arguments as in `sparse_mla`."""
+    if not isinstance(cache, LatentCache):
+        raise TypeError(f"cache: expected a LatentCache, got {type(cache).__name__}")
+    d_v = cache.latent_dim if d_v is None else d_v
+    T = q.shape[0]
+    _check(q, cache, jnp.zeros((T, 1), jnp.int32), d_v, None)
+    if block_tables.ndim != 2 or block_tables.shape[0] != T or not jnp.issubdtype(block_tables.dtype, jnp.integer):
+        raise ValueError(
+            f"block_tables: expected integers of shape [{T}, max_pages], "
+            f"got {block_tables.dtype} {list(block_tables.shape)}"
+        )
+    if lengths.shape != (T,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths: expected integers of shape [{T}], got {lengths.dtype} {list(lengths.shape)}")
+    if backend == "auto":
+        backend = "pallas_tpu" if jax.default_backend() == "tpu" else "xla"
+    if backend == "pallas_tpu":
+        _need_tpu(interpret)
+        from . import sparse_attention_tpu
+
+        return sparse_attention_tpu.prefix_mla_tpu(
+            q, cache, block_tables, lengths, scale=scale, d_v=d_v, interpret=interpret
+        )
+    if backend != "xla":
+        raise ValueError(f"backend: expected 'auto', 'xla' or 'pallas_tpu', got {backend!r}")
+    S = cache.page_size
+    positions = jnp.arange(block_tables.shape[1] * S)
+    pages = jnp.clip(block_tables, 0, cache.num_pages - 1)
+    slots = (pages[:, :, None] * S + jnp.arange(S)[None, None, :]).reshape(T, -1)
+    valid = (positions[None, :] < lengths[:, None]) & (jnp.repeat(block_tables, S, axis=1) >= 0)
+    return attend(q, cache.rows(slots), valid, scale, d_v)
+
+
+def _need_tpu(interpret: Any) -> None:
+    if jax.default_backend() != "tpu" and interpret is False:
+        raise RuntimeError(
+            f"backend='pallas_tpu' needs a TPU (JAX backend is {jax.default_backend()!r}); "
+            "pass interpret=True to simulate the kernel, or use backend='xla'"
+        )
 
 
 def dense_mla(
