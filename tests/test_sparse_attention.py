@@ -132,3 +132,19 @@ def test_bad_arguments(kwargs: dict, error: type[Exception], match: str) -> None
     q, cache, slots = args.pop("q"), args.pop("cache"), args.pop("slots")
     with pytest.raises(error, match=match):
         sparse_mla(q, cache, slots, scale=0.1, **args)
+
+
+@pytest.mark.parametrize("splits", [2, 4])
+def test_split_k_with_an_lse_merge_changes_nothing(splits: int) -> None:
+    rng = np.random.default_rng(5)
+    kv = rng.standard_normal((128, 576)).astype(np.float32)
+    cache, stored = cache_from_kv(kv, 512, 64, "bf16")
+    q = jnp.asarray(rng.standard_normal((3, 4, 576)).astype(np.float32) / 24)
+    idx = rng.integers(0, 128, (3, 64)).astype(np.int32)
+    idx[0, :40] = -1  # whole slices of row 0 are empty
+    idx[2] = -1  # row 2 is empty
+    out, lse = sparse_mla(q, cache, jnp.asarray(idx), scale=0.1, backend="xla", num_splits=splits)
+    want = ref.sparse_mla(np.asarray(q), stored, idx, 0.1, 512)
+    testing.assert_mla_close(np.asarray(out), np.asarray(lse), *want, dtype=np.float32)
+    with pytest.raises(ValueError, match="num_splits"):
+        sparse_mla(q, cache, jnp.asarray(idx), scale=0.1, num_splits=5)

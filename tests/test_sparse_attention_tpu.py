@@ -8,8 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
 from jax._src.pallas.mosaic.interpret import interpret_pallas_call as interpret_state
 from jax.experimental.pallas import tpu as pltpu
+from test_sparse_attention import cache_from_kv, problems
 
 from dsa_hybrid import reference as ref
 from dsa_hybrid import testing
@@ -118,3 +120,31 @@ def test_dense_prefix_path_reads_whole_pages(kind: str) -> None:
         np.testing.assert_array_equal(np.isinf(np.asarray(lse)), np.isinf(np.asarray(want_lse)))
         np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), rtol=2e-6)
     assert _no_races()
+
+
+def test_split_k_on_the_kernel() -> None:
+    rng = np.random.default_rng(6)
+    cache, stored = _cache(rng, "bf16", 64, 16, 64, 16)
+    q = jnp.asarray(rng.standard_normal((2, 2, 80)).astype(np.float32) / 8)
+    idx = rng.integers(-1, 64, (2, 32)).astype(np.int32)
+    out, lse = sparse_mla(q, cache, jnp.asarray(idx), scale=0.3, backend="pallas_tpu", num_splits=2, interpret=STRICT)
+    assert _no_races()
+    testing.assert_mla_close(
+        np.asarray(out), np.asarray(lse), *ref.sparse_mla(np.asarray(q), stored, idx, 0.3, 64), dtype=np.float32
+    )
+
+
+@settings(max_examples=4)
+@given(problems())
+def test_kernel_under_hypothesis(problem) -> None:
+    """Random heads, widths, K, page sizes, cache formats, invalid and out-of-range slots, empty rows."""
+    p, kind, page_size = problem
+    cache, stored = cache_from_kv(p.kv, p.d_v, page_size, kind)
+    N = p.kv.shape[0]
+    slots = np.where(p.indices >= N, p.indices - N + cache.num_slots, p.indices).astype(np.int32)
+    out, lse = sparse_mla_tpu(
+        jnp.asarray(p.q), cache, jnp.asarray(slots), None, scale=p.scale, d_v=p.d_v, chunk=16, interpret=STRICT
+    )
+    assert _no_races()
+    want = ref.sparse_mla(p.q, stored[:N], p.indices, p.scale, p.d_v)
+    testing.assert_mla_close(np.asarray(out), np.asarray(lse), *want, dtype=np.float32)

@@ -30,6 +30,7 @@ def sparse_mla(
     d_v: int | None = None,
     topk_length: jax.Array | None = None,
     backend: Backend = "auto",
+    num_splits: int = 1,
     interpret: Any = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Sparse MLA attention in absorbed form over a paged latent cache.
@@ -45,6 +46,9 @@ def sparse_mla(
         d_v: value width, the first `d_v` columns of a row (default: `cache.latent_dim`).
         topk_length: optional int32 `[T]`: row `t` uses only its first `topk_length[t]` slots.
         backend: "auto", "xla" or "pallas_tpu".
+        num_splits: split each row's K slots into this many slices, attend to each as its own row, and
+            merge the results by their LSE (exact up to rounding). For few-token long-context decode on
+            TPU: more independent grid steps for the cores to share. K must divide evenly.
         interpret: for "pallas_tpu" off a TPU: `True` or `pltpu.InterpretParams(...)` runs the kernel in
             TPU interpret mode (slow; for tests). Without it, "pallas_tpu" needs a TPU.
 
@@ -55,6 +59,17 @@ def sparse_mla(
         raise TypeError(f"cache: expected a LatentCache, got {type(cache).__name__}")
     d_v = cache.latent_dim if d_v is None else d_v
     _check(q, cache, slots, d_v, topk_length)
+    if num_splits != 1:
+        T, K = slots.shape
+        if num_splits < 1 or K % num_splits:
+            raise ValueError(f"num_splits: must be >= 1 and divide K = {K}, got {num_splits}")
+        valid = valid_mask(cache, slots, topk_length)
+        split_slots = jnp.where(valid, slots, -1).reshape(T * num_splits, K // num_splits)
+        out, lse = sparse_mla(
+            jnp.repeat(q, num_splits, axis=0), cache, split_slots, scale=scale, d_v=d_v, backend=backend,
+            interpret=interpret,
+        )  # fmt: skip
+        return merge_splits(out.reshape(T, num_splits, *out.shape[1:]), lse.reshape(T, num_splits, -1))
     if backend == "auto":
         backend = "pallas_tpu" if jax.default_backend() == "tpu" else "xla"
     if backend == "xla":
@@ -67,6 +82,20 @@ def sparse_mla(
             q, cache, slots, topk_length, scale=scale, d_v=d_v, interpret=interpret
         )
     raise ValueError(f"backend: expected 'auto', 'xla' or 'pallas_tpu', got {backend!r}")
+
+
+def merge_splits(out: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Combine attention over disjoint slices of a row's slots: `out` `[T, S, h, d_v]`, `lse` `[T, S, h]`
+    (+inf marks an empty slice) → `[T, h, d_v]`, `[T, h]`, with the empty-row convention kept."""
+    present = jnp.isfinite(lse)
+    m = jnp.max(jnp.where(present, lse, -jnp.inf), axis=1, keepdims=True)  # [T, 1, h]
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.where(present, jnp.exp(jnp.where(present, lse, 0.0) - m), 0.0)  # [T, S, h]
+    total = w.sum(axis=1)  # [T, h]
+    empty = total == 0.0
+    safe = jnp.where(empty, 1.0, total)
+    merged = jnp.einsum("tsh,tshv->thv", w, out) / safe[..., None]
+    return merged, jnp.where(empty, jnp.inf, jnp.log(safe) + m[:, 0])
 
 
 def _check(q: Any, cache: LatentCache, slots: Any, d_v: int, topk_length: Any) -> None:

@@ -142,7 +142,8 @@ def _attention_call(
             *[pltpu.VMEM((2, kc, 1, p.shape[-1]), p.dtype) for p in parts],
             pltpu.SemaphoreType.DMA((len(parts), 2)),
         ],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
+        # Grid steps share no state (each starts and drains its own DMAs): megacore may split them.
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
         interpret=interpret,
     )(addr, mask, qp, *parts)
     return out[:T], lse[:T]
