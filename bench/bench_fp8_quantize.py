@@ -8,20 +8,11 @@ power-of-two scale. Prints tokens/s for both and their ratio. Usage:
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
+from _timing import best_time
 
 from dsa_hybrid import _core, reference
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:
@@ -35,8 +26,8 @@ def main() -> None:
     ref_codes, ref_scales = reference.quantize_indexer_keys(keys)
     assert np.array_equal(rust_codes, ref_codes) and np.array_equal(rust_scales, ref_scales), "not bit-identical"
 
-    t_rust = best_of(lambda: _core.fp8_quantize_rows(keys), args.repeats)
-    t_ref = best_of(lambda: reference.quantize_indexer_keys(keys), max(1, args.repeats // 2))
+    t_rust = best_time(lambda: _core.fp8_quantize_rows(keys), args.repeats)
+    t_ref = best_time(lambda: reference.quantize_indexer_keys(keys), max(1, args.repeats // 2))
     n = args.tokens
     print(f"Hadamard-128 + FP8 quantize of {n} keys (bit-identical outputs checked), 1 thread, best of runs")
     print(f"  numpy reference : {n / t_ref / 1e6:8.2f} M tokens/s")

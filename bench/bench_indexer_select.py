@@ -11,24 +11,13 @@ PERF.md's targets: ≥ 2× faster end to end; scoring at ≥ 75% of the FMA peak
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import _single_thread  # noqa: F401  (before numpy)
 import numpy as np
+from _timing import best_time
 
 import dsa_hybrid as dh
 from dsa_hybrid import reference as ref
-
-
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def fma_peak_gflops() -> float:

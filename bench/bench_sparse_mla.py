@@ -9,26 +9,15 @@ target: cost flat in L, ≥ 20× faster than dense at L = 64K.
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import _single_thread  # noqa: F401  (before jax)
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import best_time
 
 from dsa_hybrid.latent_cache import LatentCache
 from dsa_hybrid.sparse_attention import dense_mla, sparse_mla
-
-
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:

@@ -9,23 +9,13 @@ at 128K, within 3× of the read.
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import _single_thread  # noqa: F401  (before numpy/torch/jax)
 import numpy as np
+from _timing import best_time
 
 import dsa_hybrid as dh
-
-
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up (and jit compile)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def baselines(k: int) -> dict[str, Callable[[np.ndarray], Callable[[], object]]]:

@@ -15,6 +15,18 @@ pub mod score;
 pub mod select;
 pub mod topk;
 
+/// A seeded generator for the unit tests: 31 random bits per call (a 64-bit LCG's high bits).
+#[cfg(test)]
+pub(crate) fn test_rng(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed;
+    move || {
+        x = x
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        x >> 33
+    }
+}
+
 #[cfg(feature = "python")]
 mod bindings {
     use numpy::ndarray::{Array1, Array2};

@@ -224,46 +224,57 @@ mod x86 {
         }
     }
 
-    /// AVX2 + FMA + F16C twin of `score_keys_scalar`: 6 keys × 16 heads per register block.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn score_keys_avx2(
-        q: Query<'_>,
-        codes: &[u8],
-        scales: &[f32],
-        out: &mut [f32],
-        scratch: &mut Vec<f32>,
-    ) {
-        const NK: usize = 6;
-        let (d, hp, n) = (q.d, q.hp, scales.len());
-        scratch.resize(NK * (d + hp), 0.0);
-        let (k, heads) = scratch.split_at_mut(NK * d);
-        let mut s = 0;
-        // SAFETY: the callees' bounds hold: k holds NK keys, heads NK × hp.
-        unsafe {
-            while s < n {
-                let nk = (n - s).min(NK);
-                for i in 0..nk {
-                    decode_avx2(
-                        &codes[(s + i) * d..(s + i + 1) * d],
-                        &mut k[i * d..(i + 1) * d],
-                    );
+    /// The x86 driver: groups of `NK` = 6 keys are decoded (into f32 / 256), scored head block by
+    /// head block, then summed over heads and scaled. One body for both instruction sets.
+    macro_rules! score_keys_x86 {
+        ($(#[$doc:meta])* $name:ident, $features:literal, $decode:ident, $heads:ident) => {
+            $(#[$doc])*
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name(
+                q: Query<'_>,
+                codes: &[u8],
+                scales: &[f32],
+                out: &mut [f32],
+                scratch: &mut Vec<f32>,
+            ) {
+                const NK: usize = 6;
+                let (d, hp, n) = (q.d, q.hp, scales.len());
+                scratch.resize(NK * (d + hp), 0.0);
+                let (k, heads) = scratch.split_at_mut(NK * d);
+                let mut s = 0;
+                // SAFETY: the callees' bounds hold: k holds NK keys, heads NK × hp.
+                unsafe {
+                    while s < n {
+                        let nk = (n - s).min(NK);
+                        for i in 0..nk {
+                            $decode(&codes[(s + i) * d..(s + i + 1) * d], &mut k[i * d..(i + 1) * d]);
+                        }
+                        match nk {
+                            6 => $heads::<6>(q, k, heads),
+                            5 => $heads::<5>(q, k, heads),
+                            4 => $heads::<4>(q, k, heads),
+                            3 => $heads::<3>(q, k, heads),
+                            2 => $heads::<2>(q, k, heads),
+                            _ => $heads::<1>(q, k, heads),
+                        }
+                        for i in 0..nk {
+                            out[s + i] = tree_sum_avx2(&mut heads[i * hp..(i + 1) * hp])
+                                * (scales[s + i] * 256.0);
+                        }
+                        s += nk;
+                    }
                 }
-                match nk {
-                    6 => heads_avx2::<6>(q, k, heads),
-                    5 => heads_avx2::<5>(q, k, heads),
-                    4 => heads_avx2::<4>(q, k, heads),
-                    3 => heads_avx2::<3>(q, k, heads),
-                    2 => heads_avx2::<2>(q, k, heads),
-                    _ => heads_avx2::<1>(q, k, heads),
-                }
-                for i in 0..nk {
-                    out[s + i] =
-                        tree_sum_avx2(&mut heads[i * hp..(i + 1) * hp]) * (scales[s + i] * 256.0);
-                }
-                s += nk;
             }
-        }
+        };
     }
+
+    score_keys_x86!(
+        /// AVX2 + FMA + F16C twin of `score_keys_scalar`: 6 keys × 16 heads per register block.
+        score_keys_avx2,
+        "avx2,fma,f16c",
+        decode_avx2,
+        heads_avx2
+    );
 
     /// Decode one key with AVX-512 (16 codes per conversion), scaled by 1/256.
     #[inline]
@@ -340,46 +351,13 @@ mod x86 {
         }
     }
 
-    /// AVX-512 twin of `score_keys_scalar`: 6 keys × 64 heads per register block.
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    pub unsafe fn score_keys_avx512(
-        q: Query<'_>,
-        codes: &[u8],
-        scales: &[f32],
-        out: &mut [f32],
-        scratch: &mut Vec<f32>,
-    ) {
-        const NK: usize = 6;
-        let (d, hp, n) = (q.d, q.hp, scales.len());
-        scratch.resize(NK * (d + hp), 0.0);
-        let (k, heads) = scratch.split_at_mut(NK * d);
-        let mut s = 0;
-        // SAFETY: as in `score_keys_avx2`.
-        unsafe {
-            while s < n {
-                let nk = (n - s).min(NK);
-                for i in 0..nk {
-                    decode_avx512(
-                        &codes[(s + i) * d..(s + i + 1) * d],
-                        &mut k[i * d..(i + 1) * d],
-                    );
-                }
-                match nk {
-                    6 => heads_avx512::<6>(q, k, heads),
-                    5 => heads_avx512::<5>(q, k, heads),
-                    4 => heads_avx512::<4>(q, k, heads),
-                    3 => heads_avx512::<3>(q, k, heads),
-                    2 => heads_avx512::<2>(q, k, heads),
-                    _ => heads_avx512::<1>(q, k, heads),
-                }
-                for i in 0..nk {
-                    out[s + i] =
-                        tree_sum_avx2(&mut heads[i * hp..(i + 1) * hp]) * (scales[s + i] * 256.0);
-                }
-                s += nk;
-            }
-        }
-    }
+    score_keys_x86!(
+        /// AVX-512 twin of `score_keys_scalar`: 6 keys × 64 heads per register block.
+        score_keys_avx512,
+        "avx512f,avx2,fma,f16c",
+        decode_avx512,
+        heads_avx512
+    );
 }
 
 #[cfg(target_arch = "aarch64")]
@@ -493,16 +471,7 @@ mod neon {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(seed: u64) -> impl FnMut() -> u64 {
-        let mut x = seed;
-        move || {
-            x = x
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            x >> 33
-        }
-    }
+    use crate::test_rng as lcg;
 
     /// A random problem: FP8-valued queries (as the quantized path makes them), codes with no NaN.
     fn problem(

@@ -346,14 +346,10 @@ pub fn scores(
 mod tests {
     use super::*;
 
+    /// Uniform f32 in [-1, 1).
     fn lcg(seed: u64) -> impl FnMut() -> f32 {
-        let mut x = seed;
-        move || {
-            x = x
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        }
+        let mut bits = crate::test_rng(seed);
+        move || (bits() >> 7) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
     }
 
     fn setup(lens: &[usize], heads: usize, d: usize) -> (IndexerKeyCache, Vec<u8>, Vec<Vec<f32>>) {

@@ -418,16 +418,7 @@ mod neon {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(seed: u64) -> impl FnMut() -> u64 {
-        let mut x = seed;
-        move || {
-            x = x
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            x >> 33
-        }
-    }
+    use crate::test_rng as lcg;
 
     /// The plain definition: sort by (score desc, position asc), take k, sort by position.
     fn naive(row: &[f32], k: usize) -> Vec<i32> {
