@@ -1,0 +1,189 @@
+"""The lightning indexer on the device (spec §4, §5): FP8 key pages in device memory, scores and top-k in JAX.
+
+`IndexerPages` holds the same bytes as the host `IndexerKeyCache` pages (spec §6: per page,
+`page_size × D` e4m3fn codes token-major, then `page_size` float32 scales), split into two arrays so
+a TPU can DMA a page of either: `codes` float8_e4m3fn `[num_pages, page_size, D]` and `scales`
+float32 `[num_pages, 1, page_size]`. `from_host_pages` / `to_host_pages` move pages either way
+unchanged (a view of the bytes), so the host and the device can take turns at indexing one sequence.
+
+`select_topk_device` scores every visible key of each query row from those pages and keeps its top-k.
+It walks the keys in chunks with a running top-k (stable `lax.top_k` over `[running | chunk]`: equal
+scores keep the lower position, as spec §5 asks), so a long prefill never holds a `[T, L]` score
+matrix, only `[rows, chunk]` at a time. The scores are exact FP8 products accumulated in float32 (as on
+the host, in another order: rows may differ from the host's only among near-ties).
+NaN cannot be reported from inside a jitted function: `q` and `weights` must be finite (the host path
+checks them); keys in the pages are finite by construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+_E4M3_MAX = 448.0
+_AMAX_FLOOR = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexerPages:
+    """Device copy of indexer-key pages (see the module docstring)."""
+
+    codes: jax.Array  # float8_e4m3fn [num_pages, page_size, D]
+    scales: jax.Array  # float32 [num_pages, 1, page_size]
+
+    @property
+    def num_pages(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def page_size(self) -> int:
+        return self.codes.shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.codes.shape[2]
+
+    @staticmethod
+    def create(num_pages: int, page_size: int = 64, head_dim: int = 128) -> IndexerPages:
+        """All-zero pages (the bytes of a fresh host cache)."""
+        if num_pages < 1 or page_size < 1 or head_dim & (head_dim - 1):
+            raise ValueError(
+                f"need num_pages, page_size >= 1 and a power-of-two head_dim, got {num_pages}, {page_size}, {head_dim}"
+            )
+        return IndexerPages(
+            jnp.zeros((num_pages, page_size, head_dim), jnp.float8_e4m3fn),
+            jnp.zeros((num_pages, 1, page_size), jnp.float32),
+        )
+
+    @staticmethod
+    def from_host_pages(pages: np.ndarray, page_size: int = 64, head_dim: int = 128) -> IndexerPages:
+        """From the host layout, uint8 `[num_pages, page_size · (head_dim + 4)]` (e.g. `IndexerKeyCache.pages()`)."""
+        pages = np.asarray(pages)
+        if pages.dtype != np.uint8 or pages.ndim != 2 or pages.shape[1] != page_size * (head_dim + 4):
+            raise ValueError(
+                f"pages: expected uint8 [num_pages, {page_size * (head_dim + 4)}], "
+                f"got {pages.dtype} {list(pages.shape)}"
+            )
+        n = pages.shape[0]
+        split = page_size * head_dim
+        codes = np.ascontiguousarray(pages[:, :split]).view(ml_dtypes.float8_e4m3fn).reshape(n, page_size, head_dim)
+        scales = np.ascontiguousarray(pages[:, split:]).view("<f4").reshape(n, 1, page_size).astype(np.float32)
+        return IndexerPages(jnp.asarray(codes), jnp.asarray(scales))
+
+    def to_host_pages(self) -> np.ndarray:
+        """uint8 `[num_pages, page_size · (head_dim + 4)]`, byte-identical to the host cache's layout."""
+        n = self.num_pages
+        codes = np.asarray(self.codes).view(np.uint8).reshape(n, -1)
+        scales = np.asarray(self.scales, dtype="<f4").reshape(n, -1).view(np.uint8)
+        return np.concatenate([codes, scales], axis=1)
+
+    def write(self, slots: jax.Array, keys: jax.Array) -> IndexerPages:
+        """Pages with post-RoPE `keys` `[n, D]` written at `slots` `[n]` (−1 / out of range skipped):
+        Hadamard-rotated and quantized per key as `reference.quantize_indexer_keys` does, except that
+        the rotation runs in float32 here (float64 on the host), so a code sitting on a rounding
+        boundary may land one e4m3 step away. Jit-able."""
+        codes, scales = quantize_rows(hadamard(keys.astype(jnp.float32)))
+        num_slots = self.num_pages * self.page_size
+        idx = jnp.where((slots >= 0) & (slots < num_slots), slots, num_slots)
+        flat_codes = self.codes.reshape(num_slots, self.head_dim).at[idx].set(codes, mode="drop")
+        flat_scales = self.scales.reshape(num_slots).at[idx].set(scales, mode="drop")
+        return IndexerPages(flat_codes.reshape(self.codes.shape), flat_scales.reshape(self.scales.shape))
+
+
+jax.tree_util.register_dataclass(IndexerPages, data_fields=["codes", "scales"], meta_fields=[])
+
+
+def hadamard(x: jax.Array) -> jax.Array:
+    """Orthonormal Walsh–Hadamard transform of the last dim (a power of two), Sylvester order, as
+    `reference.hadamard`: butterflies at strides 1, 2, 4, …, then / sqrt(D)."""
+    d = x.shape[-1]
+    if d & (d - 1):
+        raise ValueError(f"the Hadamard transform needs a power-of-two width, got {d}")
+    y = x
+    h = 1
+    while h < d:
+        y = y.reshape(*x.shape[:-1], d // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = jnp.stack([a + b, a - b], axis=-2)
+        h *= 2
+    return y.reshape(x.shape) / np.sqrt(d).astype(np.float32)
+
+
+def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Spec §4 FP8 quantization of each row of the last dim: codes float8_e4m3fn, scales float32 `x.shape[:-1]`."""
+    amax = jnp.maximum(jnp.max(jnp.abs(x), axis=-1), _AMAX_FLOOR)
+    m, e = jnp.frexp(amax / _E4M3_MAX)
+    scale = jnp.ldexp(jnp.ones_like(amax), jnp.where(m == 0.5, e - 1, e))
+    codes = jnp.clip(x / scale[..., None], -_E4M3_MAX, _E4M3_MAX).astype(jnp.float8_e4m3fn)
+    return codes, scale
+
+
+def prepare_queries(q: jax.Array, weights: jax.Array, quantize: bool = True) -> tuple[jax.Array, jax.Array]:
+    """`(q_rot [T, H, D] float32, head_weights [T, H] float32)`: the rotated queries (FP8 values when
+    `quantize`) and `w · D^-0.5 · s_q`, the factor each head's ReLU is weighted by (spec §4)."""
+    q_rot = hadamard(q.astype(jnp.float32))
+    factor = weights.astype(jnp.float32) * q.shape[-1] ** -0.5
+    if not quantize:
+        return q_rot, factor
+    codes, scales = quantize_rows(q_rot)
+    return codes.astype(jnp.float32), factor * scales
+
+
+def select_topk_device(
+    q: jax.Array,
+    weights: jax.Array,
+    pages: IndexerPages,
+    block_tables: jax.Array,
+    positions: jax.Array,
+    k: int,
+    *,
+    quantize_queries: bool = True,
+    key_chunk: int = 4096,
+) -> jax.Array:
+    """Top-`k` visible keys per query row, scored on the device from FP8 pages (spec §4, §5).
+
+    Args:
+        q: `[T, H, D]` post-RoPE indexer queries; weights: `[T, H]` head weights (× H^-0.5).
+        pages: the `IndexerPages`; block_tables: int32 `[T, max_pages]`, row `t`'s sequence's pages
+            (−1 padded); positions: int32 `[T]`, row `t` sees keys `0 .. positions[t]`.
+        k: entries per row; key_chunk: keys scored per step (rounded to whole pages).
+
+    Returns int32 `[T, k]` positions, ascending, −1 padded (rows with `positions[t] + 1 ≤ k` select
+    every visible key). Jit-able with `k`, `quantize_queries` and `key_chunk` static.
+    """
+    S = pages.page_size
+    T, max_pages = block_tables.shape
+    pages_per_chunk = max(1, min(max_pages, key_chunk // S))
+    n_chunks = -(-max_pages // pages_per_chunk)
+    tables = jnp.pad(block_tables, ((0, 0), (0, n_chunks * pages_per_chunk - max_pages)), constant_values=-1)
+    q8, head_w = prepare_queries(q, weights, quantize_queries)
+    chunk_len = pages_per_chunk * S
+
+    def chunk_step(carry, c):
+        best_val, best_pos = carry
+        tab = jax.lax.dynamic_slice_in_dim(tables, c * pages_per_chunk, pages_per_chunk, axis=1)  # [T, ppc]
+        safe = jnp.clip(tab, 0, pages.num_pages - 1)
+        keys = pages.codes[safe].reshape(T, chunk_len, -1).astype(jnp.float32)  # exact e4m3 values
+        sk = pages.scales[safe].reshape(T, chunk_len)
+        dots = jnp.einsum("thd,tld->thl", q8, keys, precision=_HIGHEST)
+        scores = jnp.einsum("th,thl->tl", head_w, jnp.maximum(dots, 0.0), precision=_HIGHEST) * sk
+        pos = c * chunk_len + jnp.arange(chunk_len, dtype=jnp.int32)
+        visible = (pos[None, :] <= positions[:, None]) & (jnp.repeat(tab, S, axis=1) >= 0)
+        scores = jnp.where(visible, scores + 0.0, -jnp.inf)  # + 0.0: −0.0 ties with +0.0
+        vals = jnp.concatenate([best_val, scores], axis=1)
+        cand = jnp.concatenate([best_pos, jnp.broadcast_to(pos, (T, chunk_len))], axis=1)
+        top_val, top_idx = jax.lax.top_k(vals, k)  # stable: equal scores keep the lower position
+        return (top_val, jnp.take_along_axis(cand, top_idx, axis=1)), None
+
+    init = (jnp.full((T, k), -jnp.inf, jnp.float32), jnp.full((T, k), -1, jnp.int32))
+    (best_val, best_pos), _ = jax.lax.scan(chunk_step, init, jnp.arange(n_chunks))
+    chosen = jnp.where(best_val > -jnp.inf, best_pos, -1)
+    # Ascending positions, −1 padding last.
+    big = jnp.iinfo(jnp.int32).max
+    ordered = jnp.sort(jnp.where(chosen < 0, big, chosen), axis=1)
+    return jnp.where(ordered == big, -1, ordered)
