@@ -75,6 +75,15 @@ class IndexerPages:
         scales = np.ascontiguousarray(pages[:, split:]).view("<f4").reshape(n, 1, page_size).astype(np.float32)
         return IndexerPages(jnp.asarray(codes), jnp.asarray(scales))
 
+    rotated = True  # keys are Hadamard-rotated: queries must be too
+
+    def gather(self, pages: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys of whole pages (`pages` int32 `[T, n]`) as exact float32 values `[T, n·page_size, D]`
+        and their scales `[T, n·page_size]`."""
+        T = pages.shape[0]
+        keys = self.codes[pages].reshape(T, -1, self.head_dim).astype(jnp.float32)
+        return keys, self.scales[pages].reshape(T, -1)
+
     def to_host_pages(self) -> np.ndarray:
         """uint8 `[num_pages, page_size · (head_dim + 4)]`, byte-identical to the host cache's layout."""
         n = self.num_pages
@@ -96,6 +105,46 @@ class IndexerPages:
 
 
 jax.tree_util.register_dataclass(IndexerPages, data_fields=["codes", "scales"], meta_fields=[])
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactIndexerKeys:
+    """Indexer keys kept in float32, unrotated and unquantized: the exact path of spec §4 (what the
+    Hugging Face reference computes, and what training wants). `keys` `[num_pages, page_size, D]`."""
+
+    keys: jax.Array
+
+    rotated = False
+
+    @property
+    def num_pages(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def page_size(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.keys.shape[2]
+
+    @staticmethod
+    def create(num_pages: int, page_size: int = 64, head_dim: int = 128) -> ExactIndexerKeys:
+        return ExactIndexerKeys(jnp.zeros((num_pages, page_size, head_dim), jnp.float32))
+
+    def write(self, slots: jax.Array, keys: jax.Array) -> ExactIndexerKeys:
+        num_slots = self.num_pages * self.page_size
+        idx = jnp.where((slots >= 0) & (slots < num_slots), slots, num_slots)
+        flat = self.keys.reshape(num_slots, self.head_dim).at[idx].set(keys.astype(jnp.float32), mode="drop")
+        return ExactIndexerKeys(flat.reshape(self.keys.shape))
+
+    def gather(self, pages: jax.Array) -> tuple[jax.Array, jax.Array]:
+        T = pages.shape[0]
+        keys = self.keys[pages].reshape(T, -1, self.head_dim)
+        return keys, jnp.ones(keys.shape[:2], jnp.float32)
+
+
+jax.tree_util.register_dataclass(ExactIndexerKeys, data_fields=["keys"], meta_fields=[])
 
 
 def hadamard(x: jax.Array) -> jax.Array:
@@ -123,10 +172,13 @@ def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return codes, scale
 
 
-def prepare_queries(q: jax.Array, weights: jax.Array, quantize: bool = True) -> tuple[jax.Array, jax.Array]:
+def prepare_queries(
+    q: jax.Array, weights: jax.Array, quantize: bool = True, rotate: bool = True
+) -> tuple[jax.Array, jax.Array]:
     """`(q_rot [T, H, D] float32, head_weights [T, H] float32)`: the rotated queries (FP8 values when
-    `quantize`) and `w · D^-0.5 · s_q`, the factor each head's ReLU is weighted by (spec §4)."""
-    q_rot = hadamard(q.astype(jnp.float32))
+    `quantize`) and `w · D^-0.5 · s_q`, the factor each head's ReLU is weighted by (spec §4). Without
+    `rotate` (keys stored unrotated) the queries are used as they are."""
+    q_rot = hadamard(q.astype(jnp.float32)) if rotate else q.astype(jnp.float32)
     factor = weights.astype(jnp.float32) * q.shape[-1] ** -0.5
     if not quantize:
         return q_rot, factor
@@ -137,7 +189,7 @@ def prepare_queries(q: jax.Array, weights: jax.Array, quantize: bool = True) -> 
 def select_topk_device(
     q: jax.Array,
     weights: jax.Array,
-    pages: IndexerPages,
+    pages: IndexerPages | ExactIndexerKeys,
     block_tables: jax.Array,
     positions: jax.Array,
     k: int,
@@ -149,7 +201,8 @@ def select_topk_device(
 
     Args:
         q: `[T, H, D]` post-RoPE indexer queries; weights: `[T, H]` head weights (× H^-0.5).
-        pages: the `IndexerPages`; block_tables: int32 `[T, max_pages]`, row `t`'s sequence's pages
+        pages: the `IndexerPages` (FP8, as deployed) or `ExactIndexerKeys` (float32; then the queries
+            are neither rotated nor quantized); block_tables: int32 `[T, max_pages]`, row `t`'s sequence's pages
             (−1 padded); positions: int32 `[T]`, row `t` sees keys `0 .. positions[t]`.
         k: entries per row; key_chunk: keys scored per step (rounded to whole pages).
 
@@ -161,15 +214,13 @@ def select_topk_device(
     pages_per_chunk = max(1, min(max_pages, key_chunk // S))
     n_chunks = -(-max_pages // pages_per_chunk)
     tables = jnp.pad(block_tables, ((0, 0), (0, n_chunks * pages_per_chunk - max_pages)), constant_values=-1)
-    q8, head_w = prepare_queries(q, weights, quantize_queries)
+    q8, head_w = prepare_queries(q, weights, quantize_queries and pages.rotated, rotate=pages.rotated)
     chunk_len = pages_per_chunk * S
 
     def chunk_step(carry, c):
         best_val, best_pos = carry
         tab = jax.lax.dynamic_slice_in_dim(tables, c * pages_per_chunk, pages_per_chunk, axis=1)  # [T, ppc]
-        safe = jnp.clip(tab, 0, pages.num_pages - 1)
-        keys = pages.codes[safe].reshape(T, chunk_len, -1).astype(jnp.float32)  # exact e4m3 values
-        sk = pages.scales[safe].reshape(T, chunk_len)
+        keys, sk = pages.gather(jnp.clip(tab, 0, pages.num_pages - 1))  # FP8 keys: exact e4m3 values
         dots = jnp.einsum("thd,tld->thl", q8, keys, precision=_HIGHEST)
         scores = jnp.einsum("th,thl->tl", head_w, jnp.maximum(dots, 0.0), precision=_HIGHEST) * sk
         pos = c * chunk_len + jnp.arange(chunk_len, dtype=jnp.int32)

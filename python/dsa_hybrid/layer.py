@@ -1,0 +1,246 @@
+"""`dsa_attention`: one DeepSeek Sparse Attention layer in JAX, pure-functional (spec §3–§5).
+
+A call takes the new tokens of a batch of sequences, flattened (`T` rows: prefill chunks, decodes and
+mixed batches alike), writes their latent rows and indexer keys into the caches, selects each row's
+top-k visible tokens with the lightning indexer on the device, runs sparse MLA attention over them in
+absorbed form, and applies the output projection. Caches come back updated (functional style: donate
+them under `jit`). Rows are described by the caller: the absolute `positions` of the new tokens, the
+cache `slots` they are written to, and each row's sequence's `block_tables` (the latent cache and the
+indexer cache share the page size and the block tables).
+
+Indexer precision follows the indexer cache passed in: `IndexerPages` (FP8 keys, Hadamard-rotated, FP8
+queries: what DeepSeek deploys) or `ExactIndexerKeys` (float32: what the Hugging Face reference
+computes, and what training uses). GLM-5's `"shared"` layers run no indexer: pass the previous full
+layer's selection as `shared_topk`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import DSAConfig
+from .device_indexer import ExactIndexerKeys, IndexerPages, select_topk_device
+from .latent_cache import LatentCache
+from .sparse_attention import sparse_mla
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+# Parameter name → (Hugging Face name under `model.layers.{i}.self_attn.`, shape as a function of the config).
+_HF_NAMES = {
+    "q_a": "q_a_proj.weight",
+    "q_a_norm": "q_a_layernorm.weight",
+    "q_b": "q_b_proj.weight",
+    "kv_a": "kv_a_proj_with_mqa.weight",
+    "kv_a_norm": "kv_a_layernorm.weight",
+    "kv_b": "kv_b_proj.weight",
+    "o": "o_proj.weight",
+    "idx_wq_b": "indexer.wq_b.weight",
+    "idx_wk": "indexer.wk.weight",
+    "idx_k_norm_w": "indexer.k_norm.weight",
+    "idx_k_norm_b": "indexer.k_norm.bias",
+    "idx_weights": "indexer.weights_proj.weight",
+}
+
+
+def param_shapes(cfg: DSAConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every parameter of the layer (linear weights are `[out, in]`, as in the checkpoints)."""
+    h, d = cfg.num_attention_heads, cfg.hidden_size
+    return {
+        "q_a": (cfg.q_lora_rank, d),
+        "q_a_norm": (cfg.q_lora_rank,),
+        "q_b": (h * cfg.qk_head_dim, cfg.q_lora_rank),
+        "kv_a": (cfg.kv_lora_rank + cfg.qk_rope_head_dim, d),
+        "kv_a_norm": (cfg.kv_lora_rank,),
+        "kv_b": (h * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank),
+        "o": (d, h * cfg.v_head_dim),
+        "idx_wq_b": (cfg.index_n_heads * cfg.index_head_dim, cfg.q_lora_rank),
+        "idx_wk": (cfg.index_head_dim, d),
+        "idx_k_norm_w": (cfg.index_head_dim,),
+        "idx_k_norm_b": (cfg.index_head_dim,),
+        "idx_weights": (cfg.index_n_heads, d),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class DSAParams:
+    """The attention and indexer weights of one layer, float32 (a pytree; names in `_HF_NAMES`)."""
+
+    q_a: jax.Array
+    q_a_norm: jax.Array
+    q_b: jax.Array
+    kv_a: jax.Array
+    kv_a_norm: jax.Array
+    kv_b: jax.Array
+    o: jax.Array
+    idx_wq_b: jax.Array
+    idx_wk: jax.Array
+    idx_k_norm_w: jax.Array
+    idx_k_norm_b: jax.Array
+    idx_weights: jax.Array
+
+    @staticmethod
+    def random(cfg: DSAConfig, seed: int = 0, std: float = 0.05) -> DSAParams:
+        """Random weights of the right shapes (norm weights near 1), for tests and benchmarks."""
+        rng = np.random.default_rng(seed)
+        arrays = {}
+        for name, shape in param_shapes(cfg).items():
+            if name.endswith("norm") or name == "idx_k_norm_w":
+                arrays[name] = 1.0 + 0.1 * rng.standard_normal(shape)
+            elif name == "idx_k_norm_b":
+                arrays[name] = 0.1 * rng.standard_normal(shape)
+            else:
+                arrays[name] = std * rng.standard_normal(shape)
+        return DSAParams(**{k: jnp.asarray(v, jnp.float32) for k, v in arrays.items()})
+
+    @staticmethod
+    def from_state_dict(tensors: Mapping[str, Any], cfg: DSAConfig, layer: int) -> DSAParams:
+        """From Hugging Face tensors (`model.layers.{layer}.self_attn.*`, spec §4b), any float dtype.
+        A missing or misshapen tensor raises `KeyError` / `ValueError` naming it."""
+        prefix = f"model.layers.{layer}.self_attn."
+        shapes = param_shapes(cfg)
+        arrays = {}
+        for name, hf in _HF_NAMES.items():
+            full = prefix + hf
+            if full not in tensors:
+                raise KeyError(f"{full}: missing from the checkpoint")
+            a = np.asarray(tensors[full], dtype=np.float32)
+            if a.shape != shapes[name]:
+                raise ValueError(f"{full}: expected shape {list(shapes[name])}, got {list(a.shape)}")
+            arrays[name] = jnp.asarray(a)
+        return DSAParams(**arrays)
+
+    def state_dict(self, layer: int) -> dict[str, np.ndarray]:
+        """The Hugging Face tensors of this layer (float32 numpy)."""
+        prefix = f"model.layers.{layer}.self_attn."
+        return {prefix + hf: np.asarray(getattr(self, name)) for name, hf in _HF_NAMES.items()}
+
+
+jax.tree_util.register_dataclass(DSAParams, data_fields=list(_HF_NAMES), meta_fields=[])
+
+
+@dataclasses.dataclass(frozen=True)
+class DSACaches:
+    """The two caches of one layer, paged alike (same page size, same block tables)."""
+
+    latent: LatentCache
+    index: IndexerPages | ExactIndexerKeys
+
+    @staticmethod
+    def create(
+        cfg: DSAConfig, num_pages: int, page_size: int = 64, *, latent_kind: str = "bf16", indexer: str = "fp8"
+    ) -> DSACaches:
+        """Empty caches; `latent_kind` "bf16" or "fp8", `indexer` "fp8" (deployed) or "exact"."""
+        latent = LatentCache.create(
+            num_pages, page_size, kind=latent_kind, latent_dim=cfg.kv_lora_rank, rope_dim=cfg.qk_rope_head_dim
+        )  # type: ignore[arg-type]
+        if indexer == "fp8":
+            index: IndexerPages | ExactIndexerKeys = IndexerPages.create(num_pages, page_size, cfg.index_head_dim)
+        elif indexer == "exact":
+            index = ExactIndexerKeys.create(num_pages, page_size, cfg.index_head_dim)
+        else:
+            raise ValueError(f"indexer: expected 'fp8' or 'exact', got {indexer!r}")
+        return DSACaches(latent, index)
+
+
+jax.tree_util.register_dataclass(DSACaches, data_fields=["latent", "index"], meta_fields=[])
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, freqs: np.ndarray, pairing: str) -> jax.Array:
+    """`reference.apply_rope` in JAX: rotate the last dim of `x` by `positions · freqs` (positions
+    broadcast against `x.shape[:-1]`)."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(freqs, jnp.float32)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if pairing == "interleaved":
+        a, b = x[..., 0::2], x[..., 1::2]
+        return jnp.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(x.shape)
+    half = x.shape[-1] // 2
+    a, b = x[..., :half], x[..., half:]
+    return jnp.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
+
+
+def _rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def _layer_norm(x: jax.Array, w: jax.Array, b: jax.Array, eps: float = 1e-6) -> jax.Array:
+    mu = x.mean(axis=-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mu) * jax.lax.rsqrt(var + eps) * w + b
+
+
+def _linear(x: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.einsum("ti,oi->to", x, w, precision=_HIGHEST)
+
+
+def dsa_attention(
+    params: DSAParams,
+    cfg: DSAConfig,
+    x: jax.Array,
+    positions: jax.Array,
+    slots: jax.Array,
+    block_tables: jax.Array,
+    caches: DSACaches,
+    *,
+    shared_topk: jax.Array | None = None,
+    backend: str = "auto",
+) -> tuple[jax.Array, DSACaches, jax.Array]:
+    """One DSA attention layer over `T` new tokens.
+
+    Args:
+        params, cfg: the layer's weights and its model config (`DSAConfig`, static under `jit`).
+        x: `[T, hidden]` normed layer input of the new tokens.
+        positions: int32 `[T]` absolute position of each new token in its sequence.
+        slots: int32 `[T]` cache slot each new token is written to (−1: a padding row, not written).
+        block_tables: int32 `[T, max_pages]` the pages of each row's sequence (−1 padded), covering at
+            least positions `0 .. positions[t]`.
+        caches: the layer's `DSACaches`.
+        shared_topk: for GLM-5 `"shared"` layers, the previous full layer's selection `[T, K]` (this
+            layer then runs no indexer).
+        backend: `sparse_mla` backend ("auto", "xla", "pallas_tpu").
+
+    Returns `(out [T, hidden] float32, updated caches, topk [T, K] int32 positions)`.
+    """
+    x = x.astype(jnp.float32)
+    T = x.shape[0]
+    h, nope, rope, r_kv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+    freqs = cfg.rope_freqs
+    # MLA projections (spec §3).
+    c_q = _rms_norm(_linear(x, params.q_a), params.q_a_norm, cfg.rms_norm_eps)
+    q = _linear(c_q, params.q_b).reshape(T, h, nope + rope)
+    ckv = _linear(x, params.kv_a)
+    c_kv = _rms_norm(ckv[:, :r_kv], params.kv_a_norm, cfg.rms_norm_eps)
+    k_pe = apply_rope(ckv[:, r_kv:], positions, freqs, cfg.mla_rope_pairing)
+    q_pe = apply_rope(q[..., nope:], positions[:, None], freqs, cfg.mla_rope_pairing)
+    w_kv_b = params.kv_b.reshape(h, nope + cfg.v_head_dim, r_kv)
+    w_uk, w_uv = w_kv_b[:, :nope], w_kv_b[:, nope:]
+    q_abs = jnp.concatenate([jnp.einsum("thn,hnr->thr", q[..., :nope], w_uk, precision=_HIGHEST), q_pe], axis=-1)
+    latent = caches.latent.write(slots, c_kv, k_pe)
+    index = caches.index
+    # Lightning indexer (spec §4) and top-k (spec §5).
+    if shared_topk is None:
+        H_I, D_I = cfg.index_n_heads, cfg.index_head_dim
+        q_idx = _linear(c_q, params.idx_wq_b).reshape(T, H_I, D_I)
+        k_idx = _layer_norm(_linear(x, params.idx_wk), params.idx_k_norm_w, params.idx_k_norm_b)
+        pairing = cfg.indexer_rope_pairing
+        q_idx = jnp.concatenate(
+            [apply_rope(q_idx[..., :rope], positions[:, None], freqs, pairing), q_idx[..., rope:]], -1
+        )
+        k_idx = jnp.concatenate([apply_rope(k_idx[:, :rope], positions, freqs, pairing), k_idx[:, rope:]], -1)
+        w_idx = _linear(x, params.idx_weights) * H_I**-0.5
+        index = index.write(slots, k_idx)
+        topk = select_topk_device(q_idx, w_idx, index, block_tables, positions, cfg.index_topk)
+    else:
+        topk = shared_topk
+    # Sparse MLA over the selection, by slot (the latent cache is paged like the indexer cache).
+    S = latent.page_size
+    page = jnp.take_along_axis(block_tables, jnp.maximum(topk, 0) // S, axis=1)
+    sel_slots = jnp.where((topk >= 0) & (page >= 0), page * S + topk % S, -1).astype(jnp.int32)
+    o_lat, _ = sparse_mla(q_abs, latent, sel_slots, scale=cfg.softmax_scale, d_v=r_kv, backend=backend)
+    o = jnp.einsum("thr,hvr->thv", o_lat, w_uv, precision=_HIGHEST).reshape(T, h * cfg.v_head_dim)
+    return _linear(o, params.o), DSACaches(latent, index), topk
