@@ -7,6 +7,7 @@ not tile, so a kernel can DMA any single token's row (the last two dimensions ar
 JAX's ragged paged attention with one KV head).
 
 Formats:
+- `"f32"`: `kv` float32 `[P, S, 1, latent_dim + rope_dim]` — exact, for parity tests and training.
 - `"bf16"`: `kv` bf16 `[P, S, 1, latent_dim + rope_dim]` (1152 bytes per token at 512 + 64).
 - `"fp8"` (FlashMLA's DeepSeek-V3.2 format, split by part): `c_kv` float8_e4m3fn `[P, S, 1, latent_dim]`,
   `scales` float32 `[P, S, 1, latent_dim // 128]` (one power-of-two scale per 128-wide tile, spec §4
@@ -30,7 +31,7 @@ import numpy as np
 
 from . import reference
 
-CacheKind = Literal["bf16", "fp8"]
+CacheKind = Literal["bf16", "fp8", "f32"]
 FP8_TILE = 128
 _E4M3_MAX = 448.0
 _AMAX_FLOOR = 1e-4
@@ -40,7 +41,7 @@ _AMAX_FLOOR = 1e-4
 class LatentCache:
     """Paged latent cache (see the module docstring). Build one with `LatentCache.create`."""
 
-    kv: jax.Array | None  # bf16 [P, S, 1, latent_dim + rope_dim]   ("bf16")
+    kv: jax.Array | None  # bf16 / f32 [P, S, 1, latent_dim + rope_dim]   ("bf16", "f32")
     c_kv: jax.Array | None  # float8_e4m3fn [P, S, 1, latent_dim]  ("fp8")
     scales: jax.Array | None  # float32 [P, S, 1, latent_dim // 128] ("fp8")
     k_pe: jax.Array | None  # bf16 [P, S, 1, rope_dim]             ("fp8")
@@ -58,8 +59,9 @@ class LatentCache:
         if latent_dim < 1 or rope_dim < 0:
             raise ValueError(f"latent_dim must be >= 1 and rope_dim >= 0, got {latent_dim} and {rope_dim}")
         lead = (num_pages, page_size, 1)
-        if kind == "bf16":
-            return LatentCache(jnp.zeros((*lead, latent_dim + rope_dim), jnp.bfloat16), None, None, None,
+        if kind in ("bf16", "f32"):
+            dtype = jnp.bfloat16 if kind == "bf16" else jnp.float32
+            return LatentCache(jnp.zeros((*lead, latent_dim + rope_dim), dtype), None, None, None,
                                kind, latent_dim, rope_dim)  # fmt: skip
         if kind == "fp8":
             if latent_dim % FP8_TILE:
@@ -73,12 +75,12 @@ class LatentCache:
                 latent_dim,
                 rope_dim,
             )
-        raise ValueError(f"kind must be 'bf16' or 'fp8', got {kind!r}")
+        raise ValueError(f"kind must be 'bf16', 'fp8' or 'f32', got {kind!r}")
 
     # ----- sizes ------------------------------------------------------------------------------
     @property
     def _lead(self) -> tuple[int, ...]:
-        arr = self.kv if self.kind == "bf16" else self.c_kv
+        arr = self.c_kv if self.kind == "fp8" else self.kv
         assert arr is not None
         return tuple(arr.shape[:2])
 
@@ -101,8 +103,8 @@ class LatentCache:
 
     @property
     def bytes_per_token(self) -> int:
-        if self.kind == "bf16":
-            return 2 * self.width
+        if self.kind != "fp8":
+            return (2 if self.kind == "bf16" else 4) * self.width
         return self.latent_dim + 4 * (self.latent_dim // FP8_TILE) + 2 * self.rope_dim
 
     # ----- reading ----------------------------------------------------------------------------
@@ -110,7 +112,7 @@ class LatentCache:
         """The latent rows `[..., width]` of `slots` (any shape), dequantized to `dtype`. Slots outside
         `[0, num_slots)` (including −1) read slot 0; mask them yourself."""
         idx = jnp.clip(jnp.asarray(slots, jnp.int32), 0, self.num_slots - 1)
-        if self.kind == "bf16":
+        if self.kind != "fp8":
             assert self.kv is not None
             return self.kv.reshape(self.num_slots, self.width)[idx].astype(dtype)
         assert self.c_kv is not None and self.scales is not None and self.k_pe is not None
@@ -140,7 +142,7 @@ class LatentCache:
             flat = arr.reshape(self.num_slots, arr.shape[-1])
             return flat.at[idx].set(values.astype(arr.dtype), mode="drop").reshape(arr.shape)
 
-        if self.kind == "bf16":
+        if self.kind != "fp8":
             assert self.kv is not None
             kv = put(self.kv, jnp.concatenate([c_kv.astype(jnp.float32), k_pe.astype(jnp.float32)], axis=-1))
             return dataclasses.replace(self, kv=kv)
@@ -155,7 +157,7 @@ class LatentCache:
         """uint8 `[num_slots, 656]` FlashMLA rows (512 e4m3 | 4 f32 scales | 64 bf16), slot-major.
         A bf16 cache is quantized on the way (as `reference.pack_mla_fp8`)."""
         self._check_flashmla_widths()
-        if self.kind == "bf16":
+        if self.kind != "fp8":
             rows = np.asarray(self.rows(jnp.arange(self.num_slots), jnp.float32), dtype=np.float64)
             return reference.pack_mla_fp8(rows[:, : self.latent_dim], rows[:, self.latent_dim :])
         n = self.num_slots

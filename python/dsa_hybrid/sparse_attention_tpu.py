@@ -150,7 +150,7 @@ def _attention_call(
 
 
 def _cache_parts(cache: LatentCache) -> list[jax.Array]:
-    parts = [cache.kv] if cache.kind == "bf16" else [cache.c_kv, cache.scales, cache.k_pe]
+    parts = [cache.c_kv, cache.scales, cache.k_pe] if cache.kind == "fp8" else [cache.kv]
     assert all(p is not None for p in parts)
     return parts  # type: ignore[return-value]
 
@@ -218,7 +218,7 @@ def _kernel(
 
     def rows_of(b: jax.Array) -> jax.Array:
         """The chunk in buffer slot `b` as `[kc, width]` in the compute dtype (FP8 dequantized)."""
-        if kind == "bf16":
+        if kind != "fp8":
             return bufs[0][b].reshape(kc, -1).astype(compute)
         codes = bufs[0][b].reshape(kc, latent_dim).astype(jnp.float32)
         tile_scales = bufs[1][b].reshape(kc, latent_dim // FP8_TILE)

@@ -1,0 +1,117 @@
+"""Generate the Hugging Face parity golden files in this folder. Needs torch and transformers >= 5.24
+(not CI dependencies: CI only reads the files). Run from the repository root:
+
+    python tests/golden/make_golden.py
+
+For each model type (DeepSeek-V3.2 and GLM-MoE-DSA) it builds a tiny config, a random attention layer
+in transformers (eager attention, float32), runs it on random hidden states of 40 tokens (index_topk 16,
+so selection drops tokens), and writes `<model>/config.json`, `<model>/model.safetensors` (the layer's
+weights under their checkpoint names) and `<model>/io.npz` (inputs, outputs, top-k indices). Seeds are
+chosen so that no row's top-k depends on tie-breaking: the gap between the k-th and (k+1)-th indexer
+score (recomputed in float64) must exceed 1e-4 relative.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers.models.deepseek_v32 import modeling_deepseek_v32 as v32
+from transformers.models.glm_moe_dsa import modeling_glm_moe_dsa as glm
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1] / "python"))
+from dsa_hybrid import DSAConfig  # noqa: E402
+from dsa_hybrid import reference as ref  # noqa: E402
+from dsa_hybrid.checkpoint import write_safetensors  # noqa: E402
+
+MODELS = {
+    "deepseek_v32": (v32.DeepseekV32Config, v32.DeepseekV32Attention, v32.DeepseekV32RotaryEmbedding),
+    "glm_moe_dsa": (glm.GlmMoeDsaConfig, glm.GlmMoeDsaAttention, glm.GlmMoeDsaRotaryEmbedding),
+}
+SEQ = 40
+
+
+def tiny(model_type: str) -> DSAConfig:
+    # 8 indexer heads: few heads make many exactly-zero (tied) scores after the ReLU.
+    return DSAConfig.tiny(model_type).replace(index_n_heads=8, num_hidden_layers=1, first_k_dense_replace=1)
+
+
+def boundary_gap(scores: np.ndarray, k: int) -> float:
+    """Smallest relative gap between the k-th and (k+1)-th visible score over the rows that drop tokens."""
+    gaps = []
+    for t in range(k, scores.shape[0]):
+        row = np.sort(scores[t, : t + 1])[::-1]
+        gaps.append((row[k - 1] - row[k]) / (np.abs(row).max() + 1e-30))
+    return float(min(gaps))
+
+
+def generate(model_type: str, seed: int) -> float:
+    cfg = tiny(model_type)
+    config_cls, attn_cls, rotary_cls = MODELS[model_type]
+    hf = cfg.to_hf_config()
+    hf.pop("model_type")
+    if model_type == "glm_moe_dsa":
+        hf["indexer_types"] = ["full"]
+    hf_cfg = config_cls(**hf)
+    hf_cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    attn = attn_cls(hf_cfg, layer_idx=0).float().eval()
+    with torch.no_grad():
+        for name, p in attn.named_parameters():  # every weight random, norms and biases too
+            p.copy_(
+                1.0 + 0.1 * torch.randn_like(p)
+                if "norm" in name and name.endswith("weight")
+                else 0.1 * torch.randn_like(p)
+            )
+    rotary = rotary_cls(hf_cfg)
+    x = torch.randn(1, SEQ, cfg.hidden_size)
+    pos = torch.arange(SEQ)[None]
+    cos, sin = rotary(x, pos)
+    # Additive causal mask (eager attention adds the mask: a bool mask would be added as 0/1).
+    allowed = torch.tril(torch.ones(SEQ, SEQ, dtype=torch.bool))[None, None]
+    mask = torch.zeros(1, 1, SEQ, SEQ).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        out = attn(x, (cos, sin), mask, cache=None, position_ids=pos)[0]  # GLM also returns its top-k
+        q_resid = attn.q_a_layernorm(attn.q_a_proj(x))
+        topk = attn.indexer(x, q_resid, (cos, sin), mask[:, 0], pos)
+    tensors = {
+        f"model.layers.0.self_attn.{k}": v.detach().numpy().astype(np.float32) for k, v in attn.state_dict().items()
+    }
+    # Recompute the indexer scores in float64 with the oracle, to reject seeds with near-ties.
+    sd = {k.removeprefix("model.layers.0.self_attn."): v.astype(np.float64) for k, v in tensors.items()}
+    xs = x[0].numpy().astype(np.float64)
+    c_q = ref.rms_norm(xs @ sd["q_a_proj.weight"].T, sd["q_a_layernorm.weight"], cfg.rms_norm_eps)
+    q_i = (c_q @ sd["indexer.wq_b.weight"].T).reshape(SEQ, cfg.index_n_heads, cfg.index_head_dim)
+    k_i = ref.layer_norm(xs @ sd["indexer.wk.weight"].T, sd["indexer.k_norm.weight"], sd["indexer.k_norm.bias"])
+    r, p = cfg.qk_rope_head_dim, np.arange(SEQ)
+    q_i[..., :r] = ref.apply_rope(q_i[..., :r], p[:, None], cfg.rope_freqs, cfg.indexer_rope_pairing)
+    k_i[:, :r] = ref.apply_rope(k_i[:, :r], p, cfg.rope_freqs, cfg.indexer_rope_pairing)
+    w_i = xs @ sd["indexer.weights_proj.weight"].T * cfg.index_n_heads**-0.5
+    gap = boundary_gap(ref.indexer_scores(q_i, w_i, k_i), cfg.index_topk)
+    if gap < 1e-4:
+        return gap
+    d = HERE / model_type
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(json.dumps(hf_cfg.to_dict() | {"model_type": model_type}, indent=1, default=str))
+    write_safetensors(d / "model.safetensors", tensors)
+    np.savez_compressed(d / "io.npz", x=x[0].numpy(), out=out[0].numpy(), topk=topk[0].numpy(), seed=seed)
+    return gap
+
+
+def main() -> None:
+    for model_type in MODELS:
+        for seed in range(100):
+            gap = generate(model_type, seed)
+            if gap >= 1e-4:
+                print(f"{model_type}: seed {seed}, smallest top-k boundary gap {gap:.2e}")
+                break
+        else:
+            raise SystemExit(f"{model_type}: no seed without near-ties")
+
+
+if __name__ == "__main__":
+    main()
