@@ -98,9 +98,10 @@ def checkpoint_index(directory: str | os.PathLike[str]) -> dict[str, Path]:
 def dequantize_fp8_blocks(w8: np.ndarray, scale_inv: np.ndarray) -> np.ndarray:
     """`W[a, b] = W8[a, b] · S[a // 128, b // 128]` in float32 (DeepSeek's FP8 weight format)."""
     rows, cols = w8.shape
-    if scale_inv.shape != (-(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK)):
+    want = [-(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK)]
+    if list(scale_inv.shape) != want:
         raise ValueError(
-            f"weight_scale_inv: expected shape {[-(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK)]} for a {[rows, cols]} weight, got {list(scale_inv.shape)}"
+            f"weight_scale_inv: expected shape {want} for a {[rows, cols]} weight, got {list(scale_inv.shape)}"
         )
     s = np.repeat(np.repeat(scale_inv.astype(np.float32), FP8_BLOCK, axis=0), FP8_BLOCK, axis=1)[:rows, :cols]
     return w8.astype(np.float32) * s
