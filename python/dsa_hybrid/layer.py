@@ -178,6 +178,69 @@ def _linear(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("ti,oi->to", x, w, precision=_HIGHEST)
 
 
+@dataclasses.dataclass(frozen=True)
+class Projections:
+    """What one layer computes from its input before selection: the absorbed queries and the new latent
+    rows (spec §3), and the indexer's queries, keys and head weights (spec §4), all float32."""
+
+    q_abs: jax.Array  # [T, h, kv_lora_rank + rope]
+    c_kv: jax.Array  # [T, kv_lora_rank]
+    k_pe: jax.Array  # [T, rope] (rotated)
+    q_idx: jax.Array  # [T, H_I, D_I] (rotated on the first rope dims)
+    k_idx: jax.Array  # [T, D_I]
+    w_idx: jax.Array  # [T, H_I] (× H_I^-0.5)
+
+
+jax.tree_util.register_dataclass(
+    Projections, data_fields=["q_abs", "c_kv", "k_pe", "q_idx", "k_idx", "w_idx"], meta_fields=[]
+)
+
+
+def project(params: DSAParams, cfg: DSAConfig, x: jax.Array, positions: jax.Array) -> Projections:
+    """The layer's projections of the new tokens `x` `[T, hidden]` at `positions` `[T]`."""
+    x = x.astype(jnp.float32)
+    T = x.shape[0]
+    h, nope, rope, r_kv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+    freqs = cfg.rope_freqs
+    c_q = _rms_norm(_linear(x, params.q_a), params.q_a_norm, cfg.rms_norm_eps)
+    q = _linear(c_q, params.q_b).reshape(T, h, nope + rope)
+    ckv = _linear(x, params.kv_a)
+    c_kv = _rms_norm(ckv[:, :r_kv], params.kv_a_norm, cfg.rms_norm_eps)
+    k_pe = apply_rope(ckv[:, r_kv:], positions, freqs, cfg.mla_rope_pairing)
+    q_pe = apply_rope(q[..., nope:], positions[:, None], freqs, cfg.mla_rope_pairing)
+    w_uk = params.kv_b.reshape(h, nope + cfg.v_head_dim, r_kv)[:, :nope]
+    q_abs = jnp.concatenate([jnp.einsum("thn,hnr->thr", q[..., :nope], w_uk, precision=_HIGHEST), q_pe], axis=-1)
+    H_I, D_I, pairing = cfg.index_n_heads, cfg.index_head_dim, cfg.indexer_rope_pairing
+    q_idx = _linear(c_q, params.idx_wq_b).reshape(T, H_I, D_I)
+    k_idx = _layer_norm(_linear(x, params.idx_wk), params.idx_k_norm_w, params.idx_k_norm_b)
+    q_idx = jnp.concatenate([apply_rope(q_idx[..., :rope], positions[:, None], freqs, pairing), q_idx[..., rope:]], -1)
+    k_idx = jnp.concatenate([apply_rope(k_idx[:, :rope], positions, freqs, pairing), k_idx[:, rope:]], -1)
+    w_idx = _linear(x, params.idx_weights) * H_I**-0.5
+    return Projections(q_abs, c_kv, k_pe, q_idx, k_idx, w_idx)
+
+
+def attend(
+    params: DSAParams,
+    cfg: DSAConfig,
+    proj: Projections,
+    slots: jax.Array,
+    block_tables: jax.Array,
+    latent: LatentCache,
+    topk: jax.Array,
+    backend: str = "auto",
+) -> tuple[jax.Array, LatentCache]:
+    """Write the new latent rows, attend over the selected positions `topk` `[T, K]` (spec §3), project out."""
+    T, h, r_kv = proj.q_abs.shape[0], cfg.num_attention_heads, cfg.kv_lora_rank
+    latent = latent.write(slots, proj.c_kv, proj.k_pe)
+    S = latent.page_size
+    page = jnp.take_along_axis(block_tables, jnp.maximum(topk, 0) // S, axis=1)
+    sel_slots = jnp.where((topk >= 0) & (page >= 0), page * S + topk % S, -1).astype(jnp.int32)
+    o_lat, _ = sparse_mla(proj.q_abs, latent, sel_slots, scale=cfg.softmax_scale, d_v=r_kv, backend=backend)
+    w_uv = params.kv_b.reshape(h, cfg.qk_nope_head_dim + cfg.v_head_dim, r_kv)[:, cfg.qk_nope_head_dim :]
+    o = jnp.einsum("thr,hvr->thv", o_lat, w_uv, precision=_HIGHEST).reshape(T, h * cfg.v_head_dim)
+    return _linear(o, params.o), latent
+
+
 def dsa_attention(
     params: DSAParams,
     cfg: DSAConfig,
@@ -190,7 +253,7 @@ def dsa_attention(
     shared_topk: jax.Array | None = None,
     backend: str = "auto",
 ) -> tuple[jax.Array, DSACaches, jax.Array]:
-    """One DSA attention layer over `T` new tokens.
+    """One DSA attention layer over `T` new tokens, with the indexer on the device.
 
     Args:
         params, cfg: the layer's weights and its model config (`DSAConfig`, static under `jit`).
@@ -204,43 +267,60 @@ def dsa_attention(
             layer then runs no indexer).
         backend: `sparse_mla` backend ("auto", "xla", "pallas_tpu").
 
-    Returns `(out [T, hidden] float32, updated caches, topk [T, K] int32 positions)`.
+    Returns `(out [T, hidden] float32, updated caches, topk [T, K] int32 positions)`. Jit-able.
     """
-    x = x.astype(jnp.float32)
-    T = x.shape[0]
-    h, nope, rope, r_kv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
-    freqs = cfg.rope_freqs
-    # MLA projections (spec §3).
-    c_q = _rms_norm(_linear(x, params.q_a), params.q_a_norm, cfg.rms_norm_eps)
-    q = _linear(c_q, params.q_b).reshape(T, h, nope + rope)
-    ckv = _linear(x, params.kv_a)
-    c_kv = _rms_norm(ckv[:, :r_kv], params.kv_a_norm, cfg.rms_norm_eps)
-    k_pe = apply_rope(ckv[:, r_kv:], positions, freqs, cfg.mla_rope_pairing)
-    q_pe = apply_rope(q[..., nope:], positions[:, None], freqs, cfg.mla_rope_pairing)
-    w_kv_b = params.kv_b.reshape(h, nope + cfg.v_head_dim, r_kv)
-    w_uk, w_uv = w_kv_b[:, :nope], w_kv_b[:, nope:]
-    q_abs = jnp.concatenate([jnp.einsum("thn,hnr->thr", q[..., :nope], w_uk, precision=_HIGHEST), q_pe], axis=-1)
-    latent = caches.latent.write(slots, c_kv, k_pe)
+    proj = project(params, cfg, x, positions)
     index = caches.index
-    # Lightning indexer (spec §4) and top-k (spec §5).
     if shared_topk is None:
-        H_I, D_I = cfg.index_n_heads, cfg.index_head_dim
-        q_idx = _linear(c_q, params.idx_wq_b).reshape(T, H_I, D_I)
-        k_idx = _layer_norm(_linear(x, params.idx_wk), params.idx_k_norm_w, params.idx_k_norm_b)
-        pairing = cfg.indexer_rope_pairing
-        q_idx = jnp.concatenate(
-            [apply_rope(q_idx[..., :rope], positions[:, None], freqs, pairing), q_idx[..., rope:]], -1
-        )
-        k_idx = jnp.concatenate([apply_rope(k_idx[:, :rope], positions, freqs, pairing), k_idx[:, rope:]], -1)
-        w_idx = _linear(x, params.idx_weights) * H_I**-0.5
-        index = index.write(slots, k_idx)
-        topk = select_topk_device(q_idx, w_idx, index, block_tables, positions, cfg.index_topk)
+        index = index.write(slots, proj.k_idx)
+        topk = select_topk_device(proj.q_idx, proj.w_idx, index, block_tables, positions, cfg.index_topk)
     else:
         topk = shared_topk
-    # Sparse MLA over the selection, by slot (the latent cache is paged like the indexer cache).
-    S = latent.page_size
-    page = jnp.take_along_axis(block_tables, jnp.maximum(topk, 0) // S, axis=1)
-    sel_slots = jnp.where((topk >= 0) & (page >= 0), page * S + topk % S, -1).astype(jnp.int32)
-    o_lat, _ = sparse_mla(q_abs, latent, sel_slots, scale=cfg.softmax_scale, d_v=r_kv, backend=backend)
-    o = jnp.einsum("thr,hvr->thv", o_lat, w_uv, precision=_HIGHEST).reshape(T, h * cfg.v_head_dim)
-    return _linear(o, params.o), DSACaches(latent, index), topk
+    out, latent = attend(params, cfg, proj, slots, block_tables, caches.latent, topk, backend)
+    return out, DSACaches(latent, index), topk
+
+
+_project_jit = jax.jit(project, static_argnums=1)
+_attend_jit = jax.jit(attend, static_argnums=(1, 7))
+
+
+def dsa_attention_host(
+    params: DSAParams,
+    cfg: DSAConfig,
+    x: jax.Array,
+    positions: jax.Array,
+    slots: jax.Array,
+    block_tables: jax.Array,
+    latent: LatentCache,
+    host_cache: Any,
+    seq_ids: np.ndarray,
+    *,
+    shared_topk: jax.Array | None = None,
+    backend: str = "auto",
+    threads: int | None = None,
+) -> tuple[jax.Array, LatentCache, np.ndarray]:
+    """`dsa_attention` with the indexer on the host: the device computes the projections, only the
+    indexer's keys, queries and head weights come to the host, the Rust `IndexerKeyCache` appends the
+    keys (FP8) and selects (`select`, GIL released, SIMD, threads), and only the `[T, K]` positions go
+    back to the device for attention. `host_cache` holds the indexer keys of the sequences `seq_ids`
+    (int `[T]`, each row's sequence; a sequence's rows in order, continuing its cache: row `t` is at
+    position `length(seq) + its rank among the call's rows of that sequence`). Not jit-able as a whole
+    (the two device halves are). Returns `(out, latent, topk)`."""
+    proj = _project_jit(params, cfg, x, positions)
+    if shared_topk is None:
+        seq_ids = np.asarray(seq_ids, np.int64)
+        keys = np.asarray(proj.k_idx)
+        for sid in dict.fromkeys(seq_ids.tolist()):  # each sequence once, in order of first appearance
+            host_cache.append(sid, np.ascontiguousarray(keys[seq_ids == sid]))
+        topk = host_cache.select(
+            seq_ids,
+            np.asarray(proj.q_idx),
+            np.asarray(proj.w_idx),
+            np.asarray(positions),
+            cfg.index_topk,
+            threads=threads,
+        )
+    else:
+        topk = np.asarray(shared_topk)
+    out, latent = _attend_jit(params, cfg, proj, slots, block_tables, latent, jnp.asarray(topk), backend)
+    return out, latent, topk
