@@ -10,6 +10,9 @@ Public API:
   fuses it with indexer scoring from the FP8 pages.
 - `LatentCache`, `sparse_mla`, `prefix_mla` — the device half (JAX): the paged bf16/FP8 MLA latent cache
   and sparse MLA attention on it (Pallas TPU kernel, XLA path anywhere); imported on first use.
+- `IndexerPages`, `ExactIndexerKeys`, `select_topk_device` — the lightning indexer on the device.
+- `DSAParams`, `DSACaches`, `dsa_attention`, `dsa_attention_host`, `load_layer_params` — the DSA attention
+  layer (indexer on the device or the host) and Hugging Face checkpoint loading.
 - `cpu_features()`, `set_simd_path()` — what the Rust host core detected, and which SIMD path it uses.
 """
 
@@ -27,7 +30,10 @@ __version__: str = _core.__version__
 
 if TYPE_CHECKING:
     from . import testing
+    from .checkpoint import load_layer_params
+    from .device_indexer import ExactIndexerKeys, IndexerPages, select_topk_device
     from .latent_cache import LatentCache
+    from .layer import DSACaches, DSAParams, dsa_attention, dsa_attention_host
     from .sparse_attention import prefix_mla, sparse_mla
 
 
@@ -42,6 +48,14 @@ _LAZY = {
     "LatentCache": ".latent_cache",
     "sparse_mla": ".sparse_attention",
     "prefix_mla": ".sparse_attention",
+    "IndexerPages": ".device_indexer",
+    "ExactIndexerKeys": ".device_indexer",
+    "select_topk_device": ".device_indexer",
+    "DSAParams": ".layer",
+    "DSACaches": ".layer",
+    "dsa_attention": ".layer",
+    "dsa_attention_host": ".layer",
+    "load_layer_params": ".checkpoint",
 }
 
 
@@ -60,6 +74,14 @@ __all__ = [
     "LatentCache",
     "prefix_mla",
     "sparse_mla",
+    "IndexerPages",
+    "ExactIndexerKeys",
+    "select_topk_device",
+    "DSAParams",
+    "DSACaches",
+    "dsa_attention",
+    "dsa_attention_host",
+    "load_layer_params",
     "DSAConfig",
     "YarnScaling",
     "cpu_features",
