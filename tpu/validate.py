@@ -3,9 +3,11 @@
     python tpu/validate.py                 # DeepSeek-V3.2 shapes: h = 128, K = 2048, bf16 and FP8 caches
     python tpu/validate.py --tokens 1 64   # decode (1 token) and a prefill chunk (64 tokens)
 
-For each cache format and token count it (1) compiles the kernel, (2) checks it against the XLA path on
+For each cache format and token count it (1) compiles the sparse MLA kernel, (2) checks it against the XLA path on
 the same inputs (max abs error of out, of lse), (3) times both, and (4) prints the achieved HBM bandwidth
-and FLOP/s as a fraction of the chip's roofline (spec/DSA.md §8). Exit status 1 if any check fails.
+and FLOP/s as a fraction of the chip's roofline (spec/DSA.md §8). Then the same for the device
+indexer's scoring kernel (H_I = 64, D_I = 128, FP8 pages, top-k over the whole context). Exit status 1
+if any check fails.
 Needs `pip install .` (or `pip install -e .`) on the TPU VM; runs anywhere with `--interpret` for a
 smoke test of the script itself (tiny shapes, CPU).
 """
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsa_hybrid.device_indexer import IndexerPages, select_topk_device
 from dsa_hybrid.latent_cache import LatentCache
 from dsa_hybrid.sparse_attention import sparse_mla
 
@@ -53,6 +56,50 @@ def best_time(fn, repeats: int) -> float:
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def validate_indexer(args, chip: str | None, rng: np.random.Generator) -> bool:
+    """The device indexer's scoring kernel: FP8 pages streamed through VMEM, H_I = 64, D_I = 128, top-k
+    over `--context` keys for 1 and 8 query rows. Checks the selection against the XLA path; returns
+    whether a check failed."""
+    heads, d, L = (4, 32, 256) if args.interpret else (64, 128, args.context)
+    k = min(args.k, L // 4)
+    pages = IndexerPages.create(L // 64, 64, d).write(
+        jnp.arange(L), jnp.asarray(rng.standard_normal((L, d)), jnp.float32)
+    )
+    tables = jnp.arange(L // 64, dtype=jnp.int32)[None, :]
+    failed = False
+    for T in (1, 8):
+        q = jnp.asarray(rng.standard_normal((T, heads, d)), jnp.float32)
+        w = jnp.asarray(rng.random((T, heads)) / 8, jnp.float32)
+        pos = jnp.full((T,), L - 1, jnp.int32)
+        tabs = jnp.repeat(tables, T, axis=0)
+
+        def run(backend: str, q=q, w=w, pos=pos, tabs=tabs):
+            return select_topk_device(q, w, pages, tabs, pos, k, backend=backend, interpret=args.interpret)
+
+        pallas, xla = jax.jit(lambda: run("pallas_tpu")), jax.jit(lambda: run("xla"))
+        try:
+            got = pallas()
+        except Exception as e:
+            print(f"  indexer T={T:<3} COMPILE/RUN FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            failed = True
+            continue
+        overlap = float(
+            np.mean([len(set(a) & set(b)) / k for a, b in zip(np.asarray(got), np.asarray(xla()), strict=True)])
+        )
+        ok = overlap > 0.999  # identical up to accumulation-order near-ties
+        failed |= not ok
+        t_p, t_x = best_time(pallas, args.repeats), best_time(xla, args.repeats)
+        line = f"  indexer T={T:<3} {'ok ' if ok else 'BAD'} overlap {overlap:.4f}"
+        line += f"  pallas {t_p * 1e6:9.1f} us  xla {t_x * 1e6:9.1f} us"
+        if chip:
+            bw, peak = ROOFLINE[chip]
+            line += (
+                f"  HBM {T * L * (d + 4) / t_p / bw:6.1%}  MXU {2 * T * heads * d * L / t_p / peak:6.1%} of roofline"
+            )
+        print(line)
+    return failed
 
 
 def main() -> int:
@@ -114,6 +161,7 @@ def main() -> int:
                 bw, peak = ROOFLINE[chip]
                 line += f"  HBM {bytes_moved / t_pallas / bw:6.1%}  MXU {flops / t_pallas / peak:6.1%} of roofline"
             print(line)
+    failed |= validate_indexer(args, chip, rng)
     print("FAILED" if failed else "all checks passed")
     return 1 if failed else 0
 

@@ -18,6 +18,7 @@ checks them); keys in the pages are finite by construction.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -196,6 +197,8 @@ def select_topk_device(
     *,
     quantize_queries: bool = True,
     key_chunk: int = 4096,
+    backend: str = "xla",
+    interpret: Any = False,
 ) -> jax.Array:
     """Top-`k` visible keys per query row, scored on the device from FP8 pages (spec §4, §5).
 
@@ -205,6 +208,9 @@ def select_topk_device(
             are neither rotated nor quantized); block_tables: int32 `[T, max_pages]`, row `t`'s sequence's pages
             (−1 padded); positions: int32 `[T]`, row `t` sees keys `0 .. positions[t]`.
         k: entries per row; key_chunk: keys scored per step (rounded to whole pages).
+        backend: "xla" (gather + einsum, anywhere) or "pallas_tpu" (FP8 `IndexerPages` only: the kernel
+            of `device_indexer_tpu`, which streams key pages through VMEM; `interpret=True` or
+            `pltpu.InterpretParams(...)` simulates it off a TPU).
 
     Returns int32 `[T, k]` positions, ascending, −1 padded (rows with `positions[t] + 1 ≤ k` select
     every visible key). Jit-able with `k`, `quantize_queries` and `key_chunk` static.
@@ -214,18 +220,37 @@ def select_topk_device(
     pages_per_chunk = max(1, min(max_pages, key_chunk // S))
     n_chunks = -(-max_pages // pages_per_chunk)
     tables = jnp.pad(block_tables, ((0, 0), (0, n_chunks * pages_per_chunk - max_pages)), constant_values=-1)
-    q8, head_w = prepare_queries(q, weights, quantize_queries and pages.rotated, rotate=pages.rotated)
+    quantize = quantize_queries and pages.rotated
+    q8, head_w = prepare_queries(q, weights, quantize, rotate=pages.rotated)
     chunk_len = pages_per_chunk * S
+    if backend not in ("xla", "pallas_tpu"):
+        raise ValueError(f"backend: expected 'xla' or 'pallas_tpu', got {backend!r}")
+    if backend == "pallas_tpu" and not isinstance(pages, IndexerPages):
+        raise ValueError("backend='pallas_tpu' scores FP8 IndexerPages; use backend='xla' for ExactIndexerKeys")
+
+    def chunk_scores(tab: jax.Array, c: jax.Array) -> jax.Array:
+        """`[T, chunk_len]` scores of the pages `tab` (positions from `c · chunk_len`), −inf where invisible."""
+        safe = jnp.clip(tab, 0, pages.num_pages - 1)
+        pos = c * chunk_len + jnp.arange(chunk_len, dtype=jnp.int32)
+        visible = (pos[None, :] <= positions[:, None]) & (jnp.repeat(tab, S, axis=1) >= 0)
+        if backend == "pallas_tpu":
+            from .device_indexer_tpu import score_pages_tpu
+
+            scores = score_pages_tpu(
+                q8, head_w, pages.codes, pages.scales, safe, positions, c * chunk_len,
+                exact_in_bf16=quantize, interpret=interpret,
+            )  # fmt: skip
+            return jnp.where(visible, scores, -jnp.inf)
+        keys, sk = pages.gather(safe)  # FP8 keys: exact e4m3 values
+        dots = jnp.einsum("thd,tld->thl", q8, keys, precision=_HIGHEST)
+        scores = jnp.einsum("th,thl->tl", head_w, jnp.maximum(dots, 0.0), precision=_HIGHEST) * sk
+        return jnp.where(visible, scores + 0.0, -jnp.inf)  # + 0.0: −0.0 ties with +0.0
 
     def chunk_step(carry, c):
         best_val, best_pos = carry
         tab = jax.lax.dynamic_slice_in_dim(tables, c * pages_per_chunk, pages_per_chunk, axis=1)  # [T, ppc]
-        keys, sk = pages.gather(jnp.clip(tab, 0, pages.num_pages - 1))  # FP8 keys: exact e4m3 values
-        dots = jnp.einsum("thd,tld->thl", q8, keys, precision=_HIGHEST)
-        scores = jnp.einsum("th,thl->tl", head_w, jnp.maximum(dots, 0.0), precision=_HIGHEST) * sk
+        scores = chunk_scores(tab, c)
         pos = c * chunk_len + jnp.arange(chunk_len, dtype=jnp.int32)
-        visible = (pos[None, :] <= positions[:, None]) & (jnp.repeat(tab, S, axis=1) >= 0)
-        scores = jnp.where(visible, scores + 0.0, -jnp.inf)  # + 0.0: −0.0 ties with +0.0
         vals = jnp.concatenate([best_val, scores], axis=1)
         cand = jnp.concatenate([best_pos, jnp.broadcast_to(pos, (T, chunk_len))], axis=1)
         top_val, top_idx = jax.lax.top_k(vals, k)  # stable: equal scores keep the lower position

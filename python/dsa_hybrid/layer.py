@@ -265,7 +265,8 @@ def dsa_attention(
         caches: the layer's `DSACaches`.
         shared_topk: for GLM-5 `"shared"` layers, the previous full layer's selection `[T, K]` (this
             layer then runs no indexer).
-        backend: `sparse_mla` backend ("auto", "xla", "pallas_tpu").
+        backend: "auto", "xla" or "pallas_tpu", for `sparse_mla` and for the indexer's scoring (the
+            Pallas indexer kernel scores FP8 pages; exact keys always use XLA).
 
     Returns `(out [T, hidden] float32, updated caches, topk [T, K] int32 positions)`. Jit-able.
     """
@@ -273,7 +274,11 @@ def dsa_attention(
     index = caches.index
     if shared_topk is None:
         index = index.write(slots, proj.k_idx)
-        topk = select_topk_device(proj.q_idx, proj.w_idx, index, block_tables, positions, cfg.index_topk)
+        on_tpu = backend == "pallas_tpu" or (backend == "auto" and jax.default_backend() == "tpu")
+        idx_backend = "pallas_tpu" if on_tpu and isinstance(index, IndexerPages) else "xla"
+        topk = select_topk_device(
+            proj.q_idx, proj.w_idx, index, block_tables, positions, cfg.index_topk, backend=idx_backend
+        )
     else:
         topk = shared_topk
     out, latent = attend(params, cfg, proj, slots, block_tables, caches.latent, topk, backend)
