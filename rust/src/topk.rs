@@ -302,89 +302,123 @@ fn filter_ge_scalar(row: &[f32], thr: f32, out: &mut Vec<u32>, base: usize) -> b
     nan
 }
 
-/// Push `base + b` for every set bit `b` of `mask`, lowest first.
-#[inline(always)]
-fn push_bits(out: &mut Vec<u32>, base: usize, mut mask: u64) {
-    while mask != 0 {
-        out.push(base as u32 + mask.trailing_zeros());
-        mask &= mask - 1;
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{filter_ge_scalar, push_bits};
+    use super::filter_ge_scalar;
     use std::arch::x86_64::*;
 
-    /// AVX2 twin of `filter_ge_scalar`: 32 scores per step, one movemask per 8.
+    /// Set-bit positions of each 8-bit mask, lowest first (the rest zero): the AVX2 compaction table.
+    static COMPACT8: [[u32; 8]; 256] = {
+        let mut t = [[0u32; 8]; 256];
+        let mut m = 0;
+        while m < 256 {
+            let (mut bit, mut n) = (0, 0);
+            while bit < 8 {
+                if m & (1 << bit) != 0 {
+                    t[m][n] = bit as u32;
+                    n += 1;
+                }
+                bit += 1;
+            }
+            m += 1;
+        }
+        t
+    };
+
+    /// AVX2 twin of `filter_ge_scalar`. Branch-free compaction: every 8 scores store 8 candidate
+    /// positions (from `COMPACT8`) at the end of `out` and advance it by the number that passed.
     #[target_feature(enable = "avx2,popcnt")]
-    pub unsafe fn filter_ge_avx2(row: &[f32], thr: f32, out: &mut Vec<u32>) -> bool {
+    pub unsafe fn filter_ge_avx2(row: &[f32], thr: f32, pos: &mut Vec<u32>) -> bool {
         let (n, p) = (row.len(), row.as_ptr());
+        pos.reserve(n + 8);
+        let dst = pos.as_mut_ptr();
         let t = _mm256_set1_ps(thr);
         let mut nan = _mm256_setzero_ps();
-        let mut i = 0;
+        let (mut i, mut len) = (0usize, 0usize);
         while i + 32 <= n {
-            // SAFETY: i + 32 <= n, so all four loads are inside `row`.
-            let (v0, v1, v2, v3) = unsafe {
-                (
+            // SAFETY: i + 32 <= n, so the loads are inside `row`; each store writes 8 u32 at
+            // `len ≤ i + 24`, inside the `n + 8` reserved; `COMPACT8` has 256 rows of 8.
+            unsafe {
+                let v = [
                     _mm256_loadu_ps(p.add(i)),
                     _mm256_loadu_ps(p.add(i + 8)),
                     _mm256_loadu_ps(p.add(i + 16)),
                     _mm256_loadu_ps(p.add(i + 24)),
-                )
-            };
-            // UNORD(a, b) is true where either is NaN.
-            let u = _mm256_or_ps(
-                _mm256_cmp_ps::<_CMP_UNORD_Q>(v0, v1),
-                _mm256_cmp_ps::<_CMP_UNORD_Q>(v2, v3),
-            );
-            nan = _mm256_or_ps(nan, u);
-            let m = |v| _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(v, t)) as u32 as u64;
-            let mask = m(v0) | m(v1) << 8 | m(v2) << 16 | m(v3) << 24;
-            if mask != 0 {
-                push_bits(out, i, mask);
+                ];
+                // UNORD(a, b) is true where either is NaN.
+                let u = _mm256_or_ps(
+                    _mm256_cmp_ps::<_CMP_UNORD_Q>(v[0], v[1]),
+                    _mm256_cmp_ps::<_CMP_UNORD_Q>(v[2], v[3]),
+                );
+                nan = _mm256_or_ps(nan, u);
+                for (j, vj) in v.iter().enumerate() {
+                    let m = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(*vj, t)) as usize;
+                    let lanes = _mm256_loadu_si256(COMPACT8[m].as_ptr().cast());
+                    let idx = _mm256_add_epi32(lanes, _mm256_set1_epi32((i + 8 * j) as i32));
+                    _mm256_storeu_si256(dst.add(len).cast(), idx);
+                    len += m.count_ones() as usize;
+                }
             }
             i += 32;
         }
-        let tail_nan = filter_ge_scalar(&row[i..], thr, out, i);
+        // SAFETY: the first `len` entries were written above (u32 needs no drop).
+        unsafe { pos.set_len(len) };
+        let tail_nan = filter_ge_scalar(&row[i..], thr, pos, i);
         tail_nan || _mm256_movemask_ps(nan) != 0
     }
 
-    /// AVX-512 twin of `filter_ge_scalar`: 64 scores per step, compare straight into masks.
+    /// AVX-512 twin of `filter_ge_scalar`: compare into masks, compact positions with `vpcompressd`
+    /// into a register (the memory form is slow on some cores) and store all 16 lanes, branch-free.
     #[target_feature(enable = "avx512f,popcnt")]
-    pub unsafe fn filter_ge_avx512(row: &[f32], thr: f32, out: &mut Vec<u32>) -> bool {
+    pub unsafe fn filter_ge_avx512(row: &[f32], thr: f32, pos: &mut Vec<u32>) -> bool {
         let (n, p) = (row.len(), row.as_ptr());
+        pos.reserve(n + 16);
+        let dst = pos.as_mut_ptr();
         let t = _mm512_set1_ps(thr);
+        let lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         let mut nan: u16 = 0;
-        let mut i = 0;
+        let (mut i, mut len) = (0usize, 0usize);
         while i + 64 <= n {
-            // SAFETY: i + 64 <= n, so all four loads are inside `row`.
-            let (v0, v1, v2, v3) = unsafe {
-                (
+            // SAFETY: i + 64 <= n, so the loads are inside `row`; each store writes 16 u32 at
+            // `len ≤ i + 48`, inside the `n + 16` reserved.
+            unsafe {
+                let v = [
                     _mm512_loadu_ps(p.add(i)),
                     _mm512_loadu_ps(p.add(i + 16)),
                     _mm512_loadu_ps(p.add(i + 32)),
                     _mm512_loadu_ps(p.add(i + 48)),
-                )
-            };
-            nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v0, v1)
-                | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v2, v3);
-            let m = |v| u64::from(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(v, t));
-            let mask = m(v0) | m(v1) << 16 | m(v2) << 32 | m(v3) << 48;
-            if mask != 0 {
-                push_bits(out, i, mask);
+                ];
+                nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v[0], v[1])
+                    | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v[2], v[3]);
+                for (j, vj) in v.iter().enumerate() {
+                    let m = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(*vj, t);
+                    let idx = _mm512_add_epi32(lane, _mm512_set1_epi32((i + 16 * j) as i32));
+                    _mm512_storeu_si512(dst.add(len).cast(), _mm512_maskz_compress_epi32(m, idx));
+                    len += m.count_ones() as usize;
+                }
             }
             i += 64;
         }
-        let tail_nan = filter_ge_scalar(&row[i..], thr, out, i);
+        // SAFETY: the first `len` entries were written above (u32 needs no drop).
+        unsafe { pos.set_len(len) };
+        let tail_nan = filter_ge_scalar(&row[i..], thr, pos, i);
         tail_nan || nan != 0
     }
 }
 
 #[cfg(target_arch = "aarch64")]
 mod neon {
-    use super::{filter_ge_scalar, push_bits};
+    use super::filter_ge_scalar;
     use std::arch::aarch64::*;
+
+    /// Push `base + b` for every set bit `b` of `mask`, lowest first.
+    #[inline(always)]
+    fn push_bits(out: &mut Vec<u32>, base: usize, mut mask: u64) {
+        while mask != 0 {
+            out.push(base as u32 + mask.trailing_zeros());
+            mask &= mask - 1;
+        }
+    }
 
     /// NEON twin of `filter_ge_scalar`: 4 scores per compare, lane bits summed into a mask.
     #[target_feature(enable = "neon")]
