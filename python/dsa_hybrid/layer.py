@@ -27,7 +27,7 @@ import numpy as np
 from .config import DSAConfig
 from .device_indexer import ExactIndexerKeys, IndexerPages, select_topk_device
 from .latent_cache import LatentCache
-from .sparse_attention import sparse_mla
+from .sparse_attention import prefix_mla, sparse_mla
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -228,14 +228,30 @@ def attend(
     latent: LatentCache,
     topk: jax.Array,
     backend: str = "auto",
+    positions: jax.Array | None = None,
 ) -> tuple[jax.Array, LatentCache]:
-    """Write the new latent rows, attend over the selected positions `topk` `[T, K]` (spec §3), project out."""
+    """Write the new latent rows, attend over the selected positions `topk` `[T, K]` (spec §3), project out.
+    With `positions`, a batch whose rows all see at most K tokens (so each selects everything, spec §5)
+    takes the dense-prefix path (`prefix_mla`: whole pages instead of single rows)."""
     T, h, r_kv = proj.q_abs.shape[0], cfg.num_attention_heads, cfg.kv_lora_rank
     latent = latent.write(slots, proj.c_kv, proj.k_pe)
     S = latent.page_size
     page = jnp.take_along_axis(block_tables, jnp.maximum(topk, 0) // S, axis=1)
     sel_slots = jnp.where((topk >= 0) & (page >= 0), page * S + topk % S, -1).astype(jnp.int32)
-    o_lat, _ = sparse_mla(proj.q_abs, latent, sel_slots, scale=cfg.softmax_scale, d_v=r_kv, backend=backend)
+
+    def sparse() -> jax.Array:
+        return sparse_mla(proj.q_abs, latent, sel_slots, scale=cfg.softmax_scale, d_v=r_kv, backend=backend)[0]
+
+    def prefix() -> jax.Array:
+        lengths = (positions + 1).astype(jnp.int32)
+        return prefix_mla(
+            proj.q_abs, latent, block_tables, lengths, scale=cfg.softmax_scale, d_v=r_kv, backend=backend
+        )[0]
+
+    if positions is None:
+        o_lat = sparse()
+    else:
+        o_lat = jax.lax.cond(jnp.all(positions < topk.shape[1]), prefix, sparse)
     w_uv = params.kv_b.reshape(h, cfg.qk_nope_head_dim + cfg.v_head_dim, r_kv)[:, cfg.qk_nope_head_dim :]
     o = jnp.einsum("thr,hvr->thv", o_lat, w_uv, precision=_HIGHEST).reshape(T, h * cfg.v_head_dim)
     return _linear(o, params.o), latent
@@ -281,7 +297,9 @@ def dsa_attention(
         )
     else:
         topk = shared_topk
-    out, latent = attend(params, cfg, proj, slots, block_tables, caches.latent, topk, backend)
+    # Shared layers attend over the given selection as it is (it need not cover the whole prefix).
+    prefix_ok = positions if shared_topk is None else None
+    out, latent = attend(params, cfg, proj, slots, block_tables, caches.latent, topk, backend, prefix_ok)
     return out, DSACaches(latent, index), topk
 
 
@@ -327,5 +345,6 @@ def dsa_attention_host(
         )
     else:
         topk = np.asarray(shared_topk)
-    out, latent = _attend_jit(params, cfg, proj, slots, block_tables, latent, jnp.asarray(topk), backend)
+    prefix_ok = jnp.asarray(positions) if shared_topk is None else None
+    out, latent = _attend_jit(params, cfg, proj, slots, block_tables, latent, jnp.asarray(topk), backend, prefix_ok)
     return out, latent, topk
