@@ -13,6 +13,7 @@ Public API:
 - `IndexerPages`, `ExactIndexerKeys`, `select_topk_device` — the lightning indexer on the device.
 - `DSAParams`, `DSACaches`, `dsa_attention`, `dsa_attention_host`, `load_layer_params` — the DSA attention
   layer (indexer on the device or the host) and Hugging Face checkpoint loading.
+- `ModelParams`, `generate_greedy` — a small DSA causal LM (dense layers) and greedy generation.
 - `cpu_features()`, `set_simd_path()` — what the Rust host core detected, and which SIMD path it uses.
 """
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from .device_indexer import ExactIndexerKeys, IndexerPages, select_topk_device
     from .latent_cache import LatentCache
     from .layer import DSACaches, DSAParams, dsa_attention, dsa_attention_host
+    from .model import ModelParams, generate_greedy
     from .sparse_attention import prefix_mla, sparse_mla
 
 
@@ -56,6 +58,8 @@ _LAZY = {
     "dsa_attention": ".layer",
     "dsa_attention_host": ".layer",
     "load_layer_params": ".checkpoint",
+    "ModelParams": ".model",
+    "generate_greedy": ".model",
 }
 
 

@@ -121,13 +121,16 @@ def quantize_fp8_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_layer_tensors(directory: str | os.PathLike[str], layer: int, names: Iterable[str]) -> dict[str, np.ndarray]:
-    """float32 tensors `model.layers.{layer}.self_attn.<name>` for each of `names`, FP8 weights dequantized
-    with their `weight_scale_inv`. `KeyError` names a missing tensor."""
+    """float32 tensors `model.layers.{layer}.self_attn.<name>` for each of `names` (see `load_tensors`)."""
+    return load_tensors(directory, [f"model.layers.{layer}.self_attn.{n}" for n in names])
+
+
+def load_tensors(directory: str | os.PathLike[str], names: Iterable[str]) -> dict[str, np.ndarray]:
+    """float32 tensors by full name, FP8 weights dequantized with their `weight_scale_inv`. `KeyError`
+    names a missing tensor."""
     index = checkpoint_index(directory)
-    prefix = f"model.layers.{layer}.self_attn."
     out = {}
-    for short in names:
-        full = prefix + short
+    for full in names:
         if full not in index:
             raise KeyError(f"{full}: missing from the checkpoint in {directory}")
         t = read_safetensors(index[full], [full])[full]

@@ -102,7 +102,49 @@ def generate(model_type: str, seed: int) -> float:
     return gap
 
 
+def generate_lm(seed: int) -> bool:
+    """A tiny all-dense DeepseekV32ForCausalLM: greedy generation of 12 tokens after a 30-token prompt
+    (longer than index_topk = 16). Kept only if generation with and without the KV cache agree and every
+    step's top logit leads the runner-up by a margin (no tie decides a token)."""
+    cfg = DSAConfig.tiny("deepseek_v32").replace(index_n_heads=8)  # 2 layers, both dense
+    hf = cfg.to_hf_config()
+    hf.pop("model_type")
+    hf_cfg = v32.DeepseekV32Config(**hf)
+    hf_cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = v32.DeepseekV32ForCausalLM(hf_cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(
+                1.0 + 0.1 * torch.randn_like(p)
+                if "norm" in name and name.endswith("weight")
+                else 0.1 * torch.randn_like(p)
+            )
+    prompt = torch.randint(0, cfg.vocab_size, (1, 30))
+    with torch.no_grad():
+        cached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True, output_scores=True,
+                                return_dict_in_generate=True)  # fmt: skip
+        uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)
+    new = cached.sequences[0, 30:]
+    if not torch.equal(new, uncached[0, 30:]):
+        return False
+    margins = [float((s[0].topk(2).values[0] - s[0].topk(2).values[1]) / s[0].abs().max()) for s in cached.scores]
+    if min(margins) < 1e-3:
+        return False
+    d = HERE / "deepseek_v32_lm"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(json.dumps(hf_cfg.to_dict() | {"model_type": "deepseek_v32"}, indent=1, default=str))
+    write_safetensors(
+        d / "model.safetensors", {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    )
+    np.savez_compressed(d / "io.npz", prompt=prompt[0].numpy(), generated=new.numpy(), seed=seed)
+    print(f"deepseek_v32_lm: seed {seed}, smallest top-logit margin {min(margins):.2e}")
+    return True
+
+
 def main() -> None:
+    if not any(generate_lm(seed) for seed in range(20)):
+        raise SystemExit("deepseek_v32_lm: no seed whose greedy generation is free of ties")
     for model_type in MODELS:
         for seed in range(100):
             gap = generate(model_type, seed)
