@@ -86,6 +86,8 @@ __all__ = [
     "dsa_attention",
     "dsa_attention_host",
     "load_layer_params",
+    "ModelParams",
+    "generate_greedy",
     "DSAConfig",
     "YarnScaling",
     "cpu_features",
