@@ -115,3 +115,16 @@ def test_bad_requests(args, match: str) -> None:
         engine.add_request(*args)
     with pytest.raises(KeyError):
         engine.abort(99)
+
+
+def test_host_placement_gives_the_device_tokens_and_frees_its_sequences() -> None:
+    """The indexer on the host (Rust, one IndexerKeyCache per layer) against the device (FP8 both ways);
+    a pool of 5 pages of 16 forces preemptions, whose host sequences must be freed and rebuilt."""
+    kw = dict(num_pages=5, page_size=16, max_tokens_per_step=16, max_model_len=64, backend="xla")
+    device = Engine(PARAMS, CFG, placement="device", **kw).generate(PROMPTS, MAX_NEW)
+    host_engine = Engine(PARAMS, CFG, placement="host", host_threads=1, **kw)
+    assert host_engine.generate(PROMPTS, MAX_NEW) == device
+    assert host_engine.preemptions > 0
+    assert all(h.sequence_ids() == [] and h.num_free_blocks == 5 for h in host_engine.host_caches)
+    with pytest.raises(ValueError, match="placement"):
+        Engine(PARAMS, CFG, placement="gpu")

@@ -8,8 +8,11 @@ pages are taken when a request's tokens reach them and returned when it finishes
 the pool runs dry, the most recently admitted request is preempted: its pages go back and its tokens
 (prompt and the output so far) are recomputed when it is resumed, so its output does not change.
 
-Not yet: prefix sharing through `fork`, host placement and host/device overlap, sampling other than
-greedy (see the project's issue 7).
+Placement: `"device"` runs the indexer in JAX with the rest of the layer; `"host"` keeps one Rust
+`IndexerKeyCache` per layer and selects on the CPU between the two device halves of each layer
+(`dsa_attention_host`): requests are its sequences (added when first scheduled, freed when finished,
+aborted or preempted). Not yet: prefix sharing through `fork`, the measured "auto" placement and
+host/device overlap, sampling other than greedy (see the project's issue 7).
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from collections.abc import Callable, Iterable
 import jax.numpy as jnp
 import numpy as np
 
+from .cache import IndexerKeyCache
 from .config import DSAConfig
-from .model import ModelParams, _forward_jit, create_caches
+from .model import ModelParams, _forward_jit, create_caches, forward_host
 
 
 @dataclasses.dataclass
@@ -49,6 +53,8 @@ class Engine:
         max_model_len: the longest sequence (prompt + output) a request may reach.
         latent_kind, indexer: cache formats (see `DSACaches.create`).
         backend: `sparse_mla` backend.
+        placement: "device" or "host" (the indexer on the CPU; `page_size` a multiple of 16).
+        host_threads: threads of the host indexer (None: all cores).
     """
 
     def __init__(
@@ -63,9 +69,20 @@ class Engine:
         latent_kind: str = "bf16",
         indexer: str = "fp8",
         backend: str = "auto",
+        placement: str = "device",
+        host_threads: int | None = None,
     ) -> None:
         if max_tokens_per_step < 1 or num_pages < 1:
             raise ValueError("max_tokens_per_step and num_pages must be >= 1")
+        if placement not in ("device", "host"):
+            raise ValueError(f"placement: expected 'device' or 'host', got {placement!r}")
+        self.placement, self.host_threads = placement, host_threads
+        self.host_caches: tuple[IndexerKeyCache, ...] = ()
+        if placement == "host":
+            # The host's own paging: the same capacity as the device pool.
+            self.host_caches = tuple(
+                IndexerKeyCache(num_pages, page_size, cfg.index_head_dim) for _ in range(cfg.num_hidden_layers)
+            )
         self.params, self.cfg, self.page_size, self.backend = params, cfg, page_size, backend
         self.budget = max_tokens_per_step
         self.max_pages_per_seq = -(-max_model_len // page_size)
@@ -115,6 +132,10 @@ class Engine:
     # ----- scheduling ------------------------------------------------------------------------------
     def _release(self, r: Request) -> None:
         self.free_pages.extend(reversed(r.pages))
+        if r.pages or r.computed:
+            for host in self.host_caches:
+                if r.id in host.sequence_ids():
+                    host.free(r.id)
         r.pages, r.computed = [], 0
 
     def _preempt_one(self, keep: Request) -> bool:
@@ -174,19 +195,11 @@ class Engine:
             row[: pages.size] = pages
             tables.append(np.repeat(row[None], count, 0))
         T = len(tokens)
-        Tp = max(8, 1 << (T - 1).bit_length())  # a few batch shapes only: fewer compilations
-        pad = Tp - T
-        logits, self.caches = _forward_jit(
-            self.params,
-            self.cfg,
-            jnp.asarray(np.pad(np.asarray(tokens, np.int32), (0, pad))),
-            jnp.asarray(np.pad(np.concatenate(positions).astype(np.int32), (0, pad))),
-            jnp.asarray(np.pad(np.concatenate(slots).astype(np.int32), (0, pad), constant_values=-1)),
-            jnp.asarray(np.pad(np.concatenate(tables), ((0, pad), (0, 0)), constant_values=-1)),
-            self.caches,
-            self.backend,
-        )
-        next_ids = np.asarray(jnp.argmax(logits, axis=-1))
+        if self.placement == "host":
+            logits = self._forward_host(plan, tokens, positions, slots, tables)
+        else:
+            logits = self._forward_device(tokens, positions, slots, tables)
+        next_ids = np.asarray(jnp.argmax(logits, axis=-1))[:T]
         new: dict[int, list[int]] = {}
         row = 0
         for r, start, count in plan:
@@ -202,6 +215,38 @@ class Engine:
                     self._release(r)
                     self.finished[r.id] = r
         return new
+
+    def _forward_device(self, tokens, positions, slots, tables) -> jnp.ndarray:
+        T = len(tokens)
+        pad = max(8, 1 << (T - 1).bit_length()) - T  # a few batch shapes only: fewer compilations
+        logits, self.caches = _forward_jit(
+            self.params,
+            self.cfg,
+            jnp.asarray(np.pad(np.asarray(tokens, np.int32), (0, pad))),
+            jnp.asarray(np.pad(np.concatenate(positions).astype(np.int32), (0, pad))),
+            jnp.asarray(np.pad(np.concatenate(slots).astype(np.int32), (0, pad), constant_values=-1)),
+            jnp.asarray(np.pad(np.concatenate(tables), ((0, pad), (0, 0)), constant_values=-1)),
+            self.caches,
+            self.backend,
+        )
+        return logits
+
+    def _forward_host(self, plan, tokens, positions, slots, tables) -> jnp.ndarray:
+        # No padding rows here: each row belongs to a sequence of the host caches.
+        seq_ids = np.concatenate([np.full(c, r.id, np.int64) for r, _, c in plan])
+        for r, start, _ in plan:
+            if start == 0:  # first chunk (or resumed after preemption): a fresh host sequence
+                for host in self.host_caches:
+                    host.add_sequence(r.id)
+        latents = tuple(c.latent for c in self.caches)
+        logits, latents = forward_host(
+            self.params, self.cfg, jnp.asarray(np.asarray(tokens, np.int32)),
+            jnp.asarray(np.concatenate(positions).astype(np.int32)),
+            jnp.asarray(np.concatenate(slots).astype(np.int32)),
+            jnp.asarray(np.concatenate(tables)), latents, self.host_caches, seq_ids, self.backend, self.host_threads,
+        )  # fmt: skip
+        self.caches = tuple(dataclasses.replace(c, latent=lat) for c, lat in zip(self.caches, latents, strict=True))
+        return logits
 
     def generate(
         self,

@@ -170,3 +170,56 @@ def generate_greedy(
         logits, caches = _forward_jit(params, cfg, jnp.array([out[-1]], jnp.int32), p, p, table, caches, backend)
         out.append(int(jnp.argmax(logits[-1])))
     return out
+
+
+@jax.jit
+def _embed(params: ModelParams, tokens: jax.Array) -> jax.Array:
+    return params.embed[tokens]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _pre_norm(blk: BlockParams, cfg: DSAConfig, x: jax.Array) -> jax.Array:
+    return _rms_norm(x, blk.input_norm, cfg.rms_norm_eps)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _residual_mlp(blk: BlockParams, cfg: DSAConfig, x: jax.Array, attn_out: jax.Array) -> jax.Array:
+    x = x + attn_out
+    y = _rms_norm(x, blk.post_norm, cfg.rms_norm_eps)
+    return x + _linear(jax.nn.silu(_linear(y, blk.gate)) * _linear(y, blk.up), blk.down)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _head(params: ModelParams, cfg: DSAConfig, x: jax.Array) -> jax.Array:
+    return _linear(_rms_norm(x, params.norm, cfg.rms_norm_eps), params.lm_head)
+
+
+def forward_host(
+    params: ModelParams,
+    cfg: DSAConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    slots: jax.Array,
+    block_tables: jax.Array,
+    latents: tuple,
+    host_caches: tuple,
+    seq_ids: np.ndarray,
+    backend: str = "auto",
+    threads: int | None = None,
+) -> tuple[jax.Array, tuple]:
+    """`forward` with every layer's indexer on the host: `host_caches` holds one `IndexerKeyCache` per
+    layer, with the rows' sequences (`seq_ids`) in it (see `dsa_attention_host`). Returns `(logits,
+    latents)`."""
+    from .layer import dsa_attention_host
+
+    x = _embed(params, tokens)
+    new_latents, topk = [], None
+    for i, (blk, latent, host) in enumerate(zip(params.blocks, latents, host_caches, strict=True)):
+        shared = topk if cfg.layer_indexer_type(i) == "shared" else None
+        out, latent, topk = dsa_attention_host(
+            blk.attn, cfg, _pre_norm(blk, cfg, x), positions, slots, block_tables, latent, host, seq_ids,
+            shared_topk=shared, backend=backend, threads=threads,
+        )  # fmt: skip
+        x = _residual_mlp(blk, cfg, x, out)
+        new_latents.append(latent)
+    return _head(params, cfg, x), tuple(new_latents)
