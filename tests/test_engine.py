@@ -128,3 +128,20 @@ def test_host_placement_gives_the_device_tokens_and_frees_its_sequences() -> Non
     assert all(h.sequence_ids() == [] and h.num_free_blocks == 5 for h in host_engine.host_caches)
     with pytest.raises(ValueError, match="placement"):
         Engine(PARAMS, CFG, placement="gpu")
+
+
+def test_two_requests_that_cannot_coexist_both_finish() -> None:
+    """Each needs 6 of the 7 pages: the younger gives way to the older, which is never preempted and
+    never recomputed. (A policy preempting "the most recently admitted" bounced them back and forth:
+    9 preemptions and 29 steps here, against 3 and 12.)"""
+    engine = Engine(PARAMS, CFG, num_pages=7, page_size=8, max_tokens_per_step=16, max_model_len=64, **KW)
+    a = engine.add_request(PROMPTS[4], MAX_NEW)
+    b = engine.add_request(PROMPTS[4], MAX_NEW)
+    steps = 0
+    while engine.has_unfinished() and steps < 40:
+        engine.step()
+        steps += 1
+        assert a in engine.finished or engine.running[0].id == a  # the older request is never preempted
+    assert not engine.has_unfinished() and steps <= 12 and engine.preemptions <= 3
+    assert engine.finished[a].output == engine.finished[b].output == expected(4)
+    assert len(engine.free_pages) == 7

@@ -5,8 +5,9 @@ one for a decode, a chunk of the prompt for a prefill — under a per-step token
 prefill), new requests join as soon as there is budget (continuous batching), and a single
 `model.forward` runs them all. Both caches of every layer are paged alike from one pool of pages;
 pages are taken when a request's tokens reach them and returned when it finishes or is aborted. When
-the pool runs dry, the most recently admitted request is preempted: its pages go back and its tokens
-(prompt and the output so far) are recomputed when it is resumed, so its output does not change.
+the pool runs dry, requests that arrived later give way to earlier ones (preemption): their pages go
+back and their tokens (prompt and the output so far) are recomputed when they resume, so their output
+does not change; the oldest request always progresses.
 
 Placement: `"device"` runs the indexer in JAX with the rest of the layer; `"host"` keeps one Rust
 `IndexerKeyCache` per layer and selects on the CPU between the two device halves of each layer
@@ -138,22 +139,28 @@ class Engine:
                     host.free(r.id)
         r.pages, r.computed = [], 0
 
-    def _preempt_one(self, keep: Request) -> bool:
-        """Preempt the most recently admitted running request other than `keep`; False if none."""
-        for r in reversed(self.running):
-            if r is not keep:
-                self.running.remove(r)
-                self._release(r)
-                self.waiting.insert(0, r)  # resumes first
-                self.preemptions += 1
-                return True
-        return False
+    def _preempt(self, r: Request) -> None:
+        """Take `r` out of the running set: its pages go back, it waits at the front to be recomputed."""
+        self.running.remove(r)
+        self._release(r)
+        self.waiting.insert(0, r)
+        self.preemptions += 1
+
+    def _preempt_younger(self, keep: Request) -> bool:
+        """Preempt the youngest running request that arrived after `keep`; False if there is none. Only
+        younger requests give way, so the oldest always progresses (it fits the pool alone: checked by
+        `add_request`) and two large requests cannot preempt each other forever."""
+        younger = [r for r in self.running if r.id > keep.id]
+        if not younger:
+            return False
+        self._preempt(max(younger, key=lambda r: r.id))
+        return True
 
     def _reserve(self, r: Request, upto: int) -> bool:
         """Pages for positions `< upto`; preempts others when the pool is dry. False if impossible."""
         need = -(-upto // self.page_size) - len(r.pages)
         while need > len(self.free_pages):
-            if not self._preempt_one(keep=r):
+            if not self._preempt_younger(keep=r):
                 return False
         r.pages.extend(self.free_pages.pop() for _ in range(max(need, 0)))
         return True
@@ -171,8 +178,7 @@ class Engine:
             start = r.computed
             count = min(len(r.tokens) - start, budget)
             if not self._reserve(r, start + count):
-                self.running.remove(r)
-                self.waiting.insert(0, r)
+                self._preempt(r)  # waits without holding pages, so older requests can use them
                 continue
             plan.append((r, start, count))
             budget -= count
