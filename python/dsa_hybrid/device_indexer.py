@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from .latent_cache import quantize_rows
+
 _HIGHEST = jax.lax.Precision.HIGHEST
-_E4M3_MAX = 448.0
-_AMAX_FLOOR = 1e-4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,15 +162,6 @@ def hadamard(x: jax.Array) -> jax.Array:
         y = jnp.stack([a + b, a - b], axis=-2)
         h *= 2
     return y.reshape(x.shape) / np.sqrt(d).astype(np.float32)
-
-
-def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Spec §4 FP8 quantization of each row of the last dim: codes float8_e4m3fn, scales float32 `x.shape[:-1]`."""
-    amax = jnp.maximum(jnp.max(jnp.abs(x), axis=-1), _AMAX_FLOOR)
-    m, e = jnp.frexp(amax / _E4M3_MAX)
-    scale = jnp.ldexp(jnp.ones_like(amax), jnp.where(m == 0.5, e - 1, e))
-    codes = jnp.clip(x / scale[..., None], -_E4M3_MAX, _E4M3_MAX).astype(jnp.float8_e4m3fn)
-    return codes, scale
 
 
 def prepare_queries(

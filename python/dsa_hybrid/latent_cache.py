@@ -219,18 +219,25 @@ jax.tree_util.register_dataclass(
 )
 
 
-def quantize_tiles(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Spec §4 quantization of each 128-wide tile of the last dim: `amax = max(max|v|, 1e-4)`,
+def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Spec §4 FP8 quantization of each row of the last dim: `amax = max(max|v|, 1e-4)`,
     `scale = 2^ceil(log2(amax / 448))`, codes `e4m3fn(v / scale)`. Returns `(codes float8_e4m3fn, same
-    shape; scales float32 [..., d // 128])`. The division by a power of two is exact, and XLA rounds to
+    shape; scales float32 x.shape[:-1])`. The division by a power of two is exact, and XLA rounds to
     nearest even, so codes equal `reference.quantize_fp8` for float32 inputs."""
     x = x.astype(jnp.float32)
-    tiles = x.reshape(*x.shape[:-1], x.shape[-1] // FP8_TILE, FP8_TILE)
-    amax = jnp.maximum(jnp.max(jnp.abs(tiles), axis=-1), _AMAX_FLOOR)
+    amax = jnp.maximum(jnp.max(jnp.abs(x), axis=-1), _AMAX_FLOOR)
     # frexp gives amax/448 = m·2^e with m in [0.5, 1): ceil(log2) is e, or e−1 when m is exactly 0.5.
     m, e = jnp.frexp(amax / _E4M3_MAX)
     scale = jnp.ldexp(jnp.ones_like(amax), jnp.where(m == 0.5, e - 1, e))
-    codes = jnp.clip(tiles / scale[..., None], -_E4M3_MAX, _E4M3_MAX).astype(jnp.float8_e4m3fn)
+    codes = jnp.clip(x / scale[..., None], -_E4M3_MAX, _E4M3_MAX).astype(jnp.float8_e4m3fn)
+    return codes, scale
+
+
+def quantize_tiles(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`quantize_rows` of each 128-wide tile of the last dim: `(codes, same shape as x; scales float32
+    [..., d // 128])`, equal to `reference.quantize_fp8(x, tile=128)` for float32 inputs."""
+    tiles = x.reshape(*x.shape[:-1], x.shape[-1] // FP8_TILE, FP8_TILE)
+    codes, scale = quantize_rows(tiles)
     return codes.reshape(x.shape), scale
 
 
