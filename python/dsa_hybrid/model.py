@@ -111,6 +111,30 @@ def create_caches(cfg: DSAConfig, num_pages: int, page_size: int = 64, **kw) -> 
     return tuple(DSACaches.create(cfg, num_pages, page_size, **kw) for _ in range(cfg.num_hidden_layers))
 
 
+# One decoder layer's pieces around its attention, shared by `forward` and `forward_host` (jitted:
+# inside `forward`'s own jit they simply inline).
+@jax.jit
+def _embed(params: ModelParams, tokens: jax.Array) -> jax.Array:
+    return params.embed[tokens]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _pre_norm(blk: BlockParams, cfg: DSAConfig, x: jax.Array) -> jax.Array:
+    return _rms_norm(x, blk.input_norm, cfg.rms_norm_eps)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _residual_mlp(blk: BlockParams, cfg: DSAConfig, x: jax.Array, attn_out: jax.Array) -> jax.Array:
+    x = x + attn_out
+    y = _rms_norm(x, blk.post_norm, cfg.rms_norm_eps)
+    return x + _linear(jax.nn.silu(_linear(y, blk.gate)) * _linear(y, blk.up), blk.down)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _head(params: ModelParams, cfg: DSAConfig, x: jax.Array) -> jax.Array:
+    return _linear(_rms_norm(x, params.norm, cfg.rms_norm_eps), params.lm_head)
+
+
 def forward(
     params: ModelParams,
     cfg: DSAConfig,
@@ -123,19 +147,17 @@ def forward(
 ) -> tuple[jax.Array, tuple[DSACaches, ...]]:
     """Logits `[T, vocab]` of `T` new tokens (ids `[T]`; rows described as in `dsa_attention`) and the
     updated caches. GLM-5-style `"shared"` layers reuse the previous full layer's selection."""
-    x = params.embed[tokens]
+    x = _embed(params, tokens)
     new_caches, topk = [], None
     for i, (blk, cache) in enumerate(zip(params.blocks, caches, strict=True)):
         shared = topk if cfg.layer_indexer_type(i) == "shared" else None
         h, cache, topk = dsa_attention(
-            blk.attn, cfg, _rms_norm(x, blk.input_norm, cfg.rms_norm_eps), positions, slots, block_tables, cache,
+            blk.attn, cfg, _pre_norm(blk, cfg, x), positions, slots, block_tables, cache,
             shared_topk=shared, backend=backend,
         )  # fmt: skip
-        x = x + h
-        y = _rms_norm(x, blk.post_norm, cfg.rms_norm_eps)
-        x = x + _linear(jax.nn.silu(_linear(y, blk.gate)) * _linear(y, blk.up), blk.down)
+        x = _residual_mlp(blk, cfg, x, h)
         new_caches.append(cache)
-    return _linear(_rms_norm(x, params.norm, cfg.rms_norm_eps), params.lm_head), tuple(new_caches)
+    return _head(params, cfg, x), tuple(new_caches)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "backend"), donate_argnames=("caches",))
@@ -170,28 +192,6 @@ def generate_greedy(
         logits, caches = _forward_jit(params, cfg, jnp.array([out[-1]], jnp.int32), p, p, table, caches, backend)
         out.append(int(jnp.argmax(logits[-1])))
     return out
-
-
-@jax.jit
-def _embed(params: ModelParams, tokens: jax.Array) -> jax.Array:
-    return params.embed[tokens]
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _pre_norm(blk: BlockParams, cfg: DSAConfig, x: jax.Array) -> jax.Array:
-    return _rms_norm(x, blk.input_norm, cfg.rms_norm_eps)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _residual_mlp(blk: BlockParams, cfg: DSAConfig, x: jax.Array, attn_out: jax.Array) -> jax.Array:
-    x = x + attn_out
-    y = _rms_norm(x, blk.post_norm, cfg.rms_norm_eps)
-    return x + _linear(jax.nn.silu(_linear(y, blk.gate)) * _linear(y, blk.up), blk.down)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _head(params: ModelParams, cfg: DSAConfig, x: jax.Array) -> jax.Array:
-    return _linear(_rms_norm(x, params.norm, cfg.rms_norm_eps), params.lm_head)
 
 
 def forward_host(
