@@ -31,7 +31,7 @@ from .sparse_attention import prefix_mla, sparse_mla
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
-# Parameter name → (Hugging Face name under `model.layers.{i}.self_attn.`, shape as a function of the config).
+# Parameter name → its Hugging Face name under `model.layers.{i}.self_attn.` (shapes: `param_shapes`).
 _HF_NAMES = {
     "q_a": "q_a_proj.weight",
     "q_a_norm": "q_a_layernorm.weight",

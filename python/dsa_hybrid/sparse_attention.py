@@ -55,10 +55,8 @@ def sparse_mla(
     Returns `(out float32 [T, h, d_v], lse float32 [T, h])`, `lse` the natural-log sum of exp of the scaled
     logits. Jit-able (`scale`, `d_v` and `backend` static).
     """
-    if not isinstance(cache, LatentCache):
-        raise TypeError(f"cache: expected a LatentCache, got {type(cache).__name__}")
-    d_v = cache.latent_dim if d_v is None else d_v
-    _check(q, cache, slots, d_v, topk_length)
+    d_v = _check_query(q, cache, d_v)
+    _check_slots(q, slots, topk_length)
     if num_splits != 1:
         T, K = slots.shape
         if num_splits < 1 or K % num_splits:
@@ -70,18 +68,11 @@ def sparse_mla(
             interpret=interpret,
         )  # fmt: skip
         return merge_splits(out.reshape(T, num_splits, *out.shape[1:]), lse.reshape(T, num_splits, -1))
-    if backend == "auto":
-        backend = "pallas_tpu" if jax.default_backend() == "tpu" else "xla"
-    if backend == "xla":
+    if _resolve_backend(backend, interpret) == "xla":
         return _sparse_mla_xla(q, cache, slots, topk_length, scale, d_v)
-    if backend == "pallas_tpu":
-        _need_tpu(interpret)
-        from . import sparse_attention_tpu
+    from . import sparse_attention_tpu
 
-        return sparse_attention_tpu.sparse_mla_tpu(
-            q, cache, slots, topk_length, scale=scale, d_v=d_v, interpret=interpret
-        )
-    raise ValueError(f"backend: expected 'auto', 'xla' or 'pallas_tpu', got {backend!r}")
+    return sparse_attention_tpu.sparse_mla_tpu(q, cache, slots, topk_length, scale=scale, d_v=d_v, interpret=interpret)
 
 
 def merge_splits(out: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -98,17 +89,25 @@ def merge_splits(out: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
     return merged, jnp.where(empty, jnp.inf, jnp.log(safe) + m[:, 0])
 
 
-def _check(q: Any, cache: LatentCache, slots: Any, d_v: int, topk_length: Any) -> None:
+def _check_query(q: Any, cache: Any, d_v: int | None) -> int:
+    """Check the cache, `q` and `d_v` of an attention call; returns `d_v` (default: the latent width)."""
+    if not isinstance(cache, LatentCache):
+        raise TypeError(f"cache: expected a LatentCache, got {type(cache).__name__}")
+    d_v = cache.latent_dim if d_v is None else d_v
     if q.ndim != 3 or q.shape[2] != cache.width:
         raise ValueError(f"q: expected [T, h, {cache.width}], got {list(q.shape)}")
     if q.dtype not in (jnp.float32, jnp.bfloat16):
         raise TypeError(f"q: expected float32 or bfloat16, got {q.dtype}")
+    if not 0 < d_v <= cache.width:
+        raise ValueError(f"d_v: must be in (0, {cache.width}], got {d_v}")
+    return d_v
+
+
+def _check_slots(q: Any, slots: Any, topk_length: Any) -> None:
     if slots.ndim != 2 or slots.shape[0] != q.shape[0]:
         raise ValueError(f"slots: expected [{q.shape[0]}, K], got {list(slots.shape)}")
     if not jnp.issubdtype(slots.dtype, jnp.integer):
         raise TypeError(f"slots: expected integers, got {slots.dtype}")
-    if not 0 < d_v <= cache.width:
-        raise ValueError(f"d_v: must be in (0, {cache.width}], got {d_v}")
     if topk_length is not None and (
         topk_length.shape != (q.shape[0],) or not jnp.issubdtype(topk_length.dtype, jnp.integer)
     ):
@@ -173,11 +172,8 @@ def prefix_mla(
     whose pages are `block_tables[t]` (int32 `[T, max_pages]`, −1 padded). This is `sparse_mla` with the
     selection of spec §5 when `p_t + 1 ≤ K` (every visible token), read page by page instead of row by
     row. `lengths` int32 `[T]` (0 gives `out = 0`, `lse = +inf`). Other arguments as in `sparse_mla`."""
-    if not isinstance(cache, LatentCache):
-        raise TypeError(f"cache: expected a LatentCache, got {type(cache).__name__}")
-    d_v = cache.latent_dim if d_v is None else d_v
+    d_v = _check_query(q, cache, d_v)
     T = q.shape[0]
-    _check(q, cache, jnp.zeros((T, 1), jnp.int32), d_v, None)
     if block_tables.ndim != 2 or block_tables.shape[0] != T or not jnp.issubdtype(block_tables.dtype, jnp.integer):
         raise ValueError(
             f"block_tables: expected integers of shape [{T}, max_pages], "
@@ -185,17 +181,12 @@ def prefix_mla(
         )
     if lengths.shape != (T,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise ValueError(f"lengths: expected integers of shape [{T}], got {lengths.dtype} {list(lengths.shape)}")
-    if backend == "auto":
-        backend = "pallas_tpu" if jax.default_backend() == "tpu" else "xla"
-    if backend == "pallas_tpu":
-        _need_tpu(interpret)
+    if _resolve_backend(backend, interpret) == "pallas_tpu":
         from . import sparse_attention_tpu
 
         return sparse_attention_tpu.prefix_mla_tpu(
             q, cache, block_tables, lengths, scale=scale, d_v=d_v, interpret=interpret
         )
-    if backend != "xla":
-        raise ValueError(f"backend: expected 'auto', 'xla' or 'pallas_tpu', got {backend!r}")
     S = cache.page_size
     positions = jnp.arange(block_tables.shape[1] * S)
     pages = jnp.clip(block_tables, 0, cache.num_pages - 1)
@@ -204,12 +195,19 @@ def prefix_mla(
     return attend(q, cache.rows(slots), valid, scale, d_v)
 
 
-def _need_tpu(interpret: Any) -> None:
-    if jax.default_backend() != "tpu" and interpret is False:
+def _resolve_backend(backend: str, interpret: Any) -> str:
+    """ "xla" or "pallas_tpu" for a `backend` argument ("auto": Pallas on a TPU); the Pallas kernels need
+    a TPU unless `interpret` asks for the simulator."""
+    if backend == "auto":
+        backend = "pallas_tpu" if jax.default_backend() == "tpu" else "xla"
+    if backend not in ("xla", "pallas_tpu"):
+        raise ValueError(f"backend: expected 'auto', 'xla' or 'pallas_tpu', got {backend!r}")
+    if backend == "pallas_tpu" and jax.default_backend() != "tpu" and interpret is False:
         raise RuntimeError(
             f"backend='pallas_tpu' needs a TPU (JAX backend is {jax.default_backend()!r}); "
             "pass interpret=True to simulate the kernel, or use backend='xla'"
         )
+    return backend
 
 
 def dense_mla(
