@@ -184,13 +184,16 @@ mod bindings {
         }
     }
 
-    /// Check shapes and lay the queries out for the kernels (GIL released).
-    fn prepare_queries(
+    /// The inputs of `select` and `scores`: the queries laid out for the kernels (checked, GIL
+    /// released) and the rows' sequence ids and positions as slices.
+    fn indexer_rows<'a>(
         py: Python<'_>,
+        seq_ids: &'a PyReadonlyArray1<'_, i64>,
         q: &PyReadonlyArray3<'_, f32>,
         weights: &PyReadonlyArray2<'_, f32>,
+        positions: &'a PyReadonlyArray1<'_, i64>,
         quantize: bool,
-    ) -> PyResult<Queries> {
+    ) -> PyResult<(Queries, &'a [i64], &'a [i64])> {
         let (t, h, d) = (q.shape()[0], q.shape()[1], q.shape()[2]);
         if weights.shape() != [t, h] {
             return Err(PyValueError::new_err(format!(
@@ -201,8 +204,12 @@ mod bindings {
         }
         let qs = contiguous("q", q.as_slice())?;
         let ws = contiguous("weights", weights.as_slice())?;
-        py.detach(|| Queries::new(qs, ws, t, h, d, quantize))
-            .map_err(PyValueError::new_err)
+        let queries = py
+            .detach(|| Queries::new(qs, ws, t, h, d, quantize))
+            .map_err(PyValueError::new_err)?;
+        let ids = contiguous("seq_ids", seq_ids.as_slice())?;
+        let pos = contiguous("positions", positions.as_slice())?;
+        Ok((queries, ids, pos))
     }
 
     create_exception!(
@@ -518,9 +525,8 @@ mod bindings {
             threads: Option<usize>,
         ) -> PyResult<Bound<'py, PyArray2<i32>>> {
             let threads = thread_count(threads)?;
-            let queries = prepare_queries(py, &q, &weights, quantize_queries)?;
-            let ids = contiguous("seq_ids", seq_ids.as_slice())?;
-            let pos = contiguous("positions", positions.as_slice())?;
+            let (queries, ids, pos) =
+                indexer_rows(py, &seq_ids, &q, &weights, &positions, quantize_queries)?;
             let opts = SelectOptions {
                 k,
                 as_slots,
@@ -552,9 +558,8 @@ mod bindings {
             threads: Option<usize>,
         ) -> PyResult<Bound<'py, PyArray2<f32>>> {
             let threads = thread_count(threads)?;
-            let queries = prepare_queries(py, &q, &weights, quantize_queries)?;
-            let ids = contiguous("seq_ids", seq_ids.as_slice())?;
-            let pos = contiguous("positions", positions.as_slice())?;
+            let (queries, ids, pos) =
+                indexer_rows(py, &seq_ids, &q, &weights, &positions, quantize_queries)?;
             let isa = cpu::active();
             let (out, l) = self
                 .with_pages(py, |c, pages| {
