@@ -13,7 +13,8 @@ Public API:
 - `IndexerPages`, `ExactIndexerKeys`, `select_topk_device` — the lightning indexer on the device.
 - `DSAParams`, `DSACaches`, `dsa_attention`, `dsa_attention_host`, `load_layer_params` — the DSA attention
   layer (indexer on the device or the host) and Hugging Face checkpoint loading.
-- `ModelParams`, `generate_greedy` — a small DSA causal LM (dense layers) and greedy generation.
+- `ModelParams`, `generate_greedy`, `Engine` — a small DSA causal LM (dense layers), greedy generation,
+  and continuous batching of requests over it.
 - `cpu_features()`, `set_simd_path()` — what the Rust host core detected, and which SIMD path it uses.
 """
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from .device_indexer import ExactIndexerKeys, IndexerPages, select_topk_device
     from .latent_cache import LatentCache
     from .layer import DSACaches, DSAParams, dsa_attention, dsa_attention_host
+    from .engine import Engine
     from .model import ModelParams, generate_greedy
     from .sparse_attention import prefix_mla, sparse_mla
 
@@ -60,6 +62,7 @@ _LAZY = {
     "load_layer_params": ".checkpoint",
     "ModelParams": ".model",
     "generate_greedy": ".model",
+    "Engine": ".engine",
 }
 
 
@@ -88,6 +91,7 @@ __all__ = [
     "load_layer_params",
     "ModelParams",
     "generate_greedy",
+    "Engine",
     "DSAConfig",
     "YarnScaling",
     "cpu_features",
