@@ -34,9 +34,9 @@ if TYPE_CHECKING:
     from . import testing
     from .checkpoint import load_layer_params
     from .device_indexer import ExactIndexerKeys, IndexerPages, select_topk_device
+    from .engine import Engine
     from .latent_cache import LatentCache
     from .layer import DSACaches, DSAParams, dsa_attention, dsa_attention_host
-    from .engine import Engine
     from .model import ModelParams, generate_greedy
     from .sparse_attention import prefix_mla, sparse_mla
 
