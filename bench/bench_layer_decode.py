@@ -56,10 +56,10 @@ def main() -> None:
         def device(x=x, pos=pos, tables=tables, caches=caches) -> object:
             return device_step(params, x, pos, pos, tables, caches)[0]
 
-        def host_step(x=x, pos=pos, tables=tables, latent=latent, host=host, L=L) -> object:
+        def host_step(x=x, pos=pos, tables=tables, caches=caches, host=host, L=L) -> object:
             host.truncate(0, L - 1)  # undo the previous step's append
             return dsa_attention_host(
-                params, cfg, x, pos, pos, tables, latent, host, np.zeros(1), backend="xla", threads=args.threads
+                params, cfg, x, pos, pos, tables, caches, host, np.zeros(1), backend="xla", threads=args.threads
             )[0]
 
         t_dev = best_time(device, args.repeats)

@@ -150,15 +150,15 @@ def test_host_placement_selects_and_attends_like_the_device(chunks: tuple[int, .
     _, want_topk, scores = reference_layer(p, cfg, x, "fp8")
     n_pages = 5
     pages = np.random.default_rng(40).permutation(n_pages + 3)[:n_pages].astype(np.int32)  # as run_in_chunks
-    latent = DSACaches.create(cfg, n_pages + 3, PAGE).latent
+    caches = DSACaches.create(cfg, n_pages + 3, PAGE)
     host = IndexerKeyCache(num_blocks=3, block_size=16, head_dim=cfg.index_head_dim)  # its own paging
     host.add_sequence(7)
     outs, tops, start = [], [], 0
     for n in chunks:
         pos = np.arange(start, start + n, dtype=np.int32)
-        out, latent, topk = dsa_attention_host(
+        out, caches, topk = dsa_attention_host(
             p, cfg, jnp.asarray(x[start : start + n], jnp.float32), jnp.asarray(pos),
-            jnp.asarray(pages[pos // PAGE] * PAGE + pos % PAGE), jnp.asarray(np.tile(pages, (n, 1))), latent,
+            jnp.asarray(pages[pos // PAGE] * PAGE + pos % PAGE), jnp.asarray(np.tile(pages, (n, 1))), caches,
             host, np.full(n, 7), backend="xla", threads=1,
         )  # fmt: skip
         outs.append(np.asarray(out))
@@ -166,6 +166,14 @@ def test_host_placement_selects_and_attends_like_the_device(chunks: tuple[int, .
         start += n
     host_topk = np.concatenate(tops)
     assert host.length(7) == 40
+    # One quantizer fills both indexer caches: the device pages hold the host cache's bytes.
+    every = np.arange(40)
+    slots = pages[every // PAGE] * PAGE + every % PAGE
+    host_codes, host_scales = host.gather(7, every)
+    np.testing.assert_array_equal(
+        np.asarray(caches.index.codes).view(np.uint8).reshape(-1, cfg.index_head_dim)[slots], host_codes
+    )
+    np.testing.assert_array_equal(np.asarray(caches.index.scales).reshape(-1)[slots], host_scales)
     np.testing.assert_array_equal(host_topk, want_topk)  # these seeds have no near-ties
     np.testing.assert_array_equal(host_topk, dev_topk)
     np.testing.assert_allclose(np.concatenate(outs), dev_out, rtol=1e-5, atol=1e-6)

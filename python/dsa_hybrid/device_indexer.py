@@ -97,12 +97,24 @@ class IndexerPages:
         Hadamard-rotated and quantized per key as `reference.quantize_indexer_keys` does, except that
         the rotation runs in float32 here (float64 on the host), so a code sitting on a rounding
         boundary may land one e4m3 step away. Jit-able."""
-        codes, scales = quantize_rows(hadamard(keys.astype(jnp.float32)))
+        codes, scales = quantize_keys(keys)
+        return self.write_quantized(slots, codes, scales)
+
+    def write_quantized(self, slots: jax.Array, codes: jax.Array, scales: jax.Array) -> IndexerPages:
+        """Pages with keys quantized elsewhere written at `slots` `[n]` (−1 / out of range skipped): `codes`
+        float8_e4m3fn `[n, D]` of Hadamard-rotated keys, `scales` float32 `[n]` (`quantize_keys`). Jit-able."""
         num_slots = self.num_pages * self.page_size
         idx = jnp.where((slots >= 0) & (slots < num_slots), slots, num_slots)
         flat_codes = self.codes.reshape(num_slots, self.head_dim).at[idx].set(codes, mode="drop")
         flat_scales = self.scales.reshape(num_slots).at[idx].set(scales, mode="drop")
         return IndexerPages(flat_codes.reshape(self.codes.shape), flat_scales.reshape(self.scales.shape))
+
+
+def quantize_keys(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Post-RoPE indexer keys `[n, D]` → `(codes float8_e4m3fn [n, D], scales float32 [n])`: Hadamard
+    rotation in float32, then per-key FP8 (`reference.quantize_indexer_keys` up to the rotation's
+    rounding). The one quantizer both indexer caches are filled from in the engine. Jit-able."""
+    return quantize_rows(hadamard(keys.astype(jnp.float32)))
 
 
 jax.tree_util.register_dataclass(IndexerPages, data_fields=["codes", "scales"], meta_fields=[])

@@ -1,24 +1,32 @@
-"""`Engine`: continuous batching of greedy generation requests over the small DSA model.
+"""`Engine`: continuous batching of generation requests over the small DSA model.
 
-Every `step()` builds one flattened batch: running requests each contribute their next tokens —
-one for a decode, a chunk of the prompt for a prefill — under a per-step token budget (chunked
-prefill), new requests join as soon as there is budget (continuous batching), and a single
-`model.forward` runs them all. Both caches of every layer are paged alike from one pool of pages;
-pages are taken when a request's tokens reach them and returned when it finishes or is aborted. When
-the pool runs dry, requests that arrived later give way to earlier ones (preemption): their pages go
-back and their tokens (prompt and the output so far) are recomputed when they resume, so their output
+Every `step()` builds one flattened batch: running requests each contribute their next tokens (one for
+a decode, a chunk of the prompt for a prefill) under a per-step token budget (chunked prefill), new
+requests join as soon as there is budget (continuous batching), and one forward runs them all.
+
+Pages: both caches of every layer (latent rows, indexer keys, on the device and, when the host selects,
+in the Rust cache) are paged alike from one reference-counted pool (`paging.PagePool`). A request takes
+pages as its tokens reach them and lets go when it finishes or is aborted.
+
+Prefix sharing: a request whose leading tokens another live request has already computed adopts that
+request's whole pages instead of recomputing them (`paging.PrefixIndex`; the host caches `fork` the
+donor's sequence and `truncate` it to the shared length). Shared pages are never written again.
+
+Preemption: when the pool runs dry, requests that arrived later give way to earlier ones: their pages
+go back and their tokens (prompt and output so far) are recomputed when they resume, so their output
 does not change; the oldest request always progresses.
 
-Placement: `"device"` runs the indexer in JAX with the rest of the layer; `"host"` keeps one Rust
-`IndexerKeyCache` per layer and selects on the CPU between the two device halves of each layer
-(`dsa_attention_host`): requests are its sequences (added when first scheduled, freed when finished,
-aborted or preempted). Not yet: prefix sharing through `fork`, the measured "auto" placement and
-host/device overlap, sampling other than greedy (see the project's issue 7).
+Placement of the indexer, per step: `"device"` (in the one jitted forward), `"host"` (the Rust
+`IndexerKeyCache` of each layer selects between the device halves of the layer, pipelined over two
+micro-batches so host and device overlap), or `"auto"`: whichever a cost model measured at start-up
+on this machine (`placement.PlacementCosts`) predicts faster for the step's rows. Under "host" and
+"auto" the device and host indexer caches are kept byte-identical, so any step may go either way.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterable
 
 import jax.numpy as jnp
@@ -26,7 +34,12 @@ import numpy as np
 
 from .cache import IndexerKeyCache
 from .config import DSAConfig
-from .model import ModelParams, _forward_jit, create_caches, forward_host
+from .model import ModelParams, _forward_jit, create_caches, forward_host, new_index_rows
+from .paging import PagePool, PrefixIndex
+from .placement import PlacementCosts
+from .sampling import SamplingParams, sample
+
+PLACEMENTS = ("device", "host", "auto")
 
 
 @dataclasses.dataclass
@@ -34,6 +47,8 @@ class Request:
     id: int
     prompt: list[int]
     max_new_tokens: int
+    sampling: SamplingParams
+    rng: np.random.Generator
     output: list[int] = dataclasses.field(default_factory=list)
     pages: list[int] = dataclasses.field(default_factory=list)
     computed: int = 0  # tokens whose keys and latents are in the caches
@@ -44,18 +59,36 @@ class Request:
         return self.prompt + self.output
 
 
+@dataclasses.dataclass
+class EngineStats:
+    """Counters and per-stage seconds since the engine was made."""
+
+    steps: int = 0
+    prompt_tokens_computed: int = 0  # prompt (and recomputed) tokens run through the model
+    decode_tokens: int = 0  # tokens produced
+    shared_tokens: int = 0  # tokens adopted from other requests' pages instead of being computed
+    preemptions: int = 0
+    steps_by_placement: dict[str, int] = dataclasses.field(default_factory=lambda: {"device": 0, "host": 0})
+    seconds: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"schedule": 0.0, "forward": 0.0, "sample": 0.0}
+    )
+
+
 class Engine:
-    """Serve greedy generation requests in continuous batches.
+    """Serve generation requests in continuous batches.
 
     Args:
         params, cfg: the model (`ModelParams`, `DSAConfig`).
-        num_pages, page_size: the page pool shared by every layer's latent and indexer caches.
+        num_pages, page_size: the page pool shared by every layer's caches.
         max_tokens_per_step: the token budget of one step (prefill chunks and decodes together).
         max_model_len: the longest sequence (prompt + output) a request may reach.
-        latent_kind, indexer: cache formats (see `DSACaches.create`).
-        backend: `sparse_mla` backend.
-        placement: "device" or "host" (the indexer on the CPU; `page_size` a multiple of 16).
+        latent_kind, indexer: cache formats (see `DSACaches.create`); "host" and "auto" need the FP8 indexer.
+        backend: `sparse_mla` backend ("auto", "xla", "pallas_tpu").
+        placement: "device", "host" or "auto" (the indexer's side, see the module docstring).
+        cost_model: for "auto", a `PlacementCosts` to use instead of measuring one at start-up.
         host_threads: threads of the host indexer (None: all cores).
+        micro_batches: row groups pipelined in host steps (1: no overlap).
+        prefix_sharing: adopt other live requests' computed pages for equal leading tokens.
     """
 
     def __init__(
@@ -71,36 +104,63 @@ class Engine:
         indexer: str = "fp8",
         backend: str = "auto",
         placement: str = "device",
+        cost_model: PlacementCosts | None = None,
         host_threads: int | None = None,
+        micro_batches: int = 2,
+        prefix_sharing: bool = True,
     ) -> None:
-        if max_tokens_per_step < 1 or num_pages < 1:
-            raise ValueError("max_tokens_per_step and num_pages must be >= 1")
-        if placement not in ("device", "host"):
-            raise ValueError(f"placement: expected 'device' or 'host', got {placement!r}")
-        self.placement, self.host_threads = placement, host_threads
-        self.host_caches: tuple[IndexerKeyCache, ...] = ()
-        if placement == "host":
-            # The host's own paging: the same capacity as the device pool.
-            self.host_caches = tuple(
-                IndexerKeyCache(num_pages, page_size, cfg.index_head_dim) for _ in range(cfg.num_hidden_layers)
-            )
+        if max_tokens_per_step < 1 or num_pages < 1 or micro_batches < 1:
+            raise ValueError("max_tokens_per_step, num_pages and micro_batches must be >= 1")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement: expected one of {PLACEMENTS}, got {placement!r}")
+        if placement != "device" and indexer != "fp8":
+            raise ValueError(f"placement {placement!r} needs indexer='fp8' (the host cache holds FP8 keys)")
+        if placement != "device" and page_size % 16:
+            raise ValueError(f"placement {placement!r} needs a page_size that is a multiple of 16, got {page_size}")
         self.params, self.cfg, self.page_size, self.backend = params, cfg, page_size, backend
+        self.placement, self.host_threads, self.micro_batches = placement, host_threads, micro_batches
         self.budget = max_tokens_per_step
-        self.max_pages_per_seq = -(-max_model_len // page_size)
         self.max_model_len = max_model_len
+        self.max_pages_per_seq = -(-max_model_len // page_size)
         self.caches = create_caches(cfg, num_pages, page_size, latent_kind=latent_kind, indexer=indexer)
-        self.num_pages = num_pages
-        self.free_pages = list(range(num_pages - 1, -1, -1))
+        # The host's own paging, same capacity; layers that run no indexer (GLM-5 "shared") have none.
+        self.host_caches: tuple[IndexerKeyCache | None, ...] = ()
+        if placement != "device":
+            D = cfg.index_head_dim
+            self.host_caches = tuple(
+                None if cfg.layer_indexer_type(i) == "shared" else IndexerKeyCache(num_pages, page_size, D)
+                for i in range(cfg.num_hidden_layers)
+            )
+        self.cost_model = cost_model
+        if placement == "auto" and cost_model is None:
+            lengths = tuple(sorted({min(2048, max_model_len), min(16384, max_model_len)}))
+            self.cost_model = PlacementCosts.measure(
+                cfg, page_size, lengths=lengths, rows=(1, min(8, max_tokens_per_step)), threads=host_threads
+            )
+        self.pool = PagePool(num_pages)
+        self.prefix = PrefixIndex(page_size) if prefix_sharing else None
         self.running: list[Request] = []  # in order of admission
         self.waiting: list[Request] = []
         self.finished: dict[int, Request] = {}
-        self.preemptions = 0
+        self.stats = EngineStats()
         self._next_id = 0
 
+    @property
+    def num_pages(self) -> int:
+        return self.pool.num_pages
+
+    @property
+    def free_pages(self) -> list[int]:
+        return self.pool.free_pages
+
+    @property
+    def preemptions(self) -> int:
+        return self.stats.preemptions
+
     # ----- requests ------------------------------------------------------------------------------
-    def add_request(self, token_ids: Iterable[int], max_new_tokens: int) -> int:
+    def add_request(self, token_ids: Iterable[int], max_new_tokens: int, sampling: SamplingParams | None = None) -> int:
         """Queue a request; returns its id. ValueError for an empty prompt, a too-long request, or token
-        ids outside the vocabulary."""
+        ids outside the vocabulary. `sampling` defaults to greedy."""
         prompt = [int(t) for t in token_ids]
         if not prompt or max_new_tokens < 1:
             raise ValueError("token_ids must be non-empty and max_new_tokens >= 1")
@@ -112,9 +172,10 @@ class Engine:
             raise ValueError("the request alone needs more pages than the pool has")
         if min(prompt) < 0 or max(prompt) >= self.cfg.vocab_size:
             raise ValueError(f"token_ids must lie in [0, {self.cfg.vocab_size})")
+        sampling = sampling or SamplingParams()
         rid = self._next_id
         self._next_id += 1
-        self.waiting.append(Request(rid, prompt, max_new_tokens))
+        self.waiting.append(Request(rid, prompt, max_new_tokens, sampling, np.random.default_rng(sampling.seed)))
         return rid
 
     def abort(self, rid: int) -> None:
@@ -130,13 +191,17 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self.running or self.waiting)
 
-    # ----- scheduling ------------------------------------------------------------------------------
+    # ----- pages -----------------------------------------------------------------------------------
+    def _hosts(self) -> list[IndexerKeyCache]:
+        return [h for h in self.host_caches if h is not None]
+
     def _release(self, r: Request) -> None:
-        self.free_pages.extend(reversed(r.pages))
-        if r.pages or r.computed:
-            for host in self.host_caches:
-                if r.id in host.sequence_ids():
-                    host.free(r.id)
+        self.pool.release(r.pages)
+        if self.prefix is not None:
+            self.prefix.forget(r)
+        for host in self._hosts():
+            if r.id in host.sequence_ids():
+                host.free(r.id)
         r.pages, r.computed = [], 0
 
     def _preempt(self, r: Request) -> None:
@@ -144,7 +209,7 @@ class Engine:
         self.running.remove(r)
         self._release(r)
         self.waiting.insert(0, r)
-        self.preemptions += 1
+        self.stats.preemptions += 1
 
     def _preempt_younger(self, keep: Request) -> bool:
         """Preempt the youngest running request that arrived after `keep`; False if there is none. Only
@@ -159,12 +224,31 @@ class Engine:
     def _reserve(self, r: Request, upto: int) -> bool:
         """Pages for positions `< upto`; preempts others when the pool is dry. False if impossible."""
         need = -(-upto // self.page_size) - len(r.pages)
-        while need > len(self.free_pages):
+        while need > self.pool.num_free:
             if not self._preempt_younger(keep=r):
                 return False
-        r.pages.extend(self.free_pages.pop() for _ in range(max(need, 0)))
+        r.pages.extend(self.pool.take(max(need, 0)))
         return True
 
+    def _adopt_prefix(self, r: Request) -> None:
+        """Replace `r`'s pages by a donor's for the longest run of whole pages it has already computed."""
+        match = self.prefix.longest_match(r) if self.prefix is not None else None
+        if match is None:
+            return
+        donor, m = match
+        shared = self.pool.share(donor.pages[:m])
+        self.pool.release(r.pages)
+        self.prefix.forget(r)
+        self.stats.shared_tokens += m * self.page_size - r.computed
+        r.pages, r.computed = shared, m * self.page_size
+        self.prefix.register(r)
+        for host in self._hosts():
+            if r.id in host.sequence_ids():
+                host.free(r.id)
+            host.fork(donor.id, r.id)
+            host.truncate(r.id, r.computed)
+
+    # ----- scheduling ------------------------------------------------------------------------------
     def _schedule(self) -> list[tuple[Request, int, int]]:
         """`(request, start, count)` chunks of this step, within the token budget."""
         while self.waiting:  # admission: as many as there are requests; budget decides who runs
@@ -175,6 +259,8 @@ class Engine:
                 break
             if r not in self.running:  # preempted while reserving pages for an earlier one
                 continue
+            if r.computed < len(r.tokens) - 1:
+                self._adopt_prefix(r)
             start = r.computed
             count = min(len(r.tokens) - start, budget)
             if not self._reserve(r, start + count):
@@ -184,13 +270,23 @@ class Engine:
             budget -= count
         return [(r, s, c) for r, s, c in plan if r in self.running]
 
+    def _choose_placement(self, positions: np.ndarray, device_rows: int, table_keys: int) -> str:
+        if self.placement != "auto":
+            return self.placement
+        assert self.cost_model is not None
+        return self.cost_model.choose(int(positions.sum()) + positions.size, device_rows, table_keys)
+
     def step(self) -> dict[int, list[int]]:
         """Run one batch; returns the new tokens of each request that produced one (streaming)."""
+        t0 = time.perf_counter()
         plan = self._schedule()
         if not plan:
             return {}
-        S, P = self.page_size, self.max_pages_per_seq
-        tokens, positions, slots, tables = [], [], [], []
+        S = self.page_size
+        # Block tables only as wide as this step needs (a power of two of pages: few compilations),
+        # since the device indexer scans every column.
+        P = min(self.max_pages_per_seq, 1 << (max(len(r.pages) for r, _, _ in plan) - 1).bit_length())
+        tokens, positions, slots, tables, seq_ids = [], [], [], [], []
         for r, start, count in plan:
             pos = np.arange(start, start + count)
             pages = np.asarray(r.pages, np.int32)
@@ -200,71 +296,120 @@ class Engine:
             row = np.full(P, -1, np.int32)
             row[: pages.size] = pages
             tables.append(np.repeat(row[None], count, 0))
+            seq_ids.append(np.full(count, r.id, np.int64))
+            for host in self._hosts():
+                if start == 0 and r.id not in host.sequence_ids():  # first chunk, or resumed after preemption
+                    host.add_sequence(r.id)
+        batch = (np.asarray(tokens, np.int32), np.concatenate(positions).astype(np.int32),
+                 np.concatenate(slots).astype(np.int32), np.concatenate(tables), np.concatenate(seq_ids))  # fmt: skip
         T = len(tokens)
-        if self.placement == "host":
-            logits = self._forward_host(plan, tokens, positions, slots, tables)
+        padded = max(8, 1 << (T - 1).bit_length())  # a few batch shapes only: fewer compilations
+        where = self._choose_placement(batch[1], padded, P * S)
+        t1 = time.perf_counter()
+        if where == "host":
+            logits = self._forward_host(*batch)
         else:
-            logits = self._forward_device(tokens, positions, slots, tables)
-        next_ids = np.asarray(jnp.argmax(logits, axis=-1))[:T]
-        new: dict[int, list[int]] = {}
-        row = 0
+            logits = self._forward_device(*batch, padded)
+        t2 = time.perf_counter()
+        new = self._sample(plan, logits)
+        t3 = time.perf_counter()
+        st = self.stats
+        st.steps += 1
+        st.steps_by_placement[where] += 1
+        st.prompt_tokens_computed += sum(c for r, s, c in plan if s < len(r.prompt))
+        st.decode_tokens += len(new)
+        for stage, secs in (("schedule", t1 - t0), ("forward", t2 - t1), ("sample", t3 - t2)):
+            st.seconds[stage] += secs
+        return new
+
+    def _sample(self, plan: list[tuple[Request, int, int]], logits) -> dict[int, list[int]]:
+        """Each request whose chunk reached its end draws its next token from its chunk's last row."""
+        ends, row = [], 0
         for r, start, count in plan:
             row += count
             r.computed = start + count
-            if r.computed == len(r.tokens):  # the chunk reached the end: its last row predicts a token
-                tok = int(next_ids[row - 1])
-                r.output.append(tok)
-                new[r.id] = [tok]
-                if len(r.output) >= r.max_new_tokens:
-                    r.finished = True
-                    self.running.remove(r)
-                    self._release(r)
-                    self.finished[r.id] = r
+            if self.prefix is not None:
+                self.prefix.register(r)
+            if r.computed == len(r.tokens):
+                ends.append((r, row - 1))
+        if not ends:
+            return {}
+        greedy = np.asarray(jnp.argmax(logits, axis=-1))  # the common case: one small transfer
+        sampled = [i for i, (r, _) in enumerate(ends) if not r.sampling.greedy]
+        rows = np.asarray(logits[np.asarray([ends[i][1] for i in sampled], np.int32)]) if sampled else None
+        new: dict[int, list[int]] = {}
+        for i, (r, last) in enumerate(ends):
+            tok = int(greedy[last]) if r.sampling.greedy else sample(rows[sampled.index(i)], r.sampling, r.rng)
+            r.output.append(tok)
+            new[r.id] = [tok]
+            if len(r.output) >= r.max_new_tokens:
+                r.finished = True
+                self.running.remove(r)
+                self._release(r)
+                self.finished[r.id] = r
         return new
 
-    def _forward_device(self, tokens, positions, slots, tables) -> jnp.ndarray:
+    def _forward_device(self, tokens, positions, slots, tables, seq_ids, padded: int):
         T = len(tokens)
-        pad = max(8, 1 << (T - 1).bit_length()) - T  # a few batch shapes only: fewer compilations
+        slots_dev = jnp.asarray(np.pad(slots, (0, padded - T), constant_values=-1))
         logits, self.caches = _forward_jit(
             self.params,
             self.cfg,
-            jnp.asarray(np.pad(np.asarray(tokens, np.int32), (0, pad))),
-            jnp.asarray(np.pad(np.concatenate(positions).astype(np.int32), (0, pad))),
-            jnp.asarray(np.pad(np.concatenate(slots).astype(np.int32), (0, pad), constant_values=-1)),
-            jnp.asarray(np.pad(np.concatenate(tables), ((0, pad), (0, 0)), constant_values=-1)),
+            jnp.asarray(np.pad(tokens, (0, padded - T))),
+            jnp.asarray(np.pad(positions, (0, padded - T))),
+            slots_dev,
+            jnp.asarray(np.pad(tables, ((0, padded - T), (0, 0)), constant_values=-1)),
             self.caches,
             self.backend,
         )
+        if self.host_caches:  # keep the host indexer caches identical: the bytes the device just wrote
+            self._append_to_hosts(new_index_rows(self.caches, slots_dev), seq_ids)
         return logits
 
-    def _forward_host(self, plan, tokens, positions, slots, tables) -> jnp.ndarray:
-        # No padding rows here: each row belongs to a sequence of the host caches.
-        seq_ids = np.concatenate([np.full(c, r.id, np.int64) for r, _, c in plan])
-        for r, start, _ in plan:
-            if start == 0:  # first chunk (or resumed after preemption): a fresh host sequence
-                for host in self.host_caches:
-                    host.add_sequence(r.id)
-        latents = tuple(c.latent for c in self.caches)
-        logits, latents = forward_host(
-            self.params, self.cfg, jnp.asarray(np.asarray(tokens, np.int32)),
-            jnp.asarray(np.concatenate(positions).astype(np.int32)),
-            jnp.asarray(np.concatenate(slots).astype(np.int32)),
-            jnp.asarray(np.concatenate(tables)), latents, self.host_caches, seq_ids, self.backend, self.host_threads,
+    def _append_to_hosts(self, rows, seq_ids: np.ndarray) -> None:
+        codes, scales = (np.asarray(a)[:, : seq_ids.size] for a in rows)
+        for i, host in enumerate(self.host_caches):
+            if host is None:
+                continue
+            for sid in dict.fromkeys(seq_ids.tolist()):
+                mask = seq_ids == sid
+                host.append_quantized(sid, codes[i][mask], scales[i][mask])
+
+    def _forward_host(self, tokens, positions, slots, tables, seq_ids):
+        logits, self.caches = forward_host(
+            self.params, self.cfg, tokens, positions, slots, tables, self.caches, self.host_caches, seq_ids,
+            self.backend, self.host_threads, self.micro_batches,
         )  # fmt: skip
-        self.caches = tuple(dataclasses.replace(c, latent=lat) for c, lat in zip(self.caches, latents, strict=True))
         return logits
 
     def generate(
         self,
         prompts: Iterable[Iterable[int]],
         max_new_tokens: int,
+        sampling: SamplingParams | None = None,
         on_tokens: Callable[[int, list[int]], None] | None = None,
     ) -> list[list[int]]:
         """Add every prompt, run steps until all are done, return their outputs in order. `on_tokens(id,
         tokens)` streams each step's new tokens."""
-        ids = [self.add_request(p, max_new_tokens) for p in prompts]
+        ids = [self.add_request(p, max_new_tokens, sampling) for p in prompts]
         while self.has_unfinished():
             for rid, toks in self.step().items():
                 if on_tokens is not None:
                     on_tokens(rid, toks)
         return [self.finished[i].output for i in ids]
+
+    # ----- memory ----------------------------------------------------------------------------------
+    def cache_bytes(self) -> dict[str, int]:
+        """Bytes of every cache (capacity) and of the pages held now, summed over layers."""
+        latent = sum(sum(a.nbytes for a in _arrays(c.latent)) for c in self.caches)
+        index = sum(sum(a.nbytes for a in _arrays(c.index)) for c in self.caches)
+        host = sum(h.num_blocks * h.page_bytes for h in self._hosts())
+        held = (self.num_pages - self.pool.num_free) / self.num_pages
+        return {"latent": latent, "device_indexer": index, "host_indexer": host,
+                "held": int(held * (latent + index + host))}  # fmt: skip
+
+
+def _arrays(tree) -> list:
+    import jax
+
+    return [a for a in jax.tree_util.tree_leaves(tree) if hasattr(a, "nbytes")]

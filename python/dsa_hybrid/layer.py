@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import DSAConfig
-from .device_indexer import ExactIndexerKeys, IndexerPages, select_topk_device
+from .device_indexer import ExactIndexerKeys, IndexerPages, quantize_keys, select_topk_device
 from .latent_cache import LatentCache
 from .sparse_attention import prefix_mla, sparse_mla
 
@@ -303,8 +303,45 @@ def dsa_attention(
     return out, DSACaches(latent, index), topk
 
 
+def _project_write(
+    params: DSAParams, cfg: DSAConfig, x: jax.Array, positions: jax.Array, slots: jax.Array, index: IndexerPages
+) -> tuple[Projections, jax.Array, jax.Array, IndexerPages]:
+    """The projections, and the new indexer keys quantized once (`quantize_keys`) and written to the
+    device pages: the same bytes then go to the host cache, so the two indexer caches stay identical."""
+    proj = project(params, cfg, x, positions)
+    codes, scales = quantize_keys(proj.k_idx)
+    return proj, codes, scales, index.write_quantized(slots, codes, scales)
+
+
 _project_jit = jax.jit(project, static_argnums=1)
+_project_write_jit = jax.jit(_project_write, static_argnums=1)
 _attend_jit = jax.jit(attend, static_argnums=(1, 7))
+# The engine's variants: the caches they are handed are not used again, so XLA updates them in place.
+_project_write_donating = jax.jit(_project_write, static_argnums=1, donate_argnums=5)
+_attend_donating = jax.jit(attend, static_argnums=(1, 7), donate_argnums=5)
+
+
+def host_select(
+    host_cache: Any,
+    seq_ids: np.ndarray,
+    codes: jax.Array,
+    scales: jax.Array,
+    proj: Projections,
+    positions: np.ndarray,
+    k: int,
+    threads: int | None = None,
+) -> np.ndarray:
+    """Append the new rows' quantized keys to the Rust `IndexerKeyCache` (each sequence's rows in order)
+    and select each row's top-`k` positions on the host (SIMD, threads, GIL released). Blocks only on
+    this call's own projections, so the device can run other work meanwhile. int32 `[T, k]`."""
+    seq_ids = np.asarray(seq_ids, np.int64)
+    codes_np, scales_np = np.asarray(codes), np.asarray(scales)
+    for sid in dict.fromkeys(seq_ids.tolist()):  # each sequence once, in order of first appearance
+        rows = seq_ids == sid
+        host_cache.append_quantized(sid, codes_np[rows], scales_np[rows])
+    return host_cache.select(
+        seq_ids, np.asarray(proj.q_idx), np.asarray(proj.w_idx), np.asarray(positions), k, threads=threads
+    )
 
 
 def dsa_attention_host(
@@ -314,37 +351,35 @@ def dsa_attention_host(
     positions: jax.Array,
     slots: jax.Array,
     block_tables: jax.Array,
-    latent: LatentCache,
+    caches: DSACaches,
     host_cache: Any,
     seq_ids: np.ndarray,
     *,
     shared_topk: jax.Array | None = None,
     backend: str = "auto",
     threads: int | None = None,
-) -> tuple[jax.Array, LatentCache, np.ndarray]:
-    """`dsa_attention` with the indexer on the host: the device computes the projections, only the
-    indexer's keys, queries and head weights come to the host, the Rust `IndexerKeyCache` appends the
-    keys (FP8) and selects (`select`, GIL released, SIMD, threads), and only the `[T, K]` positions go
-    back to the device for attention. `host_cache` holds the indexer keys of the sequences `seq_ids`
-    (int `[T]`, each row's sequence; a sequence's rows in order, continuing its cache: row `t` is at
-    position `length(seq) + its rank among the call's rows of that sequence`). Not jit-able as a whole
-    (the two device halves are). Returns `(out, latent, topk)`."""
-    proj = _project_jit(params, cfg, x, positions)
-    if shared_topk is None:
-        seq_ids = np.asarray(seq_ids, np.int64)
-        keys = np.asarray(proj.k_idx)
-        for sid in dict.fromkeys(seq_ids.tolist()):  # each sequence once, in order of first appearance
-            host_cache.append(sid, np.ascontiguousarray(keys[seq_ids == sid]))
-        topk = host_cache.select(
-            seq_ids,
-            np.asarray(proj.q_idx),
-            np.asarray(proj.w_idx),
-            np.asarray(positions),
-            cfg.index_topk,
-            threads=threads,
-        )
+) -> tuple[jax.Array, DSACaches, np.ndarray]:
+    """`dsa_attention` with the indexer on the host: the device computes the projections and quantizes
+    the new indexer keys (writing them to `caches.index` too), only the FP8 keys, the queries and the head
+    weights come to the host, the Rust `IndexerKeyCache` appends the keys and selects (`select`, GIL
+    released, SIMD, threads), and only the `[T, K]` positions go back to the device for attention.
+
+    `caches.index` must be FP8 `IndexerPages`: afterwards it holds the same bytes for the new rows as
+    `host_cache`, so a later step may select on either side. `host_cache` holds the indexer keys of the
+    sequences `seq_ids` (int `[T]`, each row's sequence; a sequence's rows in order, continuing its
+    cache: row `t` is at position `length(seq) + its rank among the call's rows of that sequence`).
+    Not jit-able as a whole (the two device halves are). Returns `(out, caches, topk)` as
+    `dsa_attention` does (`topk` a numpy array)."""
+    if shared_topk is not None:
+        proj = _project_jit(params, cfg, x, positions)
+        index, topk = caches.index, np.asarray(shared_topk)
     else:
-        topk = np.asarray(shared_topk)
+        if not isinstance(caches.index, IndexerPages):
+            raise TypeError("dsa_attention_host needs FP8 IndexerPages (the host cache is FP8)")
+        proj, codes, scales, index = _project_write_jit(params, cfg, x, positions, slots, caches.index)
+        topk = host_select(host_cache, seq_ids, codes, scales, proj, positions, cfg.index_topk, threads)
     prefix_ok = jnp.asarray(positions) if shared_topk is None else None
-    out, latent = _attend_jit(params, cfg, proj, slots, block_tables, latent, jnp.asarray(topk), backend, prefix_ok)
-    return out, latent, topk
+    out, latent = _attend_jit(
+        params, cfg, proj, slots, block_tables, caches.latent, jnp.asarray(topk), backend, prefix_ok
+    )
+    return out, DSACaches(latent, index), topk

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import layer as layer_mod
 from .checkpoint import load_layer_params as load_layer_params_from
 from .checkpoint import load_tensors
 from .config import DSAConfig
@@ -194,32 +195,91 @@ def generate_greedy(
     return out
 
 
+def split_rows(seq_ids: np.ndarray, parts: int) -> list[slice]:
+    """Contiguous row ranges of about equal size that never cut a sequence's rows apart (rows of one
+    sequence must be contiguous). At most `parts` ranges, fewer when there are fewer sequences."""
+    seq_ids = np.asarray(seq_ids)
+    T = seq_ids.size
+    starts = [0] + [t for t in range(1, T) if seq_ids[t] != seq_ids[t - 1]]  # where each sequence begins
+    cuts = sorted({min(starts, key=lambda s, want=T * j // parts: abs(s - want)) for j in range(1, parts)} - {0})
+    bounds = [0, *cuts, T]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
 def forward_host(
     params: ModelParams,
     cfg: DSAConfig,
-    tokens: jax.Array,
-    positions: jax.Array,
-    slots: jax.Array,
-    block_tables: jax.Array,
-    latents: tuple,
+    tokens: np.ndarray,
+    positions: np.ndarray,
+    slots: np.ndarray,
+    block_tables: np.ndarray,
+    caches: tuple[DSACaches, ...],
     host_caches: tuple,
     seq_ids: np.ndarray,
     backend: str = "auto",
     threads: int | None = None,
-) -> tuple[jax.Array, tuple]:
+    micro_batches: int = 1,
+) -> tuple[jax.Array, tuple[DSACaches, ...]]:
     """`forward` with every layer's indexer on the host: `host_caches` holds one `IndexerKeyCache` per
-    layer, with the rows' sequences (`seq_ids`) in it (see `dsa_attention_host`). Returns `(logits,
-    latents)`."""
-    from .layer import dsa_attention_host
+    layer, with the rows' sequences (`seq_ids` int `[T]`) in it (see `dsa_attention_host`); the device
+    FP8 `IndexerPages` in `caches` are written with the same bytes. The caches passed in are consumed
+    (updated in place); use the ones returned. Returns `(logits [T, vocab], caches)`.
 
-    x = _embed(params, tokens)
-    new_latents, topk = [], None
-    for i, (blk, latent, host) in enumerate(zip(params.blocks, latents, host_caches, strict=True)):
-        shared = topk if cfg.layer_indexer_type(i) == "shared" else None
-        out, latent, topk = dsa_attention_host(
-            blk.attn, cfg, _pre_norm(blk, cfg, x), positions, slots, block_tables, latent, host, seq_ids,
-            shared_topk=shared, backend=backend, threads=threads,
-        )  # fmt: skip
-        x = _residual_mlp(blk, cfg, x, out)
-        new_latents.append(latent)
-    return _head(params, cfg, x), tuple(new_latents)
+    With `micro_batches` > 1 the rows are split into that many groups of whole sequences and pipelined:
+    while the host selects for one group, the device computes the other's projections, attention and
+    MLP (JAX dispatch is asynchronous and the Rust select releases the GIL)."""
+    seq_ids = np.asarray(seq_ids, np.int64)
+    tokens, positions = np.asarray(tokens, np.int32), np.asarray(positions, np.int32)
+    slots, block_tables = np.asarray(slots, np.int32), np.asarray(block_tables, np.int32)
+    groups = split_rows(seq_ids, max(1, micro_batches))
+    pos = [jnp.asarray(positions[g]) for g in groups]
+    slot = [jnp.asarray(slots[g]) for g in groups]
+    table = [jnp.asarray(block_tables[g]) for g in groups]
+    xs = [_embed(params, jnp.asarray(tokens[g])) for g in groups]
+    caches = list(caches)
+    topk: list[jax.Array | None] = [None] * len(groups)
+
+    def dispatch_projection(i: int, g: int) -> tuple:
+        blk = params.blocks[i]
+        h = _pre_norm(blk, cfg, xs[g])
+        if cfg.layer_indexer_type(i) == "shared":
+            return layer_mod._project_jit(blk.attn, cfg, h, pos[g]), None, None
+        proj, codes, scales, index = layer_mod._project_write_donating(
+            blk.attn, cfg, h, pos[g], slot[g], caches[i].index
+        )
+        caches[i] = dataclasses.replace(caches[i], index=index)
+        return proj, codes, scales
+
+    # Group g's layer i+1 projections are dispatched right after its layer i attention, so the device
+    # always has the other group's work queued while the host selects.
+    pending = [dispatch_projection(0, g) for g in range(len(groups))]
+    for i, blk in enumerate(params.blocks):
+        shared = cfg.layer_indexer_type(i) == "shared"
+        for g, rows in enumerate(groups):
+            proj, codes, scales = pending[g]
+            if not shared:
+                sel = layer_mod.host_select(
+                    host_caches[i], seq_ids[rows], codes, scales, proj, positions[rows], cfg.index_topk, threads
+                )
+                topk[g] = jnp.asarray(sel)
+            out, latent = layer_mod._attend_donating(
+                blk.attn, cfg, proj, slot[g], table[g], caches[i].latent, topk[g], backend,
+                None if shared else pos[g],
+            )  # fmt: skip
+            caches[i] = dataclasses.replace(caches[i], latent=latent)
+            xs[g] = _residual_mlp(blk, cfg, xs[g], out)
+            if i + 1 < len(params.blocks):
+                pending[g] = dispatch_projection(i + 1, g)
+    logits = [_head(params, cfg, x) for x in xs]
+    return (logits[0] if len(logits) == 1 else jnp.concatenate(logits)), tuple(caches)
+
+
+@jax.jit
+def new_index_rows(caches: tuple[DSACaches, ...], slots: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The FP8 codes `[layers, T, D]` and scales `[layers, T]` at `slots` of every layer's device
+    `IndexerPages` (layers without an indexer included, unused): what a device step wrote, for the host
+    caches to append so that both stay identical."""
+    safe = jnp.maximum(slots, 0)
+    codes = jnp.stack([c.index.codes.reshape(-1, c.index.head_dim)[safe] for c in caches])
+    scales = jnp.stack([c.index.scales.reshape(-1)[safe] for c in caches])
+    return codes, scales
