@@ -145,3 +145,27 @@ def test_pallas_kernel_in_interpret_mode_matches_the_xla_path(quantize_queries: 
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     host = cache.select(seq, np.asarray(q), np.asarray(w), np.asarray(pos), 24, quantize_queries=quantize_queries)
     np.testing.assert_array_equal(np.asarray(got), host)
+
+
+def test_bad_shapes_get_named_errors() -> None:
+    """Wrong shapes and dtypes name the argument, at trace time (so under jit as well)."""
+    from dsa_hybrid.device_indexer import ExactIndexerKeys
+
+    pages = IndexerPages.create(4, 16, 32)
+    keys = jnp.zeros((3, 32), jnp.float32)
+    with pytest.raises(ValueError, match=r"keys: expected shape \['n', 32\]"):
+        pages.write(jnp.arange(3), jnp.zeros((3, 16)))
+    with pytest.raises(ValueError, match=r"slots: expected shape \[3\]"):
+        pages.write(jnp.arange(4), keys)
+    with pytest.raises(TypeError, match="slots: expected integers"):
+        ExactIndexerKeys.create(4, 16, 32).write(jnp.zeros(3), keys)
+    q, w = jnp.zeros((2, 4, 32)), jnp.zeros((2, 4))
+    tables, pos = jnp.zeros((2, 4), jnp.int32), jnp.zeros(2, jnp.int32)
+    with pytest.raises(ValueError, match=r"q: expected shape \[T, H, 32\]"):
+        select_topk_device(jnp.zeros((2, 4, 16)), w, pages, tables, pos, 8)
+    with pytest.raises(ValueError, match=r"weights: expected shape \[2, 4\]"):
+        jax.jit(lambda w: select_topk_device(q, w, pages, tables, pos, 8))(jnp.zeros((2, 3)))
+    with pytest.raises(ValueError, match="block_tables"):
+        select_topk_device(q, w, pages, jnp.zeros((3, 4), jnp.int32), pos, 8)
+    with pytest.raises(TypeError, match="positions: expected integers"):
+        select_topk_device(q, w, pages, tables, jnp.zeros(2), 8)

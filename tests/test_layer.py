@@ -177,3 +177,20 @@ def test_host_placement_selects_and_attends_like_the_device(chunks: tuple[int, .
     np.testing.assert_array_equal(host_topk, want_topk)  # these seeds have no near-ties
     np.testing.assert_array_equal(host_topk, dev_topk)
     np.testing.assert_allclose(np.concatenate(outs), dev_out, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_layer_inputs_get_named_errors() -> None:
+    cfg = DSAConfig.tiny()
+    p = DSAParams.random(cfg, seed=1)
+    caches = DSACaches.create(cfg, 4, PAGE)
+    x = jnp.zeros((3, cfg.hidden_size), jnp.float32)
+    pos = jnp.arange(3, dtype=jnp.int32)
+    tables = jnp.zeros((3, 4), jnp.int32)
+    with pytest.raises(ValueError, match=rf"x: expected shape \['n', {cfg.hidden_size}\]"):
+        dsa_attention(p, cfg, jnp.zeros((3, 5)), pos, pos, tables, caches)
+    with pytest.raises(ValueError, match=r"slots: expected shape \[3\]"):
+        dsa_attention(p, cfg, x, pos, pos[:2], tables, caches)
+    with pytest.raises(TypeError, match="positions: expected integers"):
+        dsa_attention(p, cfg, x, pos.astype(jnp.float32), pos, tables, caches)
+    with pytest.raises(ValueError, match="block_tables"):
+        dsa_attention(p, cfg, x, pos, pos, tables[0], caches)

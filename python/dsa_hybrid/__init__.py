@@ -13,8 +13,9 @@ Public API:
 - `IndexerPages`, `ExactIndexerKeys`, `select_topk_device` — the lightning indexer on the device.
 - `DSAParams`, `DSACaches`, `dsa_attention`, `dsa_attention_host`, `load_layer_params` — the DSA attention
   layer (indexer on the device or the host) and Hugging Face checkpoint loading.
-- `ModelParams`, `generate_greedy`, `Engine` — a small DSA causal LM (dense layers), greedy generation,
-  and continuous batching of requests over it.
+- `ModelParams`, `generate_greedy`, `Engine`, `SamplingParams`, `PlacementCosts` — a small DSA causal LM
+  (dense layers), greedy generation, and the engine: continuous batching, prefix sharing, preemption,
+  sampling, and the indexer placed on the host or the device per step.
 - `cpu_features()`, `set_simd_path()` — what the Rust host core detected, and which SIMD path it uses.
 """
 
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from .latent_cache import LatentCache
     from .layer import DSACaches, DSAParams, dsa_attention, dsa_attention_host
     from .model import ModelParams, generate_greedy
+    from .placement import PlacementCosts
+    from .sampling import SamplingParams
     from .sparse_attention import prefix_mla, sparse_mla
 
 
@@ -63,6 +66,8 @@ _LAZY = {
     "ModelParams": ".model",
     "generate_greedy": ".model",
     "Engine": ".engine",
+    "SamplingParams": ".sampling",
+    "PlacementCosts": ".placement",
 }
 
 
@@ -92,6 +97,8 @@ __all__ = [
     "ModelParams",
     "generate_greedy",
     "Engine",
+    "SamplingParams",
+    "PlacementCosts",
     "DSAConfig",
     "YarnScaling",
     "cpu_features",

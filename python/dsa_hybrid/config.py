@@ -245,6 +245,34 @@ class DSAConfig:
             indexer_types=(),
         )
 
+    @classmethod
+    def small(cls, model_type: str = "deepseek_v32") -> DSAConfig:
+        """A demo-sized config with the structure of `model_type`: small enough to serve 8K-token
+        prompts on a laptop CPU, with `index_topk` 256, so long prompts really are sparse."""
+        base = cls.tiny(model_type)
+        return base.replace(
+            hidden_size=256,
+            num_attention_heads=8,
+            q_lora_rank=128,
+            kv_lora_rank=128,
+            qk_nope_head_dim=32,
+            qk_rope_head_dim=32,
+            v_head_dim=32,
+            index_n_heads=16,
+            index_head_dim=64,
+            index_topk=256,
+            num_hidden_layers=2,
+            vocab_size=2048,
+            intermediate_size=512,
+            first_k_dense_replace=2,
+            max_position_embeddings=32768,
+            rope_scaling=(
+                None
+                if base.rope_scaling is None
+                else dataclasses.replace(base.rope_scaling, factor=8.0, original_max_position_embeddings=4096)
+            ),
+        )
+
     # ----- Hugging Face config.json ------------------------------------------------
 
     @classmethod

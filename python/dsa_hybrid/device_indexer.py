@@ -97,17 +97,36 @@ class IndexerPages:
         Hadamard-rotated and quantized per key as `reference.quantize_indexer_keys` does, except that
         the rotation runs in float32 here (float64 on the host), so a code sitting on a rounding
         boundary may land one e4m3 step away. Jit-able."""
+        n = check_rows("keys", keys, None, (self.head_dim,))
+        check_rows("slots", slots, n, (), integer=True)
         codes, scales = quantize_keys(keys)
         return self.write_quantized(slots, codes, scales)
 
     def write_quantized(self, slots: jax.Array, codes: jax.Array, scales: jax.Array) -> IndexerPages:
         """Pages with keys quantized elsewhere written at `slots` `[n]` (−1 / out of range skipped): `codes`
         float8_e4m3fn `[n, D]` of Hadamard-rotated keys, `scales` float32 `[n]` (`quantize_keys`). Jit-able."""
+        n = check_rows("codes", codes, None, (self.head_dim,))
+        check_rows("scales", scales, n, ())
+        check_rows("slots", slots, n, (), integer=True)
         num_slots = self.num_pages * self.page_size
         idx = jnp.where((slots >= 0) & (slots < num_slots), slots, num_slots)
         flat_codes = self.codes.reshape(num_slots, self.head_dim).at[idx].set(codes, mode="drop")
         flat_scales = self.scales.reshape(num_slots).at[idx].set(scales, mode="drop")
         return IndexerPages(flat_codes.reshape(self.codes.shape), flat_scales.reshape(self.scales.shape))
+
+
+def check_rows(name: str, x: Any, n: int | None, tail: tuple[int, ...], integer: bool = False) -> int:
+    """Check that `x` has shape `[n, *tail]` (any `n` when None) and, with `integer`, an integer dtype;
+    returns its row count. ValueError / TypeError naming `x` otherwise. Works on traced arrays."""
+    shape = tuple(getattr(x, "shape", ()))
+    want = ["n" if n is None else n, *tail]
+    if len(shape) != len(want) or shape[1:] != tail or (n is not None and shape[0] != n):
+        raise ValueError(f"{name}: expected shape {want}, got {list(shape)}")
+    if integer and not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"{name}: expected integers, got {x.dtype}")
+    if not integer and not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name}: expected floats, got {x.dtype}")
+    return shape[0]
 
 
 def quantize_keys(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -146,6 +165,9 @@ class ExactIndexerKeys:
         return ExactIndexerKeys(jnp.zeros((num_pages, page_size, head_dim), jnp.float32))
 
     def write(self, slots: jax.Array, keys: jax.Array) -> ExactIndexerKeys:
+        """Keys with `keys` `[n, D]` (post-RoPE, any float dtype) written at `slots` `[n]` (−1 / out of range
+        skipped). Jit-able."""
+        check_rows("slots", slots, check_rows("keys", keys, None, (self.head_dim,)), (), integer=True)
         num_slots = self.num_pages * self.page_size
         idx = jnp.where((slots >= 0) & (slots < num_slots), slots, num_slots)
         flat = self.keys.reshape(num_slots, self.head_dim).at[idx].set(keys.astype(jnp.float32), mode="drop")
@@ -218,6 +240,19 @@ def select_topk_device(
     Returns int32 `[T, k]` positions, ascending, −1 padded (rows with `positions[t] + 1 ≤ k` select
     every visible key). Jit-able with `k`, `quantize_queries` and `key_chunk` static.
     """
+    if not isinstance(pages, (IndexerPages, ExactIndexerKeys)):
+        raise TypeError(f"pages: expected IndexerPages or ExactIndexerKeys, got {type(pages).__name__}")
+    if getattr(q, "ndim", 0) != 3 or q.shape[2] != pages.head_dim:
+        raise ValueError(f"q: expected shape [T, H, {pages.head_dim}], got {list(getattr(q, 'shape', ()))}")
+    T, H = q.shape[:2]
+    check_rows("q", q, T, (H, pages.head_dim))  # the dtype
+    check_rows("weights", weights, T, (H,))
+    check_rows("positions", positions, T, (), integer=True)
+    if block_tables.ndim != 2:
+        raise ValueError(f"block_tables: expected shape [{T}, max_pages], got {list(block_tables.shape)}")
+    check_rows("block_tables", block_tables, T, (block_tables.shape[1],), integer=True)
+    if k < 1:
+        raise ValueError(f"k: must be >= 1, got {k}")
     S = pages.page_size
     T, max_pages = block_tables.shape
     pages_per_chunk = max(1, min(max_pages, key_chunk // S))

@@ -34,7 +34,7 @@ import numpy as np
 
 from .cache import IndexerKeyCache
 from .config import DSAConfig
-from .model import ModelParams, _forward_jit, create_caches, forward_host, new_index_rows
+from .model import ModelParams, _forward_jit, create_caches, forward_host, new_index_rows, padded_rows
 from .paging import PagePool, PrefixIndex
 from .placement import PlacementCosts
 from .sampling import SamplingParams, sample
@@ -72,6 +72,9 @@ class EngineStats:
     seconds: dict[str, float] = dataclasses.field(
         default_factory=lambda: {"schedule": 0.0, "forward": 0.0, "sample": 0.0}
     )
+    decode_steps: int = 0  # steps in which every row was a decode (no prompt chunk)
+    decode_step_seconds: float = 0.0
+    decode_step_tokens: int = 0
 
 
 class Engine:
@@ -134,8 +137,14 @@ class Engine:
         self.cost_model = cost_model
         if placement == "auto" and cost_model is None:
             lengths = tuple(sorted({min(2048, max_model_len), min(16384, max_model_len)}))
+            layer = next(i for i in range(cfg.num_hidden_layers) if cfg.layer_indexer_type(i) != "shared")
             self.cost_model = PlacementCosts.measure(
-                cfg, page_size, lengths=lengths, rows=(1, min(8, max_tokens_per_step)), threads=host_threads
+                cfg,
+                params.blocks[layer].attn,
+                page_size,
+                lengths=lengths,
+                rows=(1, min(8, max_tokens_per_step)),
+                threads=host_threads,
             )
         self.pool = PagePool(num_pages)
         self.prefix = PrefixIndex(page_size) if prefix_sharing else None
@@ -303,13 +312,14 @@ class Engine:
         batch = (np.asarray(tokens, np.int32), np.concatenate(positions).astype(np.int32),
                  np.concatenate(slots).astype(np.int32), np.concatenate(tables), np.concatenate(seq_ids))  # fmt: skip
         T = len(tokens)
-        padded = max(8, 1 << (T - 1).bit_length())  # a few batch shapes only: fewer compilations
+        padded = padded_rows(T)
         where = self._choose_placement(batch[1], padded, P * S)
         t1 = time.perf_counter()
         if where == "host":
             logits = self._forward_host(*batch)
         else:
             logits = self._forward_device(*batch, padded)
+        logits.block_until_ready()  # dispatch is asynchronous: charge the forward to its own stage
         t2 = time.perf_counter()
         new = self._sample(plan, logits)
         t3 = time.perf_counter()
@@ -318,6 +328,10 @@ class Engine:
         st.steps_by_placement[where] += 1
         st.prompt_tokens_computed += sum(c for r, s, c in plan if s < len(r.prompt))
         st.decode_tokens += len(new)
+        if all(s >= len(r.prompt) for r, s, _ in plan):
+            st.decode_steps += 1
+            st.decode_step_seconds += t3 - t0
+            st.decode_step_tokens += len(new)
         for stage, secs in (("schedule", t1 - t0), ("forward", t2 - t1), ("sample", t3 - t2)):
             st.seconds[stage] += secs
         return new

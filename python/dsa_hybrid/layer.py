@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import DSAConfig
-from .device_indexer import ExactIndexerKeys, IndexerPages, quantize_keys, select_topk_device
+from .device_indexer import ExactIndexerKeys, IndexerPages, check_rows, quantize_keys, select_topk_device
 from .latent_cache import LatentCache
 from .sparse_attention import prefix_mla, sparse_mla
 
@@ -286,6 +286,7 @@ def dsa_attention(
 
     Returns `(out [T, hidden] float32, updated caches, topk [T, K] int32 positions)`. Jit-able.
     """
+    _check_rows_of_call(cfg, x, positions, slots, block_tables)
     proj = project(params, cfg, x, positions)
     index = caches.index
     if shared_topk is None:
@@ -311,6 +312,18 @@ def _project_write(
     proj = project(params, cfg, x, positions)
     codes, scales = quantize_keys(proj.k_idx)
     return proj, codes, scales, index.write_quantized(slots, codes, scales)
+
+
+def _check_rows_of_call(cfg: DSAConfig, x: Any, positions: Any, slots: Any, block_tables: Any) -> None:
+    """Named errors for misshapen layer inputs (static shapes: works under `jit` too)."""
+    T = check_rows("x", x, None, (cfg.hidden_size,))
+    check_rows("positions", positions, T, (), integer=True)
+    check_rows("slots", slots, T, (), integer=True)
+    if getattr(block_tables, "ndim", 0) != 2:
+        raise ValueError(
+            f"block_tables: expected shape [{T}, max_pages], got {list(getattr(block_tables, 'shape', ()))}"
+        )
+    check_rows("block_tables", block_tables, T, (block_tables.shape[1],), integer=True)
 
 
 _project_jit = jax.jit(project, static_argnums=1)
@@ -370,6 +383,8 @@ def dsa_attention_host(
     cache: row `t` is at position `length(seq) + its rank among the call's rows of that sequence`).
     Not jit-able as a whole (the two device halves are). Returns `(out, caches, topk)` as
     `dsa_attention` does (`topk` a numpy array)."""
+    x, positions, slots, block_tables = (jnp.asarray(a) for a in (x, positions, slots, block_tables))
+    _check_rows_of_call(cfg, x, positions, slots, block_tables)
     if shared_topk is not None:
         proj = _project_jit(params, cfg, x, positions)
         index, topk = caches.index, np.asarray(shared_topk)

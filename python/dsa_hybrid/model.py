@@ -195,6 +195,13 @@ def generate_greedy(
     return out
 
 
+def padded_rows(n: int) -> int:
+    """The row count a batch of `n` rows is padded to: the next power of two, so that only a few batch
+    shapes are ever compiled (and a single decode row stays one row: at real widths the projections of
+    padding rows cost as much as real ones)."""
+    return 1 << (n - 1).bit_length()
+
+
 def split_rows(seq_ids: np.ndarray, parts: int) -> list[slice]:
     """Contiguous row ranges of about equal size that never cut a sequence's rows apart (rows of one
     sequence must be contiguous). At most `parts` ranges, fewer when there are fewer sequences."""
@@ -232,10 +239,18 @@ def forward_host(
     tokens, positions = np.asarray(tokens, np.int32), np.asarray(positions, np.int32)
     slots, block_tables = np.asarray(slots, np.int32), np.asarray(block_tables, np.int32)
     groups = split_rows(seq_ids, max(1, micro_batches))
-    pos = [jnp.asarray(positions[g]) for g in groups]
-    slot = [jnp.asarray(slots[g]) for g in groups]
-    table = [jnp.asarray(block_tables[g]) for g in groups]
-    xs = [_embed(params, jnp.asarray(tokens[g])) for g in groups]
+
+    def padded(a: np.ndarray, g: slice, fill: int) -> jax.Array:
+        """Rows `g` of `a`, padded by `padded_rows`; padding rows write nothing (slot −1) and are never
+        selected on the host."""
+        n = g.stop - g.start
+        pad = [(0, padded_rows(n) - n)] + [(0, 0)] * (a.ndim - 1)
+        return jnp.asarray(np.pad(a[g], pad, constant_values=fill))
+
+    pos = [padded(positions, g, 0) for g in groups]
+    slot = [padded(slots, g, -1) for g in groups]
+    table = [padded(block_tables, g, -1) for g in groups]
+    xs = [_embed(params, padded(tokens, g, 0)) for g in groups]
     caches = list(caches)
     topk: list[jax.Array | None] = [None] * len(groups)
 
@@ -258,10 +273,12 @@ def forward_host(
         for g, rows in enumerate(groups):
             proj, codes, scales = pending[g]
             if not shared:
+                n = rows.stop - rows.start
                 sel = layer_mod.host_select(
-                    host_caches[i], seq_ids[rows], codes, scales, proj, positions[rows], cfg.index_topk, threads
-                )
-                topk[g] = jnp.asarray(sel)
+                    host_caches[i], seq_ids[rows], codes[:n], scales[:n], _rows(proj, n), positions[rows],
+                    cfg.index_topk, threads,
+                )  # fmt: skip
+                topk[g] = jnp.asarray(np.pad(sel, ((0, proj.q_abs.shape[0] - n), (0, 0)), constant_values=-1))
             out, latent = layer_mod._attend_donating(
                 blk.attn, cfg, proj, slot[g], table[g], caches[i].latent, topk[g], backend,
                 None if shared else pos[g],
@@ -270,8 +287,13 @@ def forward_host(
             xs[g] = _residual_mlp(blk, cfg, xs[g], out)
             if i + 1 < len(params.blocks):
                 pending[g] = dispatch_projection(i + 1, g)
-    logits = [_head(params, cfg, x) for x in xs]
+    logits = [_head(params, cfg, x)[: g.stop - g.start] for x, g in zip(xs, groups, strict=True)]
     return (logits[0] if len(logits) == 1 else jnp.concatenate(logits)), tuple(caches)
+
+
+def _rows(proj, n: int):
+    """The first `n` rows of the indexer's projections (what the host needs)."""
+    return dataclasses.replace(proj, q_idx=proj.q_idx[:n], w_idx=proj.w_idx[:n])
 
 
 @jax.jit

@@ -1,16 +1,16 @@
 """Where a step's indexer runs: a cost model measured on the running machine at start-up.
 
-The two placements differ only in the lightning indexer (scoring + top-k): on the device it scans the
-whole block table of every (padded) row inside the one jitted forward; on the host the Rust cache scores
-only each row's visible keys, but each layer pays a device → host → device round trip. Each is fitted as
-`fixed + per_key · keys` per layer from a few timed calls at the model's own widths, with the same entry
-points the engine uses; `choose` then compares the predictions for a step's actual rows.
+The two placements differ in the lightning indexer (scoring + top-k) and in what surrounds it: on the
+device it scans the whole block table of every (padded) row inside one jitted forward; on the host the
+Rust cache scores only each row's visible keys, but each layer pays a device → host → device round trip
+and is split into two jitted halves. So the model times what the engine runs: one layer of the model
+itself (`dsa_attention` against `dsa_attention_host`) at a few context lengths and row counts, and fits
+each placement as `fixed + per_key · keys` per layer; `choose` compares the two for a step's rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 
 import jax
@@ -19,7 +19,8 @@ import numpy as np
 
 from .cache import IndexerKeyCache
 from .config import DSAConfig
-from .device_indexer import IndexerPages, select_topk_device
+from .layer import DSACaches, DSAParams, dsa_attention, dsa_attention_host
+from .model import padded_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,7 @@ class PlacementCosts:
     @staticmethod
     def measure(
         cfg: DSAConfig,
+        params: DSAParams,
         page_size: int = 64,
         *,
         lengths: tuple[int, ...] = (2048, 16384),
@@ -53,18 +55,26 @@ class PlacementCosts:
         threads: int | None = None,
         repeats: int = 3,
     ) -> PlacementCosts:
-        """Time both placements' selection at every (rows, length) pair on random keys, best of `repeats`,
-        and fit each line by least squares (intercept and slope clamped at ≥ 0)."""
-        return _measure(cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk, page_size, lengths, rows, threads,
-                        repeats)  # fmt: skip
+        """Time one layer (`params`, a layer of the served model) both ways at every (rows, length) pair,
+        best of `repeats`, and fit each line by least squares (intercept and slope clamped at ≥ 0). The
+        device runs its rows padded as the engine pads them (`model.padded_rows`)."""
+        host_work, host_s, dev_work, dev_s = [], [], [], []
+        for L in lengths:
+            for T in rows:
+                dev_rows = padded_rows(T)
+                host_s.append(_time_layer(cfg, params, page_size, L, T, "host", threads, repeats))
+                host_work.append(T * L)
+                dev_s.append(_time_layer(cfg, params, page_size, L, dev_rows, "device", threads, repeats))
+                dev_work.append(dev_rows * -(-L // page_size) * page_size)
+        return PlacementCosts(*_fit(host_work, host_s), *_fit(dev_work, dev_s))
 
 
 def _best(fn, repeats: int) -> float:
-    fn()  # compile / warm up
+    jax.block_until_ready(fn())  # compile / warm up
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
+        jax.block_until_ready(fn())
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -77,35 +87,33 @@ def _fit(work: list[float], secs: list[float]) -> tuple[float, float]:
     return max(float(fixed), 0.0), float(slope)
 
 
-@functools.cache
-def _measure(H, D, K, S, lengths, rows, threads, repeats) -> PlacementCosts:  # noqa: N803 - spec names
-    rng = np.random.default_rng(0)
-    host_work, host_s, dev_work, dev_s = [], [], [], []
-    sink = jax.jit(lambda t: t.sum())  # what the device does with the selection: consume it
-    for L in lengths:
-        n_pages = -(-L // S)
-        keys = rng.standard_normal((n_pages * S, D)).astype(np.float32)
-        pages = IndexerPages.create(n_pages, S, D).write(jnp.arange(n_pages * S), jnp.asarray(keys))
-        host = IndexerKeyCache(n_pages, S, D)
-        host.add_sequence(0)
-        host.append(0, keys[:L])
-        for T in rows:
-            q = jnp.asarray(rng.standard_normal((T, H, D)), jnp.float32)
-            w = jnp.asarray(np.abs(rng.standard_normal((T, H))), jnp.float32)
-            pos = jnp.full((T,), L - 1, jnp.int32)
-            tables = jnp.tile(jnp.arange(n_pages, dtype=jnp.int32), (T, 1))
-            select = jax.jit(functools.partial(select_topk_device, k=K))
+def _time_layer(cfg, params, S, L, T, where, threads, repeats) -> float:  # noqa: N803 - spec names
+    """Seconds of one layer over `T` rows of one sequence at positions `L − T .. L − 1` (random cache
+    contents for the `L − T` earlier tokens)."""
+    rng = np.random.default_rng(L + T)
+    n_pages = -(-L // S)
+    before = L - T
+    keys = rng.standard_normal((before, cfg.index_head_dim)).astype(np.float32)
+    caches = DSACaches.create(cfg, n_pages, S)
+    c_kv = jnp.asarray(rng.standard_normal((before, cfg.kv_lora_rank)), jnp.float32)
+    k_pe = jnp.asarray(rng.standard_normal((before, cfg.qk_rope_head_dim)), jnp.float32)
+    before_slots = jnp.arange(before)
+    caches = DSACaches(
+        caches.latent.write(before_slots, c_kv, k_pe), caches.index.write(before_slots, jnp.asarray(keys))
+    )
+    x = jnp.asarray(rng.standard_normal((T, cfg.hidden_size)), jnp.float32)
+    pos = jnp.arange(before, L, dtype=jnp.int32)
+    tables = jnp.tile(jnp.arange(n_pages, dtype=jnp.int32), (T, 1))
+    if where == "device":
+        step = jax.jit(lambda x, c: dsa_attention(params, cfg, x, pos, pos, tables, c, backend="xla")[0])
+        return _best(lambda: step(x, caches), repeats)
+    host = IndexerKeyCache(n_pages, S, cfg.index_head_dim)
+    host.add_sequence(0)
+    host.append(0, keys)
 
-            def device(q=q, w=w, tables=tables, pos=pos, select=select, pages=pages) -> None:
-                sink(select(q, w, pages, tables, pos)).block_until_ready()
+    def on_host():
+        host.truncate(0, before)  # undo the previous call's append
+        return dsa_attention_host(params, cfg, x, pos, pos, tables, caches, host, np.zeros(T, np.int64),
+                                  backend="xla", threads=threads)[0]  # fmt: skip
 
-            def on_host(q=q, w=w, pos=pos, host=host, T=T) -> None:
-                sel = host.select(np.zeros(T, np.int64), np.asarray(q), np.asarray(w), np.asarray(pos), K,
-                                  threads=threads)  # fmt: skip
-                sink(jnp.asarray(sel)).block_until_ready()
-
-            dev_work.append(T * n_pages * S)
-            dev_s.append(_best(device, repeats))
-            host_work.append(T * L)
-            host_s.append(_best(on_host, repeats))
-    return PlacementCosts(*_fit(host_work, host_s), *_fit(dev_work, dev_s))
+    return _best(on_host, repeats)
