@@ -75,3 +75,15 @@ def test_cli_rejects_bad_arguments():
         cli.main(["demo", "--requests", "0"])
     with pytest.raises(SystemExit):
         cli.main(["demo", "--placement", "gpu"])
+
+
+def test_demo_serves_a_hugging_face_checkpoint():
+    """`--checkpoint`: the tiny all-dense DeepseekV32ForCausalLM of the parity tests (index_topk 16)."""
+    from pathlib import Path
+
+    ckpt = Path(__file__).parent / "golden" / "deepseek_v32_lm"
+    out = io.StringIO()
+    r = run_demo(checkpoint=str(ckpt), requests=2, prompt_len=48, new_tokens=2, placement="device", out=out)
+    assert [len(o) for o in r.outputs] == [2, 2]
+    assert f"checkpoint {ckpt}" in out.getvalue() and "random weights" not in out.getvalue()
+    assert r.recall_vs_exact > 0.8

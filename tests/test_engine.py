@@ -240,3 +240,19 @@ def test_sampled_outputs_depend_only_on_the_seed() -> None:
     other, _ = run(40, 64, [dataclasses.replace(s, seed=s.seed + 100) for s in sp])
     assert other != roomy
     assert roomy != [generate_greedy(PARAMS, CFG, p, 6, page_size=8, **KW) for p in PROMPTS]
+
+
+def test_glm_shared_layers_on_every_placement() -> None:
+    """GLM-5 style: layer 1 reuses layer 0's selection and has no indexer cache on either side. Host and
+    auto placements give the device's tokens, which are the model's own greedy generation."""
+    cfg = DSAConfig.tiny("glm_moe_dsa").replace(num_hidden_layers=3, first_k_dense_replace=3,
+                                                indexer_types=("full", "shared", "full"))  # fmt: skip
+    params = ModelParams.random(cfg, seed=5)
+    prompts = PROMPTS[3:6]
+    want = [generate_greedy(params, cfg, p, MAX_NEW, page_size=16, backend="xla") for p in prompts]
+    kw = dict(num_pages=12, page_size=16, max_tokens_per_step=16, max_model_len=64, backend="xla", host_threads=1)
+    for placement in ("device", "host", "auto"):
+        engine = Engine(params, cfg, placement=placement, cost_model=SWITCHING, **kw)
+        assert engine.generate(prompts, MAX_NEW) == want, placement
+        if placement != "device":
+            assert engine.host_caches[1] is None and engine.host_caches[0] is not None

@@ -260,7 +260,12 @@ class Engine:
     # ----- scheduling ------------------------------------------------------------------------------
     def _schedule(self) -> list[tuple[Request, int, int]]:
         """`(request, start, count)` chunks of this step, within the token budget."""
-        while self.waiting:  # admission: as many as there are requests; budget decides who runs
+        # Admission control, first come first served: a request joins when the free pages can hold its
+        # first chunk (or when nothing runs: the oldest must progress); the rest wait without pages.
+        while self.waiting:
+            first_chunk = min(len(self.waiting[0].tokens), self.budget)
+            if self.running and -(-first_chunk // self.page_size) > self.pool.num_free:
+                break
             self.running.append(self.waiting.pop(0))
         plan, budget = [], self.budget
         for r in list(self.running):

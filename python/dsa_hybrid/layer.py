@@ -244,9 +244,10 @@ def attend(
 
     def prefix() -> jax.Array:
         lengths = (positions + 1).astype(jnp.int32)
-        return prefix_mla(
-            proj.q_abs, latent, block_tables, lengths, scale=cfg.softmax_scale, d_v=r_kv, backend=backend
-        )[0]
+        # Taken only when every row sees at most K tokens: the pages past K are never read, and leaving
+        # them out bounds this branch's buffers (XLA sizes both branches of a cond) by K, not the table.
+        tables = block_tables[:, : -(-topk.shape[1] // S)]
+        return prefix_mla(proj.q_abs, latent, tables, lengths, scale=cfg.softmax_scale, d_v=r_kv, backend=backend)[0]
 
     if positions is None:
         o_lat = sparse()
@@ -293,9 +294,14 @@ def dsa_attention(
         index = index.write(slots, proj.k_idx)
         on_tpu = backend == "pallas_tpu" or (backend == "auto" and jax.default_backend() == "tpu")
         idx_backend = "pallas_tpu" if on_tpu and isinstance(index, IndexerPages) else "xla"
+        # Keys scored per scan step: at most 4096, fewer for big batches, so the gathered keys of one
+        # step (rows × keys × D floats) stay near 256 MiB however long the prefill chunk.
+        T, S, D = x.shape[0], index.page_size, index.head_dim
+        key_chunk = max(S, min(4096, (1 << 26) // (T * D)))
         topk = select_topk_device(
-            proj.q_idx, proj.w_idx, index, block_tables, positions, cfg.index_topk, backend=idx_backend
-        )
+            proj.q_idx, proj.w_idx, index, block_tables, positions, cfg.index_topk, key_chunk=key_chunk,
+            backend=idx_backend,
+        )  # fmt: skip
     else:
         topk = shared_topk
     # Shared layers attend over the given selection as it is (it need not cover the whole prefix).
