@@ -108,11 +108,11 @@ class IndexerPages:
         n = check_rows("codes", codes, None, (self.head_dim,))
         check_rows("scales", scales, n, ())
         check_rows("slots", slots, n, (), integer=True)
-        num_slots = self.num_pages * self.page_size
-        idx = jnp.where((slots >= 0) & (slots < num_slots), slots, num_slots)
-        flat_codes = self.codes.reshape(num_slots, self.head_dim).at[idx].set(codes, mode="drop")
-        flat_scales = self.scales.reshape(num_slots).at[idx].set(scales, mode="drop")
-        return IndexerPages(flat_codes.reshape(self.codes.shape), flat_scales.reshape(self.scales.shape))
+        page, off = _page_and_offset(slots, self.num_pages, self.page_size)
+        # Scattered into the paged arrays themselves: see `LatentCache.write` (no whole-cache copies).
+        return IndexerPages(
+            self.codes.at[page, off].set(codes, mode="drop"), self.scales.at[page, 0, off].set(scales, mode="drop")
+        )
 
 
 def check_rows(name: str, x: Any, n: int | None, tail: tuple[int, ...], integer: bool = False) -> int:
@@ -127,6 +127,13 @@ def check_rows(name: str, x: Any, n: int | None, tail: tuple[int, ...], integer:
     if not integer and not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name}: expected floats, got {x.dtype}")
     return shape[0]
+
+
+def _page_and_offset(slots: jax.Array, num_pages: int, page_size: int) -> tuple[jax.Array, jax.Array]:
+    """Page and in-page offset of each slot; slots outside the cache (−1 included) get page `num_pages`,
+    which a `mode="drop"` scatter skips."""
+    valid = (slots >= 0) & (slots < num_pages * page_size)
+    return jnp.where(valid, slots // page_size, num_pages), jnp.where(valid, slots % page_size, 0)
 
 
 def quantize_keys(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -168,10 +175,8 @@ class ExactIndexerKeys:
         """Keys with `keys` `[n, D]` (post-RoPE, any float dtype) written at `slots` `[n]` (−1 / out of range
         skipped). Jit-able."""
         check_rows("slots", slots, check_rows("keys", keys, None, (self.head_dim,)), (), integer=True)
-        num_slots = self.num_pages * self.page_size
-        idx = jnp.where((slots >= 0) & (slots < num_slots), slots, num_slots)
-        flat = self.keys.reshape(num_slots, self.head_dim).at[idx].set(keys.astype(jnp.float32), mode="drop")
-        return ExactIndexerKeys(flat.reshape(self.keys.shape))
+        page, off = _page_and_offset(slots, self.num_pages, self.page_size)
+        return ExactIndexerKeys(self.keys.at[page, off].set(keys.astype(jnp.float32), mode="drop"))
 
     def gather(self, pages: jax.Array) -> tuple[jax.Array, jax.Array]:
         T = pages.shape[0]

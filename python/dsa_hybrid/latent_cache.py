@@ -139,8 +139,10 @@ class LatentCache:
         idx = jnp.where((slots >= 0) & (slots < self.num_slots), slots, self.num_slots).astype(jnp.int32)
 
         def put(arr: jax.Array, values: jax.Array) -> jax.Array:
-            flat = arr.reshape(self.num_slots, arr.shape[-1])
-            return flat.at[idx].set(values.astype(arr.dtype), mode="drop").reshape(arr.shape)
+            # Scatter into the paged array itself: a flat reshape around the scatter would make XLA
+            # copy the whole cache on every call (the size-1 head dim gets a different layout).
+            page, off = idx // self.page_size, idx % self.page_size
+            return arr.at[page, off, 0].set(values.astype(arr.dtype), mode="drop")
 
         if self.kind != "fp8":
             assert self.kv is not None
