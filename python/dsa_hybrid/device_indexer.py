@@ -2,8 +2,10 @@
 
 `IndexerPages` holds the same bytes as the host `IndexerKeyCache` pages (spec §6: per page,
 `page_size × D` e4m3fn codes token-major, then `page_size` float32 scales), split into two arrays so
-a TPU can DMA a page of either: `codes` float8_e4m3fn `[num_pages, page_size, D]` and `scales`
-float32 `[num_pages, 1, page_size]`. `from_host_pages` / `to_host_pages` move pages either way
+a TPU can DMA a page of either: `codes` uint8 `[num_pages, page_size, D]` (the e4m3fn bit
+patterns: XLA on CPU upcasts a whole float8 array to update one row of it, a byte array it updates
+in place; `fp8_codes()` views them as float8_e4m3fn) and `scales` float32 `[num_pages, 1,
+page_size]`. `from_host_pages` / `to_host_pages` move pages either way
 unchanged (a view of the bytes), so the host and the device can take turns at indexing one sequence.
 
 `select_topk_device` scores every visible key of each query row from those pages and keeps its top-k.
@@ -22,7 +24,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 from .latent_cache import quantize_rows
@@ -34,7 +35,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 class IndexerPages:
     """Device copy of indexer-key pages (see the module docstring)."""
 
-    codes: jax.Array  # float8_e4m3fn [num_pages, page_size, D]
+    codes: jax.Array  # uint8 [num_pages, page_size, D]: e4m3fn bit patterns
     scales: jax.Array  # float32 [num_pages, 1, page_size]
 
     @property
@@ -57,7 +58,7 @@ class IndexerPages:
                 f"need num_pages, page_size >= 1 and a power-of-two head_dim, got {num_pages}, {page_size}, {head_dim}"
             )
         return IndexerPages(
-            jnp.zeros((num_pages, page_size, head_dim), jnp.float8_e4m3fn),
+            jnp.zeros((num_pages, page_size, head_dim), jnp.uint8),
             jnp.zeros((num_pages, 1, page_size), jnp.float32),
         )
 
@@ -72,7 +73,7 @@ class IndexerPages:
             )
         n = pages.shape[0]
         split = page_size * head_dim
-        codes = np.ascontiguousarray(pages[:, :split]).view(ml_dtypes.float8_e4m3fn).reshape(n, page_size, head_dim)
+        codes = np.ascontiguousarray(pages[:, :split]).reshape(n, page_size, head_dim)
         scales = np.ascontiguousarray(pages[:, split:]).view("<f4").reshape(n, 1, page_size).astype(np.float32)
         return IndexerPages(jnp.asarray(codes), jnp.asarray(scales))
 
@@ -82,13 +83,17 @@ class IndexerPages:
         """Keys of whole pages (`pages` int32 `[T, n]`) as exact float32 values `[T, n·page_size, D]`
         and their scales `[T, n·page_size]`."""
         T = pages.shape[0]
-        keys = self.codes[pages].reshape(T, -1, self.head_dim).astype(jnp.float32)
+        keys = _as_fp8(self.codes[pages]).reshape(T, -1, self.head_dim).astype(jnp.float32)
         return keys, self.scales[pages].reshape(T, -1)
+
+    def fp8_codes(self) -> jax.Array:
+        """The codes as float8_e4m3fn `[num_pages, page_size, D]` (a bitcast)."""
+        return _as_fp8(self.codes)
 
     def to_host_pages(self) -> np.ndarray:
         """uint8 `[num_pages, page_size · (head_dim + 4)]`, byte-identical to the host cache's layout."""
         n = self.num_pages
-        codes = np.asarray(self.codes).view(np.uint8).reshape(n, -1)
+        codes = np.asarray(self.codes).reshape(n, -1)
         scales = np.asarray(self.scales, dtype="<f4").reshape(n, -1).view(np.uint8)
         return np.concatenate([codes, scales], axis=1)
 
@@ -104,12 +109,14 @@ class IndexerPages:
 
     def write_quantized(self, slots: jax.Array, codes: jax.Array, scales: jax.Array) -> IndexerPages:
         """Pages with keys quantized elsewhere written at `slots` `[n]` (−1 / out of range skipped): `codes`
-        float8_e4m3fn `[n, D]` of Hadamard-rotated keys, `scales` float32 `[n]` (`quantize_keys`). Jit-able."""
+        float8_e4m3fn (or their uint8 bit patterns) `[n, D]` of Hadamard-rotated keys, `scales` float32
+        `[n]` (`quantize_keys`). Jit-able."""
         n = check_rows("codes", codes, None, (self.head_dim,))
         check_rows("scales", scales, n, ())
         check_rows("slots", slots, n, (), integer=True)
         page, off = _page_and_offset(slots, self.num_pages, self.page_size)
         # Scattered into the paged arrays themselves: see `LatentCache.write` (no whole-cache copies).
+        codes = jax.lax.bitcast_convert_type(codes, jnp.uint8) if codes.dtype != jnp.uint8 else codes
         return IndexerPages(
             self.codes.at[page, off].set(codes, mode="drop"), self.scales.at[page, 0, off].set(scales, mode="drop")
         )
@@ -127,6 +134,10 @@ def check_rows(name: str, x: Any, n: int | None, tail: tuple[int, ...], integer:
     if not integer and not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name}: expected floats, got {x.dtype}")
     return shape[0]
+
+
+def _as_fp8(codes: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(codes, jnp.float8_e4m3fn)
 
 
 def _page_and_offset(slots: jax.Array, num_pages: int, page_size: int) -> tuple[jax.Array, jax.Array]:
@@ -280,7 +291,7 @@ def select_topk_device(
             from .device_indexer_tpu import score_pages_tpu
 
             scores = score_pages_tpu(
-                q8, head_w, pages.codes, pages.scales, safe, positions, c * chunk_len,
+                q8, head_w, pages.fp8_codes(), pages.scales, safe, positions, c * chunk_len,
                 exact_in_bf16=quantize, interpret=interpret,
             )  # fmt: skip
             return jnp.where(visible, scores, -jnp.inf)
