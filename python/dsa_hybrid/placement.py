@@ -4,8 +4,9 @@ The two placements differ in the lightning indexer (scoring + top-k) and in what
 device it scans the whole block table of every (padded) row inside one jitted forward; on the host the
 Rust cache scores only each row's visible keys, but each layer pays a device → host → device round trip
 and is split into two jitted halves. So the model times what the engine runs: one layer of the model
-itself (`dsa_attention` against `dsa_attention_host`) at a few context lengths and row counts, and fits
-each placement as `fixed + per_key · keys` per layer; `choose` compares the two for a step's rows.
+itself (`dsa_attention` against the host path of `model.forward_host`, caches updated in place) at a
+few context lengths and row counts, and fits each placement as `fixed + per_key · keys` per layer;
+`choose` compares the two for a step's rows.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import layer as layer_mod
 from .cache import IndexerKeyCache
 from .config import DSAConfig
-from .layer import DSACaches, DSAParams, dsa_attention, dsa_attention_host
+from .layer import DSACaches, DSAParams, dsa_attention
 from .model import padded_rows
 
 
@@ -104,16 +106,33 @@ def _time_layer(cfg, params, S, L, T, where, threads, repeats) -> float:  # noqa
     x = jnp.asarray(rng.standard_normal((T, cfg.hidden_size)), jnp.float32)
     pos = jnp.arange(before, L, dtype=jnp.int32)
     tables = jnp.tile(jnp.arange(n_pages, dtype=jnp.int32), (T, 1))
+    # As the engine runs them: the caches donated and returned (updated in place), never discarded
+    # (a discarded cache write is dead code to XLA and would not be timed).
+    state = {"caches": caches}
     if where == "device":
-        step = jax.jit(lambda x, c: dsa_attention(params, cfg, x, pos, pos, tables, c, backend="xla")[0])
-        return _best(lambda: step(x, caches), repeats)
+        step = jax.jit(
+            lambda x, c: dsa_attention(params, cfg, x, pos, pos, tables, c, backend="xla")[:2], donate_argnums=1
+        )
+
+        def on_device():
+            out, state["caches"] = step(x, state["caches"])
+            return out
+
+        return _best(on_device, repeats)
     host = IndexerKeyCache(n_pages, S, cfg.index_head_dim)
     host.add_sequence(0)
     host.append(0, keys)
+    seq_ids, pos_np = np.zeros(T, np.int64), np.asarray(pos)
 
     def on_host():
         host.truncate(0, before)  # undo the previous call's append
-        return dsa_attention_host(params, cfg, x, pos, pos, tables, caches, host, np.zeros(T, np.int64),
-                                  backend="xla", threads=threads)[0]  # fmt: skip
+        c = state["caches"]
+        proj, codes, scales, index = layer_mod._project_write_donating(params, cfg, x, pos, pos, c.index)
+        topk = layer_mod.host_select(host, seq_ids, codes, scales, proj, pos_np, cfg.index_topk, threads)
+        out, latent = layer_mod._attend_donating(
+            params, cfg, proj, pos, tables, c.latent, jnp.asarray(topk), "xla", pos
+        )
+        state["caches"] = DSACaches(latent, index)
+        return out
 
     return _best(on_host, repeats)
