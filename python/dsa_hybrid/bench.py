@@ -161,18 +161,21 @@ def bench_sparse_mla(t: Table, lengths: list[int]) -> list[tuple[int, float, flo
 
 
 def bench_layer_placement(t: Table, lengths: list[int], cfg_name: str) -> None:
+    import jax
+
     from .config import DSAConfig
     from .layer import DSAParams
     from .placement import PlacementCosts, _time_layer
 
     cfg = DSAConfig.deepseek_v32() if cfg_name == "deepseek_v32" else DSAConfig.small()
-    t.title(f"one DSA layer decode step ({cfg_name} widths), indexer on the host vs the device, 1 thread")
+    kind = "f32" if jax.default_backend() == "cpu" else "bf16"  # the engine's default latent cache
+    t.title(f"one DSA layer decode step ({cfg_name} widths, {kind} latent cache), indexer on the host vs the device")
     t.header("L", "device ms", "host ms", "host / device", "auto picks", "right?")
     params = DSAParams.random(cfg, seed=0, std=0.01)
-    costs = PlacementCosts.measure(cfg, params, 64, lengths=(min(lengths), max(lengths)), threads=1)
+    costs = PlacementCosts.measure(cfg, params, 64, lengths=(min(lengths), max(lengths)), threads=1, latent_kind=kind)
     for L in lengths:
-        t_dev = _time_layer(cfg, params, 64, L, 1, "device", 1, 3)
-        t_host = _time_layer(cfg, params, 64, L, 1, "host", 1, 3)
+        t_dev = _time_layer(cfg, params, 64, L, 1, "device", 1, 3, kind)
+        t_host = _time_layer(cfg, params, 64, L, 1, "host", 1, 3, kind)
         pick = costs.choose(L, 1, -(-L // 64) * 64)
         faster = "host" if t_host < t_dev else "device"
         t.row(

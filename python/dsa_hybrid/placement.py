@@ -56,17 +56,19 @@ class PlacementCosts:
         rows: tuple[int, ...] = (1, 8),
         threads: int | None = None,
         repeats: int = 3,
+        latent_kind: str = "bf16",
     ) -> PlacementCosts:
         """Time one layer (`params`, a layer of the served model) both ways at every (rows, length) pair,
         best of `repeats`, and fit each line by least squares (intercept and slope clamped at ≥ 0). The
-        device runs its rows padded as the engine pads them (`model.padded_rows`)."""
+        device runs its rows padded as the engine pads them (`model.padded_rows`); `latent_kind` is the
+        engine's latent cache format."""
         host_work, host_s, dev_work, dev_s = [], [], [], []
         for L in lengths:
             for T in rows:
                 dev_rows = padded_rows(T)
-                host_s.append(_time_layer(cfg, params, page_size, L, T, "host", threads, repeats))
+                host_s.append(_time_layer(cfg, params, page_size, L, T, "host", threads, repeats, latent_kind))
                 host_work.append(T * L)
-                dev_s.append(_time_layer(cfg, params, page_size, L, dev_rows, "device", threads, repeats))
+                dev_s.append(_time_layer(cfg, params, page_size, L, dev_rows, "device", threads, repeats, latent_kind))
                 dev_work.append(dev_rows * -(-L // page_size) * page_size)
         return PlacementCosts(*_fit(host_work, host_s), *_fit(dev_work, dev_s))
 
@@ -89,14 +91,14 @@ def _fit(work: list[float], secs: list[float]) -> tuple[float, float]:
     return max(float(fixed), 0.0), float(slope)
 
 
-def _time_layer(cfg, params, S, L, T, where, threads, repeats) -> float:  # noqa: N803 - spec names
+def _time_layer(cfg, params, S, L, T, where, threads, repeats, latent_kind="bf16") -> float:  # noqa: N803
     """Seconds of one layer over `T` rows of one sequence at positions `L − T .. L − 1` (random cache
     contents for the `L − T` earlier tokens)."""
     rng = np.random.default_rng(L + T)
     n_pages = -(-L // S)
     before = L - T
     keys = rng.standard_normal((before, cfg.index_head_dim)).astype(np.float32)
-    caches = DSACaches.create(cfg, n_pages, S)
+    caches = DSACaches.create(cfg, n_pages, S, latent_kind=latent_kind)
     c_kv = jnp.asarray(rng.standard_normal((before, cfg.kv_lora_rank)), jnp.float32)
     k_pe = jnp.asarray(rng.standard_normal((before, cfg.qk_rope_head_dim)), jnp.float32)
     before_slots = jnp.arange(before)
