@@ -76,6 +76,7 @@ class EngineStats:
     decode_steps: int = 0  # steps in which every row was a decode (no prompt chunk)
     decode_step_seconds: float = 0.0
     decode_step_tokens: int = 0
+    decode_step_log: list[tuple[float, int]] = dataclasses.field(default_factory=list)  # (seconds, tokens)
 
 
 class Engine:
@@ -344,6 +345,7 @@ class Engine:
             st.decode_steps += 1
             st.decode_step_seconds += t3 - t0
             st.decode_step_tokens += len(new)
+            st.decode_step_log.append((t3 - t0, len(new)))
         for stage, secs in (("schedule", t1 - t0), ("forward", t2 - t1), ("sample", t3 - t2)):
             st.seconds[stage] += secs
         return new
