@@ -17,10 +17,11 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable
-from typing import Any, TextIO
+from typing import TextIO
 
 import numpy as np
+
+from ._timing import best_time
 
 SINGLE_THREAD_ENV = {
     "OMP_NUM_THREADS": "1",
@@ -31,19 +32,6 @@ SINGLE_THREAD_ENV = {
         os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
     ).strip(),
 }
-
-
-def best_time(fn: Callable[[], Any], repeats: int = 3) -> float:
-    """Seconds of the fastest of `repeats` calls after a warm-up call; JAX results are waited for."""
-    import jax
-
-    jax.block_until_ready(fn())
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 class Table:
@@ -193,7 +181,7 @@ def _steady_decode_seconds(engine, prompts: list[list[int]], new_tokens: int) ->
     ids = [engine.add_request(p, new_tokens) for p in prompts]
     times = []
     while engine.has_unfinished():
-        decoding = all(r.computed >= len(r.prompt) for r in engine.running) and not engine.waiting
+        decoding = all(r.computed >= r.num_prompt for r in engine.running) and not engine.waiting
         t0 = time.perf_counter()
         engine.step()
         if decoding:

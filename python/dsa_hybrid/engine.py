@@ -46,18 +46,22 @@ PLACEMENTS = ("device", "host", "auto")
 @dataclasses.dataclass
 class Request:
     id: int
-    prompt: list[int]
+    tokens: list[int]  # the prompt, then the output so far: one list, read every step and never rebuilt
+    num_prompt: int
     max_new_tokens: int
     sampling: SamplingParams
     rng: np.random.Generator
-    output: list[int] = dataclasses.field(default_factory=list)
     pages: list[int] = dataclasses.field(default_factory=list)
     computed: int = 0  # tokens whose keys and latents are in the caches
     finished: bool = False
 
     @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.output
+    def prompt(self) -> list[int]:
+        return self.tokens[: self.num_prompt]
+
+    @property
+    def output(self) -> list[int]:
+        return self.tokens[self.num_prompt :]
 
 
 @dataclasses.dataclass
@@ -73,10 +77,20 @@ class EngineStats:
     seconds: dict[str, float] = dataclasses.field(
         default_factory=lambda: {"schedule": 0.0, "forward": 0.0, "sample": 0.0}
     )
-    decode_steps: int = 0  # steps in which every row was a decode (no prompt chunk)
-    decode_step_seconds: float = 0.0
-    decode_step_tokens: int = 0
-    decode_step_log: list[tuple[float, int]] = dataclasses.field(default_factory=list)  # (seconds, tokens)
+    # (seconds, tokens produced) of each step in which every row was a decode (no prompt chunk)
+    decode_step_log: list[tuple[float, int]] = dataclasses.field(default_factory=list)
+
+    @property
+    def decode_steps(self) -> int:
+        return len(self.decode_step_log)
+
+    @property
+    def decode_step_seconds(self) -> float:
+        return sum(s for s, _ in self.decode_step_log)
+
+    @property
+    def decode_step_tokens(self) -> int:
+        return sum(n for _, n in self.decode_step_log)
 
 
 class Engine:
@@ -192,7 +206,8 @@ class Engine:
         sampling = sampling or SamplingParams()
         rid = self._next_id
         self._next_id += 1
-        self.waiting.append(Request(rid, prompt, max_new_tokens, sampling, np.random.default_rng(sampling.seed)))
+        rng = np.random.default_rng(sampling.seed)
+        self.waiting.append(Request(rid, prompt, len(prompt), max_new_tokens, sampling, rng))
         return rid
 
     def abort(self, rid: int) -> None:
@@ -339,12 +354,9 @@ class Engine:
         st = self.stats
         st.steps += 1
         st.steps_by_placement[where] += 1
-        st.prompt_tokens_computed += sum(c for r, s, c in plan if s < len(r.prompt))
+        st.prompt_tokens_computed += sum(c for r, s, c in plan if s < r.num_prompt)
         st.decode_tokens += len(new)
-        if all(s >= len(r.prompt) for r, s, _ in plan):
-            st.decode_steps += 1
-            st.decode_step_seconds += t3 - t0
-            st.decode_step_tokens += len(new)
+        if all(s >= r.num_prompt for r, s, _ in plan):
             st.decode_step_log.append((t3 - t0, len(new)))
         for stage, secs in (("schedule", t1 - t0), ("forward", t2 - t1), ("sample", t3 - t2)):
             st.seconds[stage] += secs
@@ -368,9 +380,9 @@ class Engine:
         new: dict[int, list[int]] = {}
         for i, (r, last) in enumerate(ends):
             tok = int(greedy[last]) if r.sampling.greedy else sample(rows[sampled.index(i)], r.sampling, r.rng)
-            r.output.append(tok)
+            r.tokens.append(tok)
             new[r.id] = [tok]
-            if len(r.output) >= r.max_new_tokens:
+            if len(r.tokens) - r.num_prompt >= r.max_new_tokens:
                 r.finished = True
                 self.running.remove(r)
                 self._release(r)

@@ -12,13 +12,13 @@ few context lengths and row counts, and fits each placement as `fixed + per_key 
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import layer as layer_mod
+from ._timing import best_time
 from .cache import IndexerKeyCache
 from .config import DSAConfig
 from .layer import DSACaches, DSAParams, dsa_attention
@@ -73,16 +73,6 @@ class PlacementCosts:
         return PlacementCosts(*_fit(host_work, host_s), *_fit(dev_work, dev_s))
 
 
-def _best(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile / warm up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def _fit(work: list[float], secs: list[float]) -> tuple[float, float]:
     a = np.vstack([np.ones(len(work)), work]).T
     fixed, slope = np.linalg.lstsq(a, np.asarray(secs), rcond=None)[0]
@@ -120,7 +110,7 @@ def _time_layer(cfg, params, S, L, T, where, threads, repeats, latent_kind="bf16
             out, state["caches"] = step(x, state["caches"])
             return out
 
-        return _best(on_device, repeats)
+        return best_time(on_device, repeats)
     host = IndexerKeyCache(n_pages, S, cfg.index_head_dim)
     host.add_sequence(0)
     host.append(0, keys)
@@ -137,4 +127,4 @@ def _time_layer(cfg, params, S, L, T, where, threads, repeats, latent_kind="bf16
         state["caches"] = DSACaches(latent, index)
         return out
 
-    return _best(on_host, repeats)
+    return best_time(on_host, repeats)
