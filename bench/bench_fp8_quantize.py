@@ -1,6 +1,6 @@
 """Indexer-key quantization throughput: the Rust core against the numpy oracle, same keys, one run.
 
-What the indexer-key cache does to each appended key (spec §4): Hadamard-128, then FP8 e4m3fn with a
+What the indexer-key cache does to each appended key (dsa.md §4): Hadamard-128, then FP8 e4m3fn with a
 power-of-two scale. Prints tokens/s for both and their ratio. Usage:
     python bench/bench_fp8_quantize.py [--tokens 65536] [--repeats 5]
 """

@@ -5,7 +5,7 @@ numpy baseline runs the same math on the same data: the cache's FP8 keys decoded
 lookup) and scaled, `einsum` (BLAS, `optimize=True`) → ReLU → weighted sum over heads → `argpartition`.
 It is timed twice: from the FP8 bytes (what it must do with the cache), and from keys already decoded
 (the most favourable case for numpy). The FMA peak is a large float32 numpy matmul in the same run.
-PERF.md's targets: ≥ 2× faster end to end; scoring at ≥ 75% of the FMA peak.
+docs/performance.md's targets: ≥ 2× faster end to end; scoring at ≥ 75% of the FMA peak.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 DeepSeek-V3.2 widths (h = 128, H_I = 64, D_I = 128, K = 2048), one sequence whose caches already hold
 L − 1 tokens (filled directly, not through the layer), then one new token: projections, indexer,
 top-k, sparse MLA, output projection. Prints ms per step for each placement and their ratio, at
-L = 4K … 64K. PERF.md: the scheduler's "auto" placement must pick the faster one at every L.
+L = 4K … 64K. docs/performance.md: the scheduler's "auto" placement must pick the faster one at every L.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 from _timing import best_time
 
 import dsa_hybrid as dh
-from dsa_hybrid.layer import DSACaches, DSAParams, dsa_attention, dsa_attention_host
+from dsa_hybrid.layers.dsa_attention import DSACaches, DSAParams, dsa_attention, dsa_attention_host
 
 PAGE = 64
 

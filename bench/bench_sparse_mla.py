@@ -2,7 +2,7 @@
 
 One decode query token per sequence (h = 128 heads, absorbed width 576, K = 2048 selected entries), the
 latent cache in bf16 or FP8, L = 4K … 64K. Dense runs the same einsum code over every cached token with
-a causal mask (no gather); sparse gathers its K rows first. Prints ms per token and the ratio. PERF.md's
+a causal mask (no gather); sparse gathers its K rows first. Prints ms per token and the ratio. docs/performance.md's
 target: cost flat in L, ≥ 20× faster than dense at L = 64K.
 """
 
@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from _timing import best_time
 
-from dsa_hybrid.latent_cache import LatentCache
-from dsa_hybrid.sparse_attention import dense_mla, sparse_mla
+from dsa_hybrid.ops.latent_cache import LatentCache
+from dsa_hybrid.ops.sparse_mla import dense_mla, sparse_mla
 
 
 def main() -> None:

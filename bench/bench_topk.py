@@ -2,7 +2,7 @@
 
 Rows of f32 scores of length L (32K, 128K, 1M), k = 2048. Every library gets the same rows; each time is
 the best of several runs per row. Also times one streaming read of the row (`np.max`), the floor any
-top-k must pay. Prints µs per row and ratios; PERF.md's targets: ≥ 3× faster than the fastest baseline
+top-k must pay. Prints µs per row and ratios; docs/performance.md's targets: ≥ 3× faster than the fastest baseline
 at 128K, within 3× of the read.
 """
 

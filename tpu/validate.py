@@ -5,7 +5,7 @@
 
 For each cache format and token count it (1) compiles the sparse MLA kernel, (2) checks it against the XLA path on
 the same inputs (max abs error of out, of lse), (3) times both, and (4) prints the achieved HBM bandwidth
-and FLOP/s as a fraction of the chip's roofline (spec/DSA.md §8). Then the same for the device
+and FLOP/s as a fraction of the chip's roofline (docs/dsa.md §8). Then the same for the device
 indexer's scoring kernel (H_I = 64, D_I = 128, FP8 pages, top-k over the whole context). Exit status 1
 if any check fails.
 Needs `pip install .` (or `pip install -e .`) on the TPU VM; runs anywhere with `--interpret` for a
@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsa_hybrid.device_indexer import IndexerPages, select_topk_device
-from dsa_hybrid.latent_cache import LatentCache
-from dsa_hybrid.sparse_attention import sparse_mla
+from dsa_hybrid.ops.indexer import IndexerPages, select_topk_device
+from dsa_hybrid.ops.latent_cache import LatentCache
+from dsa_hybrid.ops.sparse_mla import sparse_mla
 
-# HBM bandwidth (bytes/s) and dense bf16 peak (FLOP/s) per chip, spec §8.
+# HBM bandwidth (bytes/s) and dense bf16 peak (FLOP/s) per chip, dsa.md §8.
 ROOFLINE = {
     "v5e": (0.82e12, 197e12),
     "v5p": (2.77e12, 459e12),

@@ -12,7 +12,7 @@ def fp8_quantize_rows(
     x: npt.NDArray[np.float32], *, hadamard: bool = True
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
     """Quantize each row of a C-contiguous float32 `[n, d]` array to FP8 e4m3fn with one power-of-two
-    scale per row, after an optional orthonormal Hadamard rotation (spec §4). Returns
+    scale per row, after an optional orthonormal Hadamard rotation (dsa.md §4). Returns
     `(codes uint8 [n, d], scales float32 [n])`, bit-identical to the reference. Releases the GIL.
     Raises ValueError on NaN/inf or (with `hadamard`) a width that is not a power of two."""
 

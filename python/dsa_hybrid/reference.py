@@ -1,4 +1,4 @@
-"""The float64 numpy oracle of `spec/DSA.md`: plain, readable, and the ground truth.
+"""The float64 numpy oracle of `docs/dsa.md`: plain, readable, and the ground truth.
 
 Every fast path in dsa_hybrid (Rust host core, JAX/XLA, Pallas TPU) is tested against
 these functions. They favour clarity over speed; read them to learn DSA.
@@ -26,7 +26,7 @@ import ml_dtypes
 import numpy as np
 
 if TYPE_CHECKING:
-    from .config import YarnScaling
+    from dsa_hybrid.models.config import YarnScaling
 
 E4M3_MAX = 448.0
 AMAX_FLOOR = 1e-4
@@ -145,7 +145,7 @@ def mla_output(o_lat: np.ndarray, w_uv: np.ndarray) -> np.ndarray:
 def sparse_mla(
     q: np.ndarray, kv: np.ndarray, indices: np.ndarray, scale: float, d_v: int = 512
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Sparse MLA attention in absorbed (MQA) form (spec §3).
+    """Sparse MLA attention in absorbed (MQA) form (dsa.md §3).
 
     q:       `[T, h, D]` absorbed queries (`D = r_kv + d_rope`, 576 for DeepSeek-V3.2)
     kv:      `[N, D]` cached latent rows `[c_kv | k_pe]`; the values are the first `d_v` columns
@@ -307,7 +307,7 @@ def quantize_indexer_keys(k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def indexer_scores(q: np.ndarray, w: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """Exact lightning-indexer scores (the paper's Eq. 1, spec §4):
+    """Exact lightning-indexer scores (the paper's Eq. 1, dsa.md §4):
     `I[t, s] = Σ_j w[t, j] · ReLU(D^-0.5 · q[t, j] · k[s])`.
 
     q: `[T, H, D]` post-RoPE indexer queries; w: `[T, H]` head weights (already × H^-0.5);
@@ -319,7 +319,7 @@ def indexer_scores(q: np.ndarray, w: np.ndarray, k: np.ndarray) -> np.ndarray:
 
 
 def indexer_scores_fp8(q: np.ndarray, w: np.ndarray, k_codes: np.ndarray, k_scales: np.ndarray) -> np.ndarray:
-    """The deployed FP8 path (spec §4), emulated exactly: queries are Hadamard-rotated and quantized
+    """The deployed FP8 path (dsa.md §4), emulated exactly: queries are Hadamard-rotated and quantized
     per head, keys come already quantized (`quantize_indexer_keys`), products are exact.
 
     `I[t, s] = sk[s] · Σ_j (w[t, j] · D^-0.5 · sq[t, j]) · ReLU(q8[t, j] · k8[s])`.
@@ -338,7 +338,7 @@ def indexer_scores_fp8(q: np.ndarray, w: np.ndarray, k_codes: np.ndarray, k_scal
 
 
 def select_topk(scores: np.ndarray, positions: np.ndarray, k: int) -> np.ndarray:
-    """Top-k visible keys per query token (spec §5).
+    """Top-k visible keys per query token (dsa.md §5).
 
     scores: `[T, L]` indexer scores, column = key position; positions: `[T]` absolute position `p_t`
     of each query token, which sees keys `0..p_t` (so `p_t < L`). Returns int32 `[T, k]`: the
@@ -386,7 +386,7 @@ def positions_to_slots(positions: np.ndarray, block_table: np.ndarray, block_siz
 
 
 def pack_indexer_pages(codes: np.ndarray, scales: np.ndarray, block_size: int = INDEXER_PAGE_TOKENS) -> np.ndarray:
-    """Pack quantized indexer keys into pages (spec §6). codes: uint8 `[n, D]`, scales: float32 `[n]`.
+    """Pack quantized indexer keys into pages (dsa.md §6). codes: uint8 `[n, D]`, scales: float32 `[n]`.
     Returns uint8 `[ceil(n / block_size), block_size · (D + 4)]`: per page, the `block_size × D` code
     bytes token-major, then `block_size` little-endian float32 scales. Unused slots are zero."""
     codes = np.asarray(codes, dtype=np.uint8)
@@ -422,7 +422,7 @@ MLA_BF16_ROW_BYTES = 1152
 
 
 def pack_mla_fp8(c_kv: np.ndarray, k_pe: np.ndarray) -> np.ndarray:
-    """FlashMLA's FP8 latent rows (spec §6): c_kv `[n, 512]`, k_pe `[n, 64]` → uint8 `[n, 656]`:
+    """FlashMLA's FP8 latent rows (dsa.md §6): c_kv `[n, 512]`, k_pe `[n, 64]` → uint8 `[n, 656]`:
     512 e4m3 codes (4 tiles of 128, one power-of-two scale each), 4 float32 scales, 64 bf16 k_pe."""
     c_kv, k_pe = _f64(c_kv), _f64(k_pe)
     n = c_kv.shape[0]
@@ -447,7 +447,7 @@ def unpack_mla_fp8(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pack_mla_bf16(c_kv: np.ndarray, k_pe: np.ndarray) -> np.ndarray:
-    """bf16 latent rows (spec §6): `[c_kv 512 | k_pe 64]` as bf16 → uint8 `[n, 1152]`."""
+    """bf16 latent rows (dsa.md §6): `[c_kv 512 | k_pe 64]` as bf16 → uint8 `[n, 1152]`."""
     row = np.concatenate([_f64(c_kv), _f64(k_pe)], axis=-1).astype(ml_dtypes.bfloat16)
     return row.view(np.uint8).reshape(row.shape[0], MLA_BF16_ROW_BYTES)
 
@@ -466,7 +466,7 @@ def unpack_mla_bf16(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def indexer_kl_loss(attn_probs: np.ndarray, scores: np.ndarray, selected: np.ndarray | None = None) -> float:
     """`Σ_t KL(P[t] ‖ softmax(I[t]))` with `P[t]` = main attention probabilities summed over heads and
-    L1-normalised (spec §7). attn_probs: `[T, h, L]`, scores: `[T, L]` (−inf where not visible).
+    L1-normalised (dsa.md §7). attn_probs: `[T, h, L]`, scores: `[T, L]` (−inf where not visible).
     With `selected` (`[T, K]` positions, −1 padded) both distributions are restricted to that set
     (the sparse training stage)."""
     p = _f64(attn_probs).sum(axis=1)

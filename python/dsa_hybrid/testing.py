@@ -27,7 +27,7 @@ import ml_dtypes
 import numpy as np
 from hypothesis import strategies as st
 
-from .config import SUPPORTED_MODEL_TYPES, DSAConfig
+from dsa_hybrid.models.config import SUPPORTED_MODEL_TYPES, DSAConfig
 
 __all__ = [
     "IndexerProblem",
@@ -121,7 +121,7 @@ def _visible_count(positions: np.ndarray, k: int) -> np.ndarray:
 
 
 def assert_valid_topk(indices: Any, scores: Any, positions: Any, k: int) -> None:
-    """Assert `indices` (`[T, k]`) is *a* correct top-k selection per spec §5 for `scores [T, L]` and
+    """Assert `indices` (`[T, k]`) is *a* correct top-k selection per dsa.md §5 for `scores [T, L]` and
     query `positions [T]`: each row holds `min(k, p_t + 1)` distinct positions in `[0, p_t]`, the rest
     −1, and no unselected visible key scores higher than a selected one. (Exact ties may go either way;
     `assert_topk_equal` additionally checks the lowest-position tie rule.)"""

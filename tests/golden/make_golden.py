@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1] / "python"))
 from dsa_hybrid import DSAConfig  # noqa: E402
 from dsa_hybrid import reference as ref  # noqa: E402
-from dsa_hybrid.checkpoint import write_safetensors  # noqa: E402
+from dsa_hybrid.models.checkpoint import write_safetensors  # noqa: E402
 
 MODELS = {
     "deepseek_v32": (v32.DeepseekV32Config, v32.DeepseekV32Attention, v32.DeepseekV32RotaryEmbedding),

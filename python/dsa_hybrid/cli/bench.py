@@ -1,0 +1,340 @@
+"""`dsa-hybrid bench`: the table of `docs/performance.md`, measured on this machine, and a PNG plot.
+
+Every figure is a ratio against a baseline timed in the same process on the same data with the same
+thread count (one), as docs/performance.md asks; absolute times are printed for context. Rows: host top-k, host
+indexer score + top-k (with the machine's FMA peak), sparse vs dense MLA (the plot: cost per decode
+token against context length), one DSA layer's decode step with the indexer on the host vs on the
+device and what "auto" picks, and end to end against Hugging Face transformers when it is installed.
+
+Run it as `dsa-hybrid bench` (which starts `python -m dsa_hybrid.cli.bench` with every library pinned to
+one thread before numpy and JAX load). `--quick` runs every row at small sizes (a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from typing import TextIO
+
+import numpy as np
+
+from dsa_hybrid._timing import best_time
+
+SINGLE_THREAD_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "BLIS_NUM_THREADS": "1",
+    "XLA_FLAGS": (
+        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    ).strip(),
+}
+
+
+class Table:
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+
+    def title(self, text: str) -> None:
+        print(f"\n## {text}", file=self.out)
+
+    def row(self, *cells: object) -> None:
+        print("| " + " | ".join(str(c) for c in cells) + " |", file=self.out)
+        self.out.flush()
+
+    def header(self, *cells: str) -> None:
+        self.row(*cells)
+        self.row(*["---"] * len(cells))
+
+
+def fma_peak_gflops() -> float:
+    """One-thread f32 matmul rate (2048²) in GFLOP/s: the machine's practical FMA peak."""
+    a = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)
+    t = best_time(lambda: a @ a, 3)
+    return 2 * 2048**3 / t / 1e9
+
+
+def bench_topk(t: Table, lengths: list[int]) -> None:
+    import jax
+
+    from dsa_hybrid import topk
+
+    t.title("host top-k, k = 2048, 1 thread (ratio: the fastest baseline's time / ours)")
+    t.header("L", "rows", "ours ms", "numpy ms", "jax ms", "torch ms", "faster than best", "× one np.max read")
+    jax_topk = jax.jit(lambda x: jax.lax.top_k(x, 2048)[1])
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        torch = None
+    rng = np.random.default_rng(0)
+    for L in lengths:
+        rows = max(1, min(8, 2**20 // L))
+        x = rng.standard_normal((rows, L)).astype(np.float32)
+        ours = best_time(lambda x=x: topk(x, 2048, threads=1))
+        base = {
+            "numpy": best_time(lambda x=x: np.argpartition(-x, 2048, axis=1)[:, :2048]),
+            "jax": best_time(lambda x=x: jax_topk(x)),
+        }
+        if torch is not None:
+            xt = torch.from_numpy(x)
+            base["torch"] = best_time(lambda xt=xt: torch.topk(xt, 2048, dim=1))
+        read = best_time(lambda x=x: x.max(axis=1))
+        best = min(base.values())
+        ms = {name: f"{s * 1e3:.2f}" for name, s in base.items()}
+        t.row(L, rows, f"{ours * 1e3:.2f}", ms["numpy"], ms["jax"], ms.get("torch", "—"), f"{best / ours:.1f}×",
+              f"{ours / read:.1f}×")  # fmt: skip
+
+
+def bench_indexer(t: Table, lengths: list[int], peak: float) -> None:
+    from dsa_hybrid.host.cache import IndexerKeyCache
+
+    t.title("host indexer score + top-2048 from the FP8 cache, H = 64, D = 128, 4 query rows, 1 thread")
+    t.header("L", "ours ms", "numpy ms (f32 keys)", "faster", "scoring GFLOP/s", "of FMA peak")
+    rng = np.random.default_rng(1)
+    T, H, D, K = 4, 64, 128, 2048
+    for L in lengths:
+        cache = IndexerKeyCache(L // 64, 64, D)
+        cache.add_sequence(0)
+        cache.append(0, rng.standard_normal((L, D)).astype(np.float32))
+        q = rng.standard_normal((T, H, D)).astype(np.float32)
+        w = np.abs(rng.standard_normal((T, H))).astype(np.float32)
+        ids, pos = np.zeros(T, np.int64), np.full(T, L - 1)
+        keys = cache.dequantize(0)  # the same FP8 keys, decoded once (the baseline's easier case)
+        qf = q.reshape(T * H, D)
+
+        def numpy_path(keys=keys, qf=qf, w=w) -> np.ndarray:
+            s = np.maximum(qf @ keys.T, 0).reshape(T, H, -1)
+            return np.argpartition(-np.einsum("th,thl->tl", w, s), K, axis=1)[:, :K]
+
+        ours = best_time(lambda c=cache, q=q, w=w, ids=ids, pos=pos: c.select(ids, q, w, pos, K, threads=1))
+        scoring = best_time(lambda c=cache, q=q, w=w, ids=ids, pos=pos: c.scores(ids, q, w, pos, threads=1))
+        base = best_time(numpy_path)
+        gflops = 2 * T * H * D * L / scoring / 1e9
+        t.row(
+            L, f"{ours * 1e3:.2f}", f"{base * 1e3:.2f}", f"{base / ours:.1f}×", f"{gflops:.0f}", f"{gflops / peak:.0%}"
+        )
+
+
+def bench_sparse_mla(t: Table, lengths: list[int]) -> list[tuple[int, float, float]]:
+    import jax
+    import jax.numpy as jnp
+
+    from dsa_hybrid.ops.latent_cache import LatentCache
+    from dsa_hybrid.ops.sparse_mla import dense_mla, sparse_mla
+
+    t.title("MLA decode token, 128 heads, K = 2048, bf16 latent cache, XLA on CPU, 1 thread")
+    t.header("L", "dense ms", "sparse ms", "sparse faster")
+    rng = np.random.default_rng(2)
+    scale = 0.1352338
+    sparse = jax.jit(lambda q, c, s: sparse_mla(q, c, s, scale=scale, backend="xla"))
+    dense = jax.jit(lambda q, c, p: dense_mla(q, c, p, scale=scale))
+    points = []
+    for L in lengths:
+        cache = LatentCache.create(L // 64, 64, kind="bf16").write(
+            jnp.arange(L), jnp.asarray(rng.standard_normal((L, 512)), jnp.float32),
+            jnp.asarray(rng.standard_normal((L, 64)), jnp.float32),
+        )  # fmt: skip
+        q = jnp.asarray(rng.standard_normal((1, 128, 576)) / 24, jnp.bfloat16)
+        slots = jnp.asarray(np.sort(rng.choice(L, min(2048, L), replace=False))[None, :], jnp.int32)
+        t_dense = best_time(lambda q=q, c=cache, L=L: dense(q, c, jnp.array([L - 1])))
+        t_sparse = best_time(lambda q=q, c=cache, s=slots: sparse(q, c, s))
+        points.append((L, t_dense, t_sparse))
+        t.row(L, f"{t_dense * 1e3:.2f}", f"{t_sparse * 1e3:.2f}", f"{t_dense / t_sparse:.1f}×")
+    return points
+
+
+def bench_layer_placement(t: Table, lengths: list[int], cfg_name: str) -> None:
+    import jax
+
+    from dsa_hybrid.layers.dsa_attention import DSAParams
+    from dsa_hybrid.models.config import DSAConfig
+    from dsa_hybrid.serving.placement import PlacementCosts, time_layer
+
+    cfg = DSAConfig.deepseek_v32() if cfg_name == "deepseek_v32" else DSAConfig.small()
+    kind = "f32" if jax.default_backend() == "cpu" else "bf16"  # the engine's default latent cache
+    t.title(f"one DSA layer decode step ({cfg_name} widths, {kind} latent cache), indexer on the host vs the device")
+    t.header("L", "device ms", "host ms", "host / device", "auto picks", "right?")
+    params = DSAParams.random(cfg, seed=0, std=0.01)
+    costs = PlacementCosts.measure(cfg, params, 64, lengths=(min(lengths), max(lengths)), threads=1, latent_kind=kind)
+    for L in lengths:
+        t_dev = time_layer(cfg, params, 64, L, 1, "device", 1, 3, kind)
+        t_host = time_layer(cfg, params, 64, L, 1, "host", 1, 3, kind)
+        pick = costs.choose(L, 1, -(-L // 64) * 64)
+        faster = "host" if t_host < t_dev else "device"
+        t.row(
+            L,
+            f"{t_dev * 1e3:.1f}",
+            f"{t_host * 1e3:.1f}",
+            f"{t_host / t_dev:.2f}",
+            pick,
+            "yes" if pick == faster else "no",
+        )
+
+
+def _steady_decode_seconds(engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
+    """Median seconds of the engine's decode-only steps after the first two (which compile), and the outputs."""
+    ids = [engine.add_request(p, new_tokens) for p in prompts]
+    times = []
+    while engine.has_unfinished():
+        decoding = all(r.computed >= r.num_prompt for r in engine.running) and not engine.waiting
+        t0 = time.perf_counter()
+        engine.step()
+        if decoding:
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times[2:] or times)), [engine.finished[i].output for i in ids]
+
+
+def bench_overlap(t: Table, context: int, requests: int = 4) -> None:
+    """Host placement with the rows in one group against two pipelined micro-batches."""
+    from dsa_hybrid.models.causal_lm import ModelParams
+    from dsa_hybrid.models.config import DSAConfig
+    from dsa_hybrid.serving.engine import Engine
+
+    cfg = DSAConfig.small()
+    params = ModelParams.random(cfg, seed=0)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, cfg.vocab_size, context).tolist() for _ in range(requests)]
+    t.title(f"host/device overlap: {requests} requests decoding at {context} tokens, host placement, "
+            "DSAConfig.small(), 1 host thread")  # fmt: skip
+    t.header("micro-batches", "ms / decode step", "tokens/s", "gain")
+    base = None
+    for mb in (1, 2):
+        engine = Engine(params, cfg, num_pages=requests * (-(-(context + 8) // 64)) + 1, page_size=64,
+                        max_tokens_per_step=1024, max_model_len=context + 8, placement="host",
+                        micro_batches=mb, host_threads=1, backend="xla")  # fmt: skip
+        s, _ = _steady_decode_seconds(engine, prompts, 8)
+        base = base or s
+        t.row(mb, f"{s * 1e3:.1f}", f"{requests / s:.1f}", f"{base / s:.2f}×")
+
+
+def bench_end_to_end(t: Table, context: int, new_tokens: int) -> None:
+    """Decode tokens/s of the Engine against transformers' DeepseekV32ForCausalLM on the same weights."""
+    t.title(f"end to end: decode at {context} tokens of context, DSAConfig.small() weights, 1 thread")
+    try:
+        import torch
+        from transformers.models.deepseek_v32 import modeling_deepseek_v32 as v32
+    except ImportError:
+        t.row("skipped: needs torch and transformers (pip install torch transformers)")
+        return
+    import tempfile
+
+    from dsa_hybrid.models.causal_lm import ModelParams
+    from dsa_hybrid.models.checkpoint import write_safetensors
+    from dsa_hybrid.models.config import DSAConfig
+    from dsa_hybrid.serving.engine import Engine
+
+    torch.set_num_threads(1)
+    cfg = DSAConfig.small()
+    hf = cfg.to_hf_config()
+    hf.pop("model_type")
+    hf_cfg = v32.DeepseekV32Config(**hf)
+    hf_cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = v32.DeepseekV32ForCausalLM(hf_cfg).float().eval()
+    with tempfile.TemporaryDirectory() as d:
+        import json
+
+        (open(os.path.join(d, "config.json"), "w")).write(
+            json.dumps(hf_cfg.to_dict() | {"model_type": "deepseek_v32"}, default=str)
+        )
+        weights = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+        write_safetensors(os.path.join(d, "model.safetensors"), weights)
+        params = ModelParams.from_checkpoint(d, cfg)
+    prompt = np.random.default_rng(4).integers(0, cfg.vocab_size, context).tolist()
+
+    # transformers: chunked prefill into its cache, then timed greedy decode steps. (`past_key_values`
+    # works in every 5.x release; the newer spelling `cache` does not.)
+    warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
+    with torch.no_grad():
+        past, ids = None, torch.tensor([prompt])
+        for s in range(0, context, 1024):
+            out = model(input_ids=ids[:, s : s + 1024], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+        tok = out.logits[:, -1:].argmax(-1)
+        t0 = time.perf_counter()
+        hf_tokens = [int(tok)]
+        for _ in range(new_tokens - 1):
+            out = model(input_ids=tok, past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            hf_tokens.append(int(tok))
+        hf_s = (time.perf_counter() - t0) / (new_tokens - 1)
+
+    row = {}
+    # transformers runs the exact indexer (float32 keys): "device, exact" is the same computation, so its
+    # tokens must agree; the FP8 indexer (as deployed) may select differently near the top-k boundary.
+    for placement, indexer in (("device", "exact"), ("device", "fp8"), ("host", "fp8"), ("auto", "fp8")):
+        engine = Engine(params, cfg, num_pages=-(-(context + new_tokens) // 64) + 1, page_size=64,
+                        max_tokens_per_step=1024, max_model_len=context + new_tokens, placement=placement,
+                        latent_kind="f32", indexer=indexer, host_threads=1, backend="xla")  # fmt: skip
+        s, (out,) = _steady_decode_seconds(engine, [prompt], new_tokens)
+        row[f"{placement}, {indexer} indexer"] = (s, out)
+    t.header("", "ms / token", "tokens/s", "× transformers", "tokens equal to transformers'")
+    t.row("transformers (dense + mask, exact indexer)", f"{hf_s * 1e3:.1f}", f"{1 / hf_s:.1f}", "1.0×", "—")
+    for name, (s, toks) in row.items():
+        agree = next((i for i, (a, b) in enumerate(zip(toks, hf_tokens, strict=True)) if a != b), new_tokens)
+        t.row(f"dsa_hybrid Engine, {name}", f"{s * 1e3:.1f}", f"{1 / s:.1f}", f"{hf_s / s:.1f}×",
+              f"first {agree} of {new_tokens}")  # fmt: skip
+
+
+def plot(points: list[tuple[int, float, float]], path: str, out: TextIO) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"\n(plot skipped: needs matplotlib, pip install 'dsa_hybrid[bench]'; wanted {path})", file=out)
+        return
+    L = [p[0] for p in points]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot(L, [p[1] * 1e3 for p in points], "o-", label="dense MLA (all L tokens)")
+    ax.plot(L, [p[2] * 1e3 for p in points], "s-", label="sparse MLA (top-2048)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context length L (tokens)")
+    ax.set_ylabel("ms per decode token (128 heads, 1 thread)")
+    ax.set_title("DSA: attention cost per token, sparse vs dense")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    print(f"\nplot written to {path}", file=out)
+
+
+def run_bench(quick: bool = False, plot_path: str | None = "dsa_bench.png", out: TextIO = sys.stdout) -> None:
+    """Print the docs/performance.md table (markdown) and write the plot. `quick`: small sizes, a smoke run."""
+    import jax
+
+    from dsa_hybrid import cpu_features
+
+    t = Table(out)
+    peak = fma_peak_gflops()
+    print(f"# dsa_hybrid bench ({'quick' if quick else 'full'}): SIMD path {cpu_features()['simd_path']}, "
+          f"JAX {jax.default_backend()}, FMA peak {peak:.0f} GFLOP/s (1 thread)", file=out)  # fmt: skip
+    bench_topk(t, [32_768] if quick else [32_768, 131_072, 1_048_576])
+    bench_indexer(t, [8192] if quick else [8192, 32_768, 131_072], peak)
+    points = bench_sparse_mla(t, [2048, 4096] if quick else [4096, 8192, 16_384, 32_768, 65_536])
+    bench_layer_placement(t, [2048, 4096] if quick else [4096, 16_384, 65_536], "small" if quick else "deepseek_v32")
+    bench_overlap(t, 1024 if quick else 8192)
+    bench_end_to_end(t, 1024 if quick else 32_768, 6 if quick else 16)
+    if plot_path:
+        plot(points, plot_path, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="dsa-hybrid bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--plot", default="dsa_bench.png")
+    args = ap.parse_args(argv)
+    run_bench(args.quick, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

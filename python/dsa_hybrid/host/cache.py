@@ -1,0 +1,265 @@
+"""`IndexerKeyCache`: the paged FP8 indexer-key cache on the host (Rust core, dsa.md §4 and §6).
+
+One contiguous buffer of `num_blocks` pages; a page holds `block_size` tokens as `block_size × head_dim`
+e4m3fn bytes (token-major) followed by `block_size` little-endian float32 scales — 132 bytes per token
+at head_dim 128, 8448 bytes per 64-token page, the layout DeepGEMM / vLLM / SGLang use. Sequences own
+block tables over a shared block pool with reference counts: `fork` shares pages, a write into a shared
+partial page copies it first, `truncate` and `free` return pages to the pool.
+
+Thread safety: every method may be called from several Python threads. One mutex per cache serialises
+the calls that touch it; appends, gathers, dequantize and slots run with the GIL released, so other
+Python threads (and other caches) proceed meanwhile. The `pages()` view is live: read it while no
+append is running on another thread (or copy it) to see a consistent state.
+
+Selection: `select` scores every visible key of each query's sequence straight from the FP8 pages
+(dsa.md §4: `I[t, s] = Σ_j w[t, j] · ReLU(q[t, j] · k[s]) · D^-0.5`, queries Hadamard-rotated and quantized
+per head like the keys) and keeps each row's top-k (dsa.md §5), fused, on SIMD kernels and several threads;
+`scores` returns the scores themselves.
+
+Errors: `KeyError` for an unknown sequence id, `ValueError` for a duplicate id or a bad argument
+(shape, dtype, NaN/inf, non-contiguous), `IndexError` for a position outside `[0, length)`, and
+`CacheFullError` when the pool lacks the blocks an append needs. On any error nothing was changed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import numpy.typing as npt
+
+from dsa_hybrid import _core
+
+CacheFullError = _core.CacheFullError
+
+_KEY_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16))
+
+
+def _float_array(name: str, x: Any, ndim: int) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy array, got {type(x).__name__}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {list(x.shape)}")
+    if x.dtype not in _KEY_DTYPES:
+        raise TypeError(f"{name}: expected float32 or bfloat16, got {x.dtype}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _matrix(name: str, x: Any, width: int) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy array, got {type(x).__name__}")
+    if x.ndim != 2 or x.shape[1] != width:
+        raise ValueError(f"{name}: expected shape [n, {width}], got {list(x.shape)}")
+    if not x.flags.c_contiguous:
+        raise ValueError(f"{name}: must be C-contiguous (use np.ascontiguousarray)")
+    return x
+
+
+def _int_array(name: str, x: Any, ndim: int) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimension(s), got shape {list(a.shape)}")
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{name}: expected integers, got {a.dtype}")
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+class IndexerKeyCache:
+    """Paged FP8 indexer-key cache (see the module docstring for layout, locking and errors).
+
+    Args:
+        num_blocks: pages in the pool.
+        block_size: tokens per page, a positive multiple of 16 (64 is the interoperable default).
+        head_dim: key width `D_I`, a power of two (128 for DeepSeek-V3.2 and GLM-5).
+    """
+
+    def __init__(self, num_blocks: int, block_size: int = 64, head_dim: int = 128) -> None:
+        if num_blocks < 0:
+            raise ValueError(f"num_blocks: must be >= 0, got {num_blocks}")
+        self._c = _core.IndexerKeyCache(num_blocks, block_size, head_dim)
+
+    # ----- sizes ------------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return self._c.num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self._c.block_size
+
+    @property
+    def head_dim(self) -> int:
+        return self._c.head_dim
+
+    @property
+    def page_bytes(self) -> int:
+        """`block_size · (head_dim + 4)` bytes per page."""
+        return self._c.page_bytes
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self._c.num_free_blocks
+
+    @property
+    def bytes_used(self) -> int:
+        """Bytes of the pages held by at least one sequence."""
+        return self._c.bytes_used
+
+    def block_refcount(self, block: int) -> int:
+        """How many sequences hold page `block` (0 = free)."""
+        return self._c.block_refcount(block)
+
+    def sequence_ids(self) -> list[int]:
+        return self._c.sequence_ids()
+
+    # ----- sequences --------------------------------------------------------------------------
+    def add_sequence(self, seq_id: int) -> None:
+        """Register an empty sequence. ValueError if `seq_id` exists."""
+        self._c.add_sequence(seq_id)
+
+    def length(self, seq_id: int) -> int:
+        return self._c.length(seq_id)
+
+    def block_table(self, seq_id: int) -> npt.NDArray[np.int32]:
+        """int32 `[ceil(length / block_size)]`: the page of each block of the sequence."""
+        return self._c.block_table(seq_id)
+
+    def can_append(self, seq_id: int, n: int) -> bool:
+        """Whether `n` more tokens fit (counting the copy of a shared partial page)."""
+        return self._c.can_append(seq_id, n)
+
+    def fork(self, parent: int, child: int) -> None:
+        """New sequence `child` sharing `parent`'s pages by reference; a later write into a shared
+        partial page copies it first. KeyError for an unknown parent, ValueError for an existing child."""
+        self._c.fork(parent, child)
+
+    def truncate(self, seq_id: int, n: int) -> None:
+        """Keep the first `n` tokens (speculative-decoding rollback); emptied pages go back to the pool."""
+        if n < 0:
+            raise ValueError(f"n: must be >= 0, got {n}")
+        self._c.truncate(seq_id, n)
+
+    def free(self, seq_id: int) -> None:
+        """Remove the sequence; pages no other sequence holds return to the pool."""
+        self._c.free(seq_id)
+
+    # ----- writing ----------------------------------------------------------------------------
+    def append(self, seq_id: int, keys: np.ndarray) -> None:
+        """Append post-RoPE keys, float32 or bfloat16 `[n, head_dim]`: Hadamard, FP8 with one power-of-two
+        scale per key (bit-identical to `reference.quantize_indexer_keys`), written into the pages.
+        All or nothing: NaN/inf or a too-small pool writes nothing."""
+        keys = _matrix("keys", keys, self.head_dim)
+        if keys.dtype not in _KEY_DTYPES:
+            raise TypeError(f"keys: expected float32 or bfloat16, got {keys.dtype}")
+        self._c.append(seq_id, keys.astype(np.float32, copy=False))
+
+    def append_quantized(self, seq_id: int, fp8: np.ndarray, scales: np.ndarray) -> None:
+        """Append keys quantized elsewhere (e.g. on the device): `fp8` uint8 (or float8_e4m3fn)
+        `[n, head_dim]` codes of Hadamard-rotated keys, `scales` float32 `[n]`, finite and positive."""
+        fp8 = _matrix("fp8", fp8, self.head_dim)
+        if fp8.dtype == np.dtype(ml_dtypes.float8_e4m3fn):
+            fp8 = fp8.view(np.uint8)
+        if fp8.dtype != np.uint8:
+            raise TypeError(f"fp8: expected uint8 or float8_e4m3fn, got {fp8.dtype}")
+        scales = np.asarray(scales)
+        if scales.dtype != np.float32 or scales.shape != (fp8.shape[0],):
+            raise ValueError(f"scales: expected float32 [{fp8.shape[0]}], got {scales.dtype} {list(scales.shape)}")
+        self._c.append_quantized(seq_id, fp8, np.ascontiguousarray(scales))
+
+    # ----- reading ----------------------------------------------------------------------------
+    def gather(self, seq_id: int, positions: Any) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
+        """`(fp8 uint8 [n, head_dim], scales float32 [n])` of the given positions (each in `[0, length)`)."""
+        return self._c.gather(seq_id, _int_array("positions", positions, 1))
+
+    def dequantize(self, seq_id: int) -> npt.NDArray[np.float32]:
+        """float32 `[length, head_dim]`: `e4m3(code) · scale` of every key, in the Hadamard-rotated basis
+        (apply `reference.hadamard` to get back to the keys' own basis). For tests and inspection."""
+        return self._c.dequantize(seq_id)
+
+    def slots(self, seq_ids: Any, positions: Any) -> npt.NDArray[np.int32]:
+        """Logical positions → slots `block · block_size + offset`, −1 staying −1.
+        `seq_ids` int `[T]`, `positions` int `[T, K]` (row `t` belongs to `seq_ids[t]`) → int32 `[T, K]`."""
+        return self._c.slots(_int_array("seq_ids", seq_ids, 1), _int_array("positions", positions, 2))
+
+    # ----- selection --------------------------------------------------------------------------
+    def select(
+        self,
+        seq_ids: Any,
+        q: np.ndarray,
+        weights: np.ndarray,
+        positions: Any,
+        k: int,
+        *,
+        as_slots: bool = False,
+        quantize_queries: bool = True,
+        sorted: bool = False,
+        threads: int | None = None,
+    ) -> npt.NDArray[np.int32]:
+        """The lightning indexer on the host: each query row's top-`k` keys (dsa.md §4, §5).
+
+        Args:
+            seq_ids: int `[T]`, the sequence of each query row (rows of one call may mix sequences of
+                any lengths: decode, prefill and ragged batches alike).
+            q: float32 or bfloat16 `[T, H_I, head_dim]`, post-RoPE indexer queries (1 ≤ H_I ≤ 256).
+            weights: float32 or bfloat16 `[T, H_I]`, the head weights `w` (already × H_I^-0.5).
+            positions: int `[T]`, each row's absolute position `p_t`; it sees keys `0 .. p_t`, so
+                `0 ≤ p_t < length(seq_ids[t])` (append the row's own key first).
+            k: entries per row (2048 for DeepSeek-V3.2).
+            as_slots: return cache slots (`block · block_size + offset`) instead of positions.
+            quantize_queries: True (default) quantizes each query head to FP8 with its own power-of-two
+                scale after the Hadamard rotation, as deployed; False keeps the rotated queries in float32.
+            sorted: False: each row ascending by position; True: by descending score.
+            threads: worker threads (default: one per core; few-row batches split each row's keys).
+
+        Returns int32 `[T, k]`, −1 padded; rows with `p_t + 1 ≤ k` select every visible key (no scoring).
+        Ties go to the lowest position. Scores are accumulated in float32 from exact FP8 products.
+        """
+        ids = _int_array("seq_ids", seq_ids, 1)
+        q = _float_array("q", q, 3)
+        weights = _float_array("weights", weights, 2)
+        if k < 1:
+            raise ValueError(f"k: must be at least 1, got {k}")
+        return self._c.select(
+            ids,
+            q,
+            weights,
+            _int_array("positions", positions, 1),
+            int(k),
+            as_slots=as_slots,
+            quantize_queries=quantize_queries,
+            sorted=sorted,
+            threads=threads,
+        )
+
+    def scores(
+        self,
+        seq_ids: Any,
+        q: np.ndarray,
+        weights: np.ndarray,
+        positions: Any,
+        *,
+        quantize_queries: bool = True,
+        threads: int | None = None,
+    ) -> npt.NDArray[np.float32]:
+        """The indexer scores `select` ranks, float32 `[T, L]` with `L = max(positions) + 1`; entries past a
+        row's own `p_t` are −inf. Arguments as in `select`. For tests and callers that want the scores."""
+        return self._c.scores(
+            _int_array("seq_ids", seq_ids, 1),
+            _float_array("q", q, 3),
+            _float_array("weights", weights, 2),
+            _int_array("positions", positions, 1),
+            quantize_queries=quantize_queries,
+            threads=threads,
+        )
+
+    def pages(self) -> npt.NDArray[np.uint8]:
+        """The page buffer itself, zero-copy and read-only: uint8 `[num_blocks, page_bytes]`
+        (`.reshape(num_blocks, block_size, 1, head_dim + 4)` does not apply: scales follow all codes)."""
+        return self._c.pages()
+
+    def __repr__(self) -> str:
+        return (
+            f"IndexerKeyCache(num_blocks={self.num_blocks}, block_size={self.block_size}, "
+            f"head_dim={self.head_dim}, sequences={len(self.sequence_ids())}, free_blocks={self.num_free_blocks})"
+        )

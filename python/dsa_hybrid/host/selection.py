@@ -1,0 +1,60 @@
+"""Host top-k selection (dsa.md §5) on the Rust core's SIMD kernels.
+
+`topk(scores, k)` is the stand-alone selection; `IndexerKeyCache.select` fuses it with the indexer's
+scoring straight from the FP8 pages. Both release the GIL and run rows on several threads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from dsa_hybrid import _core
+
+
+def topk(
+    scores: npt.ArrayLike,
+    k: int,
+    lengths: Any = None,
+    *,
+    sorted: bool = False,
+    threads: int | None = None,
+) -> npt.NDArray[np.int32]:
+    """The `k` largest visible scores of each row, as positions (dsa.md §5).
+
+    Args:
+        scores: float32 `[T, L]` (other float dtypes are converted); column = key position.
+        k: entries per output row (≥ 1); rows with fewer visible positions are padded with −1.
+        lengths: optional int `[T]`, each in `[0, L]`: row `t` sees positions `0 .. lengths[t] − 1`
+            (for a query at absolute position `p`, `p + 1`). Default: every row sees all `L`.
+        sorted: False (default) lists each row's positions in ascending order, as `reference.select_topk`;
+            True lists them by descending score (ties: lower position first), like `torch.topk`.
+        threads: worker threads (default: one per core; small inputs use one).
+
+    Returns int32 `[T, k]`. Ties at the boundary go to the lowest position; −0.0 equals 0.0.
+    Raises ValueError for NaN among a row's visible scores, `k < 1`, or bad `lengths`.
+    """
+    a = np.asarray(scores)
+    if a.ndim != 2:
+        raise ValueError(f"scores: expected shape [T, L], got {list(a.shape)}")
+    if not np.issubdtype(a.dtype, np.floating):
+        raise TypeError(f"scores: expected a float array, got {a.dtype}")
+    if k < 1:
+        raise ValueError(f"k: must be at least 1, got {k}")
+    lens = None
+    if lengths is not None:
+        lens = np.asarray(lengths)
+        if lens.ndim != 1 or (lens.size and not np.issubdtype(lens.dtype, np.integer)):
+            raise ValueError(f"lengths: expected integers of shape [{a.shape[0]}], got {lens.dtype} {list(lens.shape)}")
+        lens = np.ascontiguousarray(lens, dtype=np.int64)
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    return _core.topk(a, int(k), lens, sorted=sorted, threads=threads)
+
+
+def set_simd_path(name: str | None = None) -> str:
+    """Pin the Rust kernels to one SIMD path: "scalar", "avx2", "avx512" or "neon"; `None` restores the
+    widest the CPU has. Returns the path now in use; ValueError if this CPU cannot run it. The variable
+    `DSA_HYBRID_SIMD` sets the starting choice. Results are identical on every path (tested)."""
+    return _core.set_simd_path(name)

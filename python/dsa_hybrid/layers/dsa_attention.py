@@ -1,0 +1,410 @@
+"""`dsa_attention`: one DeepSeek Sparse Attention layer in JAX, pure-functional (dsa.md §3–§5).
+
+A call takes the new tokens of a batch of sequences, flattened (`T` rows: prefill chunks, decodes and
+mixed batches alike), writes their latent rows and indexer keys into the caches, selects each row's
+top-k visible tokens with the lightning indexer on the device, runs sparse MLA attention over them in
+absorbed form, and applies the output projection. Caches come back updated (functional style: donate
+them under `jit`). Rows are described by the caller: the absolute `positions` of the new tokens, the
+cache `slots` they are written to, and each row's sequence's `block_tables` (the latent cache and the
+indexer cache share the page size and the block tables).
+
+Indexer precision follows the indexer cache passed in: `IndexerPages` (FP8 keys, Hadamard-rotated, FP8
+queries: what DeepSeek deploys) or `ExactIndexerKeys` (float32: what the Hugging Face reference
+computes, and what training uses). GLM-5's `"shared"` layers run no indexer: pass the previous full
+layer's selection as `shared_topk`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsa_hybrid.models.config import DSAConfig
+from dsa_hybrid.ops.indexer import ExactIndexerKeys, IndexerPages, check_rows, quantize_keys, select_topk_device
+from dsa_hybrid.ops.latent_cache import LatentCache
+from dsa_hybrid.ops.sparse_mla import prefix_mla, sparse_mla
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+# Parameter name → its Hugging Face name under `model.layers.{i}.self_attn.` (shapes: `param_shapes`).
+HF_NAMES = {
+    "q_a": "q_a_proj.weight",
+    "q_a_norm": "q_a_layernorm.weight",
+    "q_b": "q_b_proj.weight",
+    "kv_a": "kv_a_proj_with_mqa.weight",
+    "kv_a_norm": "kv_a_layernorm.weight",
+    "kv_b": "kv_b_proj.weight",
+    "o": "o_proj.weight",
+    "idx_wq_b": "indexer.wq_b.weight",
+    "idx_wk": "indexer.wk.weight",
+    "idx_k_norm_w": "indexer.k_norm.weight",
+    "idx_k_norm_b": "indexer.k_norm.bias",
+    "idx_weights": "indexer.weights_proj.weight",
+}
+
+
+def param_shapes(cfg: DSAConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every parameter of the layer (linear weights are `[out, in]`, as in the checkpoints)."""
+    h, d = cfg.num_attention_heads, cfg.hidden_size
+    return {
+        "q_a": (cfg.q_lora_rank, d),
+        "q_a_norm": (cfg.q_lora_rank,),
+        "q_b": (h * cfg.qk_head_dim, cfg.q_lora_rank),
+        "kv_a": (cfg.kv_lora_rank + cfg.qk_rope_head_dim, d),
+        "kv_a_norm": (cfg.kv_lora_rank,),
+        "kv_b": (h * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank),
+        "o": (d, h * cfg.v_head_dim),
+        "idx_wq_b": (cfg.index_n_heads * cfg.index_head_dim, cfg.q_lora_rank),
+        "idx_wk": (cfg.index_head_dim, d),
+        "idx_k_norm_w": (cfg.index_head_dim,),
+        "idx_k_norm_b": (cfg.index_head_dim,),
+        "idx_weights": (cfg.index_n_heads, d),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class DSAParams:
+    """The attention and indexer weights of one layer, float32 (a pytree; names in `HF_NAMES`)."""
+
+    q_a: jax.Array
+    q_a_norm: jax.Array
+    q_b: jax.Array
+    kv_a: jax.Array
+    kv_a_norm: jax.Array
+    kv_b: jax.Array
+    o: jax.Array
+    idx_wq_b: jax.Array
+    idx_wk: jax.Array
+    idx_k_norm_w: jax.Array
+    idx_k_norm_b: jax.Array
+    idx_weights: jax.Array
+
+    @staticmethod
+    def random(cfg: DSAConfig, seed: int = 0, std: float = 0.05) -> DSAParams:
+        """Random weights of the right shapes (norm weights near 1), for tests and benchmarks."""
+        rng = np.random.default_rng(seed)
+        arrays = {}
+        for name, shape in param_shapes(cfg).items():
+            if name.endswith("norm") or name == "idx_k_norm_w":
+                arrays[name] = 1.0 + 0.1 * rng.standard_normal(shape)
+            elif name == "idx_k_norm_b":
+                arrays[name] = 0.1 * rng.standard_normal(shape)
+            else:
+                arrays[name] = std * rng.standard_normal(shape)
+        return DSAParams(**{k: jnp.asarray(v, jnp.float32) for k, v in arrays.items()})
+
+    @staticmethod
+    def from_state_dict(tensors: Mapping[str, Any], cfg: DSAConfig, layer: int) -> DSAParams:
+        """From Hugging Face tensors (`model.layers.{layer}.self_attn.*`, dsa.md §4b), any float dtype.
+        A missing or misshapen tensor raises `KeyError` / `ValueError` naming it."""
+        prefix = f"model.layers.{layer}.self_attn."
+        shapes = param_shapes(cfg)
+        arrays = {}
+        for name, hf in HF_NAMES.items():
+            full = prefix + hf
+            if full not in tensors:
+                raise KeyError(f"{full}: missing from the checkpoint")
+            a = np.asarray(tensors[full], dtype=np.float32)
+            if a.shape != shapes[name]:
+                raise ValueError(f"{full}: expected shape {list(shapes[name])}, got {list(a.shape)}")
+            arrays[name] = jnp.asarray(a)
+        return DSAParams(**arrays)
+
+    def state_dict(self, layer: int) -> dict[str, np.ndarray]:
+        """The Hugging Face tensors of this layer (float32 numpy)."""
+        prefix = f"model.layers.{layer}.self_attn."
+        return {prefix + hf: np.asarray(getattr(self, name)) for name, hf in HF_NAMES.items()}
+
+
+jax.tree_util.register_dataclass(DSAParams, data_fields=list(HF_NAMES), meta_fields=[])
+
+
+@dataclasses.dataclass(frozen=True)
+class DSACaches:
+    """The two caches of one layer, paged alike (same page size, same block tables)."""
+
+    latent: LatentCache
+    index: IndexerPages | ExactIndexerKeys
+
+    @staticmethod
+    def create(
+        cfg: DSAConfig, num_pages: int, page_size: int = 64, *, latent_kind: str = "bf16", indexer: str = "fp8"
+    ) -> DSACaches:
+        """Empty caches; `latent_kind` "bf16" or "fp8", `indexer` "fp8" (deployed) or "exact"."""
+        latent = LatentCache.create(
+            num_pages, page_size, kind=latent_kind, latent_dim=cfg.kv_lora_rank, rope_dim=cfg.qk_rope_head_dim
+        )  # type: ignore[arg-type]
+        if indexer == "fp8":
+            index: IndexerPages | ExactIndexerKeys = IndexerPages.create(num_pages, page_size, cfg.index_head_dim)
+        elif indexer == "exact":
+            index = ExactIndexerKeys.create(num_pages, page_size, cfg.index_head_dim)
+        else:
+            raise ValueError(f"indexer: expected 'fp8' or 'exact', got {indexer!r}")
+        return DSACaches(latent, index)
+
+
+jax.tree_util.register_dataclass(DSACaches, data_fields=["latent", "index"], meta_fields=[])
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, freqs: np.ndarray, pairing: str) -> jax.Array:
+    """`reference.apply_rope` in JAX: rotate the last dim of `x` by `positions · freqs` (positions
+    broadcast against `x.shape[:-1]`)."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(freqs, jnp.float32)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if pairing == "interleaved":
+        a, b = x[..., 0::2], x[..., 1::2]
+        return jnp.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(x.shape)
+    half = x.shape[-1] // 2
+    a, b = x[..., :half], x[..., half:]
+    return jnp.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def layer_norm(x: jax.Array, w: jax.Array, b: jax.Array, eps: float = 1e-6) -> jax.Array:
+    mu = x.mean(axis=-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mu) * jax.lax.rsqrt(var + eps) * w + b
+
+
+def linear(x: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.einsum("ti,oi->to", x, w, precision=_HIGHEST)
+
+
+@dataclasses.dataclass(frozen=True)
+class Projections:
+    """What one layer computes from its input before selection: the absorbed queries and the new latent
+    rows (dsa.md §3), and the indexer's queries, keys and head weights (dsa.md §4), all float32."""
+
+    q_abs: jax.Array  # [T, h, kv_lora_rank + rope]
+    c_kv: jax.Array  # [T, kv_lora_rank]
+    k_pe: jax.Array  # [T, rope] (rotated)
+    q_idx: jax.Array  # [T, H_I, D_I] (rotated on the first rope dims)
+    k_idx: jax.Array  # [T, D_I]
+    w_idx: jax.Array  # [T, H_I] (× H_I^-0.5)
+
+
+jax.tree_util.register_dataclass(
+    Projections, data_fields=["q_abs", "c_kv", "k_pe", "q_idx", "k_idx", "w_idx"], meta_fields=[]
+)
+
+
+def project(params: DSAParams, cfg: DSAConfig, x: jax.Array, positions: jax.Array) -> Projections:
+    """The layer's projections of the new tokens `x` `[T, hidden]` at `positions` `[T]`."""
+    x = x.astype(jnp.float32)
+    T = x.shape[0]
+    h, nope, rope, r_kv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+    freqs = cfg.rope_freqs
+    c_q = rms_norm(linear(x, params.q_a), params.q_a_norm, cfg.rms_norm_eps)
+    q = linear(c_q, params.q_b).reshape(T, h, nope + rope)
+    ckv = linear(x, params.kv_a)
+    c_kv = rms_norm(ckv[:, :r_kv], params.kv_a_norm, cfg.rms_norm_eps)
+    k_pe = apply_rope(ckv[:, r_kv:], positions, freqs, cfg.mla_rope_pairing)
+    q_pe = apply_rope(q[..., nope:], positions[:, None], freqs, cfg.mla_rope_pairing)
+    w_uk = params.kv_b.reshape(h, nope + cfg.v_head_dim, r_kv)[:, :nope]
+    q_abs = jnp.concatenate([jnp.einsum("thn,hnr->thr", q[..., :nope], w_uk, precision=_HIGHEST), q_pe], axis=-1)
+    H_I, D_I, pairing = cfg.index_n_heads, cfg.index_head_dim, cfg.indexer_rope_pairing
+    q_idx = linear(c_q, params.idx_wq_b).reshape(T, H_I, D_I)
+    k_idx = layer_norm(linear(x, params.idx_wk), params.idx_k_norm_w, params.idx_k_norm_b)
+    q_idx = jnp.concatenate([apply_rope(q_idx[..., :rope], positions[:, None], freqs, pairing), q_idx[..., rope:]], -1)
+    k_idx = jnp.concatenate([apply_rope(k_idx[:, :rope], positions, freqs, pairing), k_idx[:, rope:]], -1)
+    w_idx = linear(x, params.idx_weights) * H_I**-0.5
+    return Projections(q_abs, c_kv, k_pe, q_idx, k_idx, w_idx)
+
+
+def attend(
+    params: DSAParams,
+    cfg: DSAConfig,
+    proj: Projections,
+    slots: jax.Array,
+    block_tables: jax.Array,
+    latent: LatentCache,
+    topk: jax.Array,
+    backend: str = "auto",
+    positions: jax.Array | None = None,
+) -> tuple[jax.Array, LatentCache]:
+    """Write the new latent rows, attend over the selected positions `topk` `[T, K]` (dsa.md §3), project out.
+    With `positions`, a batch whose rows all see at most K tokens (so each selects everything, dsa.md §5)
+    takes the dense-prefix path (`prefix_mla`: whole pages instead of single rows)."""
+    T, h, r_kv = proj.q_abs.shape[0], cfg.num_attention_heads, cfg.kv_lora_rank
+    latent = latent.write(slots, proj.c_kv, proj.k_pe)
+    S = latent.page_size
+    page = jnp.take_along_axis(block_tables, jnp.maximum(topk, 0) // S, axis=1)
+    sel_slots = jnp.where((topk >= 0) & (page >= 0), page * S + topk % S, -1).astype(jnp.int32)
+
+    def sparse() -> jax.Array:
+        return sparse_mla(proj.q_abs, latent, sel_slots, scale=cfg.softmax_scale, d_v=r_kv, backend=backend)[0]
+
+    def prefix() -> jax.Array:
+        lengths = (positions + 1).astype(jnp.int32)
+        # Taken only when every row sees at most K tokens: the pages past K are never read, and leaving
+        # them out bounds this branch's buffers (XLA sizes both branches of a cond) by K, not the table.
+        tables = block_tables[:, : -(-topk.shape[1] // S)]
+        return prefix_mla(proj.q_abs, latent, tables, lengths, scale=cfg.softmax_scale, d_v=r_kv, backend=backend)[0]
+
+    if positions is None:
+        o_lat = sparse()
+    else:
+        o_lat = jax.lax.cond(jnp.all(positions < topk.shape[1]), prefix, sparse)
+    w_uv = params.kv_b.reshape(h, cfg.qk_nope_head_dim + cfg.v_head_dim, r_kv)[:, cfg.qk_nope_head_dim :]
+    o = jnp.einsum("thr,hvr->thv", o_lat, w_uv, precision=_HIGHEST).reshape(T, h * cfg.v_head_dim)
+    return linear(o, params.o), latent
+
+
+def dsa_attention(
+    params: DSAParams,
+    cfg: DSAConfig,
+    x: jax.Array,
+    positions: jax.Array,
+    slots: jax.Array,
+    block_tables: jax.Array,
+    caches: DSACaches,
+    *,
+    shared_topk: jax.Array | None = None,
+    backend: str = "auto",
+) -> tuple[jax.Array, DSACaches, jax.Array]:
+    """One DSA attention layer over `T` new tokens, with the indexer on the device.
+
+    Args:
+        params, cfg: the layer's weights and its model config (`DSAConfig`, static under `jit`).
+        x: `[T, hidden]` normed layer input of the new tokens.
+        positions: int32 `[T]` absolute position of each new token in its sequence.
+        slots: int32 `[T]` cache slot each new token is written to (−1: a padding row, not written).
+        block_tables: int32 `[T, max_pages]` the pages of each row's sequence (−1 padded), covering at
+            least positions `0 .. positions[t]`.
+        caches: the layer's `DSACaches`.
+        shared_topk: for GLM-5 `"shared"` layers, the previous full layer's selection `[T, K]` (this
+            layer then runs no indexer).
+        backend: "auto", "xla" or "pallas_tpu", for `sparse_mla` and for the indexer's scoring (the
+            Pallas indexer kernel scores FP8 pages; exact keys always use XLA).
+
+    Returns `(out [T, hidden] float32, updated caches, topk [T, K] int32 positions)`. Jit-able.
+    """
+    _check_rows_of_call(cfg, x, positions, slots, block_tables)
+    proj = project(params, cfg, x, positions)
+    index = caches.index
+    if shared_topk is None:
+        index = index.write(slots, proj.k_idx)
+        on_tpu = backend == "pallas_tpu" or (backend == "auto" and jax.default_backend() == "tpu")
+        idx_backend = "pallas_tpu" if on_tpu and isinstance(index, IndexerPages) else "xla"
+        # Keys scored per scan step: at most 4096, fewer for big batches, so the gathered keys of one
+        # step (rows × keys × D floats) stay near 256 MiB however long the prefill chunk.
+        T, S, D = x.shape[0], index.page_size, index.head_dim
+        key_chunk = max(S, min(4096, (1 << 26) // (T * D)))
+        topk = select_topk_device(
+            proj.q_idx, proj.w_idx, index, block_tables, positions, cfg.index_topk, key_chunk=key_chunk,
+            backend=idx_backend,
+        )  # fmt: skip
+    else:
+        topk = shared_topk
+    # Shared layers attend over the given selection as it is (it need not cover the whole prefix).
+    prefix_ok = positions if shared_topk is None else None
+    out, latent = attend(params, cfg, proj, slots, block_tables, caches.latent, topk, backend, prefix_ok)
+    return out, DSACaches(latent, index), topk
+
+
+def project_write_keys(
+    params: DSAParams, cfg: DSAConfig, x: jax.Array, positions: jax.Array, slots: jax.Array, index: IndexerPages
+) -> tuple[Projections, jax.Array, jax.Array, IndexerPages]:
+    """The projections, and the new indexer keys quantized once (`quantize_keys`) and written to the
+    device pages: the same bytes then go to the host cache, so the two indexer caches stay identical."""
+    proj = project(params, cfg, x, positions)
+    codes, scales = quantize_keys(proj.k_idx)
+    return proj, codes, scales, index.write_quantized(slots, codes, scales)
+
+
+def _check_rows_of_call(cfg: DSAConfig, x: Any, positions: Any, slots: Any, block_tables: Any) -> None:
+    """Named errors for misshapen layer inputs (static shapes: works under `jit` too)."""
+    T = check_rows("x", x, None, (cfg.hidden_size,))
+    check_rows("positions", positions, T, (), integer=True)
+    check_rows("slots", slots, T, (), integer=True)
+    if getattr(block_tables, "ndim", 0) != 2:
+        raise ValueError(
+            f"block_tables: expected shape [{T}, max_pages], got {list(getattr(block_tables, 'shape', ()))}"
+        )
+    check_rows("block_tables", block_tables, T, (block_tables.shape[1],), integer=True)
+
+
+# The layer's jitted halves, the seam the host placement, the model, the engine and the placement cost
+# model are built on: `project` (+ the new indexer keys quantized and written) before selection, and
+# `attend` after it. `cfg` (and `attend`'s `backend`) are static.
+project_jit = jax.jit(project, static_argnums=1)
+project_write_keys_jit = jax.jit(project_write_keys, static_argnums=1)
+attend_jit = jax.jit(attend, static_argnums=(1, 7))
+# The same with the cache argument donated (the device indexer pages, the latent cache): for callers that
+# never use the cache they pass in again, so XLA updates it in place instead of copying it.
+project_write_keys_donated = jax.jit(project_write_keys, static_argnums=1, donate_argnums=5)
+attend_donated = jax.jit(attend, static_argnums=(1, 7), donate_argnums=5)
+
+
+def host_select(
+    host_cache: Any,
+    seq_ids: np.ndarray,
+    codes: jax.Array,
+    scales: jax.Array,
+    proj: Projections,
+    positions: np.ndarray,
+    k: int,
+    threads: int | None = None,
+) -> np.ndarray:
+    """Append the new rows' quantized keys to the Rust `IndexerKeyCache` (each sequence's rows in order)
+    and select each row's top-`k` positions on the host (SIMD, threads, GIL released). Blocks only on
+    this call's own projections, so the device can run other work meanwhile. int32 `[T, k]`."""
+    seq_ids = np.asarray(seq_ids, np.int64)
+    codes_np, scales_np = np.asarray(codes), np.asarray(scales)
+    for sid in dict.fromkeys(seq_ids.tolist()):  # each sequence once, in order of first appearance
+        rows = seq_ids == sid
+        host_cache.append_quantized(sid, codes_np[rows], scales_np[rows])
+    return host_cache.select(
+        seq_ids, np.asarray(proj.q_idx), np.asarray(proj.w_idx), np.asarray(positions), k, threads=threads
+    )
+
+
+def dsa_attention_host(
+    params: DSAParams,
+    cfg: DSAConfig,
+    x: jax.Array,
+    positions: jax.Array,
+    slots: jax.Array,
+    block_tables: jax.Array,
+    caches: DSACaches,
+    host_cache: Any,
+    seq_ids: np.ndarray,
+    *,
+    shared_topk: jax.Array | None = None,
+    backend: str = "auto",
+    threads: int | None = None,
+) -> tuple[jax.Array, DSACaches, np.ndarray]:
+    """`dsa_attention` with the indexer on the host: the device computes the projections and quantizes
+    the new indexer keys (writing them to `caches.index` too), only the FP8 keys, the queries and the head
+    weights come to the host, the Rust `IndexerKeyCache` appends the keys and selects (`select`, GIL
+    released, SIMD, threads), and only the `[T, K]` positions go back to the device for attention.
+
+    `caches.index` must be FP8 `IndexerPages`: afterwards it holds the same bytes for the new rows as
+    `host_cache`, so a later step may select on either side. `host_cache` holds the indexer keys of the
+    sequences `seq_ids` (int `[T]`, each row's sequence; a sequence's rows in order, continuing its
+    cache: row `t` is at position `length(seq) + its rank among the call's rows of that sequence`).
+    Not jit-able as a whole (the two device halves are). Returns `(out, caches, topk)` as
+    `dsa_attention` does (`topk` a numpy array)."""
+    x, positions, slots, block_tables = (jnp.asarray(a) for a in (x, positions, slots, block_tables))
+    _check_rows_of_call(cfg, x, positions, slots, block_tables)
+    if shared_topk is not None:
+        proj = project_jit(params, cfg, x, positions)
+        index, topk = caches.index, np.asarray(shared_topk)
+    else:
+        if not isinstance(caches.index, IndexerPages):
+            raise TypeError("dsa_attention_host needs FP8 IndexerPages (the host cache is FP8)")
+        proj, codes, scales, index = project_write_keys_jit(params, cfg, x, positions, slots, caches.index)
+        topk = host_select(host_cache, seq_ids, codes, scales, proj, positions, cfg.index_topk, threads)
+    prefix_ok = jnp.asarray(positions) if shared_topk is None else None
+    out, latent = attend_jit(
+        params, cfg, proj, slots, block_tables, caches.latent, jnp.asarray(topk), backend, prefix_ok
+    )
+    return out, DSACaches(latent, index), topk

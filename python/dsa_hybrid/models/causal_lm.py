@@ -1,0 +1,307 @@
+"""A small DSA causal language model in JAX, for the engine to drive (and to check against transformers).
+
+`embed → N × [x + DSA-attention(RMSNorm(x)); x + SwiGLU-MLP(RMSNorm(x))] → RMSNorm → LM head`, every
+layer's attention a `dsa_attention`, its MLP dense (DeepSeek-V3.2 checkpoints whose layers are all
+dense, `first_k_dense_replace ≥ num_hidden_layers`; MoE layers are not supported yet). Weights come
+from a Hugging Face `DeepseekV32ForCausalLM` checkpoint or are random. `forward` is pure and jit-able;
+`generate_greedy` runs one sequence with paged caches (prefill, then one token per step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsa_hybrid.layers import dsa_attention as layer_mod
+from dsa_hybrid.layers.dsa_attention import DSACaches, DSAParams, dsa_attention, linear, rms_norm
+from dsa_hybrid.models.checkpoint import load_layer_params as load_layer_params_from
+from dsa_hybrid.models.checkpoint import load_tensors
+from dsa_hybrid.models.config import DSAConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockParams:
+    """One decoder layer: its two norms, its attention and its dense SwiGLU MLP."""
+
+    input_norm: jax.Array
+    attn: DSAParams
+    post_norm: jax.Array
+    gate: jax.Array
+    up: jax.Array
+    down: jax.Array
+
+
+jax.tree_util.register_dataclass(
+    BlockParams, data_fields=["input_norm", "attn", "post_norm", "gate", "up", "down"], meta_fields=[]
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelParams:
+    embed: jax.Array  # [vocab, hidden]
+    blocks: tuple[BlockParams, ...]
+    norm: jax.Array  # [hidden]
+    lm_head: jax.Array  # [vocab, hidden]
+
+    @staticmethod
+    def random(cfg: DSAConfig, seed: int = 0, std: float = 0.05) -> ModelParams:
+        rng = np.random.default_rng(seed)
+        d, inter, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+
+        def w(*shape: int) -> jax.Array:
+            return jnp.asarray(std * rng.standard_normal(shape), jnp.float32)
+
+        def norm() -> jax.Array:
+            return jnp.asarray(1.0 + 0.1 * rng.standard_normal(d), jnp.float32)
+
+        blocks = tuple(
+            BlockParams(norm(), DSAParams.random(cfg, seed + 1 + i, std), norm(), w(inter, d), w(inter, d), w(d, inter))
+            for i in range(cfg.num_hidden_layers)
+        )
+        return ModelParams(w(vocab, d), blocks, norm(), w(vocab, d))
+
+    @staticmethod
+    def from_checkpoint(directory: str | os.PathLike[str], cfg: DSAConfig) -> ModelParams:
+        """From a Hugging Face `DeepseekV32ForCausalLM` checkpoint directory (bf16 / fp32 / FP8)."""
+        if cfg.first_k_dense_replace < cfg.num_hidden_layers:
+            raise NotImplementedError(
+                f"layers {cfg.first_k_dense_replace}..{cfg.num_hidden_layers - 1} are MoE layers: not supported yet "
+                "(only checkpoints whose layers are all dense, first_k_dense_replace >= num_hidden_layers)"
+            )
+        top = load_tensors(directory, ["model.embed_tokens.weight", "model.norm.weight"])
+        try:
+            head = load_tensors(directory, ["lm_head.weight"])["lm_head.weight"]
+        except KeyError:
+            head = top["model.embed_tokens.weight"]  # tied embeddings
+        blocks = []
+        for i in range(cfg.num_hidden_layers):
+            p = f"model.layers.{i}."
+            t = load_tensors(
+                directory,
+                [p + n for n in ("input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
+                                 "mlp.up_proj.weight", "mlp.down_proj.weight")],
+            )  # fmt: skip
+            blocks.append(
+                BlockParams(
+                    jnp.asarray(t[p + "input_layernorm.weight"]),
+                    load_layer_params_from(directory, cfg, i),
+                    jnp.asarray(t[p + "post_attention_layernorm.weight"]),
+                    jnp.asarray(t[p + "mlp.gate_proj.weight"]),
+                    jnp.asarray(t[p + "mlp.up_proj.weight"]),
+                    jnp.asarray(t[p + "mlp.down_proj.weight"]),
+                )
+            )
+        return ModelParams(
+            jnp.asarray(top["model.embed_tokens.weight"]),
+            tuple(blocks),
+            jnp.asarray(top["model.norm.weight"]),
+            jnp.asarray(head),
+        )
+
+
+jax.tree_util.register_dataclass(ModelParams, data_fields=["embed", "blocks", "norm", "lm_head"], meta_fields=[])
+
+
+def create_caches(cfg: DSAConfig, num_pages: int, page_size: int = 64, **kw) -> tuple[DSACaches, ...]:
+    """One `DSACaches` per layer, paged alike (`latent_kind`, `indexer` as in `DSACaches.create`)."""
+    return tuple(DSACaches.create(cfg, num_pages, page_size, **kw) for _ in range(cfg.num_hidden_layers))
+
+
+# One decoder layer's pieces around its attention, shared by `forward` and `forward_host` (jitted:
+# inside `forward`'s own jit they simply inline).
+@jax.jit
+def embed(params: ModelParams, tokens: jax.Array) -> jax.Array:
+    return params.embed[tokens]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def pre_norm(blk: BlockParams, cfg: DSAConfig, x: jax.Array) -> jax.Array:
+    return rms_norm(x, blk.input_norm, cfg.rms_norm_eps)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def residual_mlp(blk: BlockParams, cfg: DSAConfig, x: jax.Array, attn_out: jax.Array) -> jax.Array:
+    x = x + attn_out
+    y = rms_norm(x, blk.post_norm, cfg.rms_norm_eps)
+    return x + linear(jax.nn.silu(linear(y, blk.gate)) * linear(y, blk.up), blk.down)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def lm_head(params: ModelParams, cfg: DSAConfig, x: jax.Array) -> jax.Array:
+    return linear(rms_norm(x, params.norm, cfg.rms_norm_eps), params.lm_head)
+
+
+def forward(
+    params: ModelParams,
+    cfg: DSAConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    slots: jax.Array,
+    block_tables: jax.Array,
+    caches: tuple[DSACaches, ...],
+    backend: str = "auto",
+) -> tuple[jax.Array, tuple[DSACaches, ...]]:
+    """Logits `[T, vocab]` of `T` new tokens (ids `[T]`; rows described as in `dsa_attention`) and the
+    updated caches. GLM-5-style `"shared"` layers reuse the previous full layer's selection."""
+    x = embed(params, tokens)
+    new_caches, topk = [], None
+    for i, (blk, cache) in enumerate(zip(params.blocks, caches, strict=True)):
+        shared = topk if cfg.layer_indexer_type(i) == "shared" else None
+        h, cache, topk = dsa_attention(
+            blk.attn, cfg, pre_norm(blk, cfg, x), positions, slots, block_tables, cache,
+            shared_topk=shared, backend=backend,
+        )  # fmt: skip
+        x = residual_mlp(blk, cfg, x, h)
+        new_caches.append(cache)
+    return lm_head(params, cfg, x), tuple(new_caches)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "backend"), donate_argnames=("caches",))
+def forward_jit(params, cfg, tokens, positions, slots, block_tables, caches, backend="auto"):
+    return forward(params, cfg, tokens, positions, slots, block_tables, caches, backend)
+
+
+def generate_greedy(
+    params: ModelParams,
+    cfg: DSAConfig,
+    prompt: list[int] | np.ndarray,
+    max_new_tokens: int,
+    *,
+    page_size: int = 16,
+    backend: str = "auto",
+    **cache_kw,
+) -> list[int]:
+    """Greedy continuation of one sequence: one prefill call for the prompt, then one call per new token
+    (the caches are paged; pages `0..` hold the sequence in order)."""
+    prompt = [int(t) for t in prompt]
+    total = len(prompt) + max_new_tokens
+    n_pages = -(-total // page_size)
+    caches = create_caches(cfg, n_pages, page_size, **cache_kw)
+    table = jnp.arange(n_pages, dtype=jnp.int32)[None, :]
+    pos = jnp.arange(len(prompt), dtype=jnp.int32)
+    logits, caches = forward_jit(
+        params, cfg, jnp.asarray(prompt, jnp.int32), pos, pos, jnp.repeat(table, len(prompt), 0), caches, backend
+    )
+    out = [int(jnp.argmax(logits[-1]))]
+    for step in range(1, max_new_tokens):
+        p = jnp.array([len(prompt) + step - 1], jnp.int32)
+        logits, caches = forward_jit(params, cfg, jnp.array([out[-1]], jnp.int32), p, p, table, caches, backend)
+        out.append(int(jnp.argmax(logits[-1])))
+    return out
+
+
+def padded_rows(n: int) -> int:
+    """The row count a batch of `n` rows is padded to: the next power of two, so that only a few batch
+    shapes are ever compiled (and a single decode row stays one row: at real widths the projections of
+    padding rows cost as much as real ones)."""
+    return 1 << (n - 1).bit_length()
+
+
+def split_rows(seq_ids: np.ndarray, parts: int) -> list[slice]:
+    """Contiguous row ranges of about equal size that never cut a sequence's rows apart (rows of one
+    sequence must be contiguous). At most `parts` ranges, fewer when there are fewer sequences."""
+    seq_ids = np.asarray(seq_ids)
+    T = seq_ids.size
+    starts = [0] + [t for t in range(1, T) if seq_ids[t] != seq_ids[t - 1]]  # where each sequence begins
+    cuts = sorted({min(starts, key=lambda s, want=T * j // parts: abs(s - want)) for j in range(1, parts)} - {0})
+    bounds = [0, *cuts, T]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
+def forward_host(
+    params: ModelParams,
+    cfg: DSAConfig,
+    tokens: np.ndarray,
+    positions: np.ndarray,
+    slots: np.ndarray,
+    block_tables: np.ndarray,
+    caches: tuple[DSACaches, ...],
+    host_caches: tuple,
+    seq_ids: np.ndarray,
+    backend: str = "auto",
+    threads: int | None = None,
+    micro_batches: int = 1,
+) -> tuple[jax.Array, tuple[DSACaches, ...]]:
+    """`forward` with every layer's indexer on the host: `host_caches` holds one `IndexerKeyCache` per
+    layer, with the rows' sequences (`seq_ids` int `[T]`) in it (see `dsa_attention_host`); the device
+    FP8 `IndexerPages` in `caches` are written with the same bytes. The caches passed in are consumed
+    (updated in place); use the ones returned. Returns `(logits [T, vocab], caches)`.
+
+    With `micro_batches` > 1 the rows are split into that many groups of whole sequences and pipelined:
+    while the host selects for one group, the device computes the other's projections, attention and
+    MLP (JAX dispatch is asynchronous and the Rust select releases the GIL)."""
+    seq_ids = np.asarray(seq_ids, np.int64)
+    tokens, positions = np.asarray(tokens, np.int32), np.asarray(positions, np.int32)
+    slots, block_tables = np.asarray(slots, np.int32), np.asarray(block_tables, np.int32)
+    groups = split_rows(seq_ids, max(1, micro_batches))
+
+    def padded(a: np.ndarray, g: slice, fill: int) -> jax.Array:
+        """Rows `g` of `a`, padded by `padded_rows`; padding rows write nothing (slot −1) and are never
+        selected on the host."""
+        n = g.stop - g.start
+        pad = [(0, padded_rows(n) - n)] + [(0, 0)] * (a.ndim - 1)
+        return jnp.asarray(np.pad(a[g], pad, constant_values=fill))
+
+    pos = [padded(positions, g, 0) for g in groups]
+    slot = [padded(slots, g, -1) for g in groups]
+    table = [padded(block_tables, g, -1) for g in groups]
+    xs = [embed(params, padded(tokens, g, 0)) for g in groups]
+    caches = list(caches)
+    topk: list[jax.Array | None] = [None] * len(groups)
+
+    def dispatch_projection(i: int, g: int) -> tuple:
+        blk = params.blocks[i]
+        h = pre_norm(blk, cfg, xs[g])
+        if cfg.layer_indexer_type(i) == "shared":
+            return layer_mod.project_jit(blk.attn, cfg, h, pos[g]), None, None
+        proj, codes, scales, index = layer_mod.project_write_keys_donated(
+            blk.attn, cfg, h, pos[g], slot[g], caches[i].index
+        )
+        caches[i] = dataclasses.replace(caches[i], index=index)
+        return proj, codes, scales
+
+    # Group g's layer i+1 projections are dispatched right after its layer i attention, so the device
+    # always has the other group's work queued while the host selects.
+    pending = [dispatch_projection(0, g) for g in range(len(groups))]
+    for i, blk in enumerate(params.blocks):
+        shared = cfg.layer_indexer_type(i) == "shared"
+        for g, rows in enumerate(groups):
+            proj, codes, scales = pending[g]
+            if not shared:
+                n = rows.stop - rows.start
+                sel = layer_mod.host_select(
+                    host_caches[i], seq_ids[rows], codes[:n], scales[:n], _rows(proj, n), positions[rows],
+                    cfg.index_topk, threads,
+                )  # fmt: skip
+                topk[g] = jnp.asarray(np.pad(sel, ((0, proj.q_abs.shape[0] - n), (0, 0)), constant_values=-1))
+            out, latent = layer_mod.attend_donated(
+                blk.attn, cfg, proj, slot[g], table[g], caches[i].latent, topk[g], backend,
+                None if shared else pos[g],
+            )  # fmt: skip
+            caches[i] = dataclasses.replace(caches[i], latent=latent)
+            xs[g] = residual_mlp(blk, cfg, xs[g], out)
+            if i + 1 < len(params.blocks):
+                pending[g] = dispatch_projection(i + 1, g)
+    logits = [lm_head(params, cfg, x)[: g.stop - g.start] for x, g in zip(xs, groups, strict=True)]
+    return (logits[0] if len(logits) == 1 else jnp.concatenate(logits)), tuple(caches)
+
+
+def _rows(proj, n: int):
+    """The first `n` rows of the indexer's projections (what the host needs)."""
+    return dataclasses.replace(proj, q_idx=proj.q_idx[:n], w_idx=proj.w_idx[:n])
+
+
+@jax.jit
+def new_index_rows(caches: tuple[DSACaches, ...], slots: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The FP8 codes `[layers, T, D]` and scales `[layers, T]` at `slots` of every layer's device
+    `IndexerPages` (layers without an indexer included, unused): what a device step wrote, for the host
+    caches to append so that both stay identical."""
+    safe = jnp.maximum(slots, 0)
+    codes = jnp.stack([c.index.codes.reshape(-1, c.index.head_dim)[safe] for c in caches])
+    scales = jnp.stack([c.index.scales.reshape(-1)[safe] for c in caches])
+    return codes, scales

@@ -1,0 +1,403 @@
+"""`DSAConfig`: the shapes and constants of a DSA model (docs/dsa.md §1–§4).
+
+Presets for DeepSeek-V3.2 and GLM-5, a `tiny()` one for tests, and a loader for a
+Hugging Face `config.json` of model type `deepseek_v32` or `glm_moe_dsa`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+RopePairing = Literal["interleaved", "half"]
+IndexerType = Literal["full", "shared"]
+
+SUPPORTED_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa")
+
+# Per model type: the indexer's RoPE pairing when config.json does not say
+# (`indexer_rope_interleave`). Mixing them up degrades recall silently (dsa.md §2).
+_DEFAULT_INDEXER_PAIRING: dict[str, RopePairing] = {
+    "deepseek_v32": "half",
+    "glm_moe_dsa": "interleaved",
+}
+
+
+@dataclass(frozen=True)
+class YarnScaling:
+    """YaRN RoPE scaling parameters (Hugging Face `rope_scaling` with type "yarn")."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+
+
+@dataclass(frozen=True)
+class DSAConfig:
+    """Shapes and constants of a DeepSeek Sparse Attention model.
+
+    Field names follow the Hugging Face `config.json` of `deepseek_v32` /
+    `glm_moe_dsa`. Derived quantities (`softmax_scale`, `rope_freqs`, ...) are
+    properties so they can never disagree with the fields.
+    """
+
+    model_type: str
+    hidden_size: int
+    num_attention_heads: int
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    index_n_heads: int
+    index_head_dim: int
+    index_topk: int
+    rope_theta: float
+    rope_scaling: YarnScaling | None = None
+    indexer_rope_pairing: RopePairing = "half"
+    mla_rope_pairing: RopePairing = "interleaved"
+    rms_norm_eps: float = 1e-6
+    num_hidden_layers: int = 1
+    vocab_size: int = 0
+    intermediate_size: int = 0
+    first_k_dense_replace: int = 0
+    max_position_embeddings: int = 0
+    # Per layer "full" (runs the indexer) or "shared" (reuses the previous full
+    # layer's top-k, GLM-5). Empty means every layer is "full".
+    indexer_types: tuple[IndexerType, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        positive = (
+            "hidden_size num_attention_heads q_lora_rank kv_lora_rank qk_rope_head_dim "
+            "v_head_dim index_n_heads index_head_dim index_topk"
+        ).split()
+        for name in positive:
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"DSAConfig.{name} must be positive, got {getattr(self, name)!r}")
+        if self.qk_nope_head_dim < 0:
+            raise ValueError(f"DSAConfig.qk_nope_head_dim must be >= 0, got {self.qk_nope_head_dim}")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"DSAConfig.qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+        if self.index_head_dim < self.qk_rope_head_dim:
+            raise ValueError("DSAConfig.index_head_dim must be >= qk_rope_head_dim (rope is on its first dims)")
+        for name in ("indexer_rope_pairing", "mla_rope_pairing"):
+            if getattr(self, name) not in ("interleaved", "half"):
+                raise ValueError(f"DSAConfig.{name} must be 'interleaved' or 'half', got {getattr(self, name)!r}")
+        if self.rope_theta <= 0:
+            raise ValueError(f"DSAConfig.rope_theta must be positive, got {self.rope_theta}")
+        bad = [t for t in self.indexer_types if t not in ("full", "shared")]
+        if bad:
+            raise ValueError(f"DSAConfig.indexer_types: unknown entries {bad}; expected 'full' or 'shared'")
+        if self.indexer_types and self.indexer_types[0] != "full":
+            raise ValueError("DSAConfig.indexer_types: the first layer must be 'full' (nothing to share from)")
+
+    # ----- derived quantities -------------------------------------------------
+
+    @property
+    def qk_head_dim(self) -> int:
+        """`d_nope + d_rope`: per-head query/key width before absorption."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_dim(self) -> int:
+        """Width of one cached latent row and of an absorbed query: `r_kv + d_rope` (576)."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def mscale(self) -> float:
+        """YaRN attention magnitude factor `m = 0.1·mscale_all_dim·ln(factor) + 1` (1 without YaRN)."""
+        y = self.rope_scaling
+        if y is None or y.factor <= 1.0 or not y.mscale_all_dim:
+            return 1.0
+        return 0.1 * y.mscale_all_dim * math.log(y.factor) + 1.0
+
+    @property
+    def softmax_scale(self) -> float:
+        """Attention logit scale `(d_nope + d_rope)^-0.5 · m²` (0.1352338 for DeepSeek-V3.2)."""
+        return self.qk_head_dim**-0.5 * self.mscale**2
+
+    @property
+    def indexer_softmax_scale(self) -> float:
+        """`D_I^-0.5`, the scale inside the indexer's ReLU."""
+        return self.index_head_dim**-0.5
+
+    @property
+    def indexer_weight_scale(self) -> float:
+        """`H_I^-0.5`, applied to the indexer head weights."""
+        return self.index_n_heads**-0.5
+
+    @property
+    def rope_freqs(self) -> np.ndarray:
+        """RoPE frequencies `f_i`, float64 `[d_rope / 2]`, YaRN-corrected when configured (dsa.md §2)."""
+        from dsa_hybrid import reference
+
+        return reference.rope_freqs(self.qk_rope_head_dim, self.rope_theta, self.rope_scaling)
+
+    def layer_indexer_type(self, layer: int) -> IndexerType:
+        """ "full" if layer `layer` runs its own indexer, "shared" if it reuses the previous full layer's."""
+        if not 0 <= layer < max(self.num_hidden_layers, len(self.indexer_types)):
+            raise IndexError(f"layer {layer} out of range for {self.num_hidden_layers} layers")
+        return self.indexer_types[layer] if self.indexer_types else "full"
+
+    def replace(self, **changes: Any) -> DSAConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # ----- presets ----------------------------------------------------------------
+
+    @classmethod
+    def deepseek_v32(cls) -> DSAConfig:
+        """DeepSeek-V3.2 (671B) attention shapes: 128 heads, 64 indexer heads, YaRN ×40."""
+        return cls(
+            model_type="deepseek_v32",
+            hidden_size=7168,
+            num_attention_heads=128,
+            q_lora_rank=1536,
+            kv_lora_rank=512,
+            qk_nope_head_dim=128,
+            qk_rope_head_dim=64,
+            v_head_dim=128,
+            index_n_heads=64,
+            index_head_dim=128,
+            index_topk=2048,
+            rope_theta=10000.0,
+            rope_scaling=YarnScaling(
+                factor=40.0,
+                original_max_position_embeddings=4096,
+                beta_fast=32.0,
+                beta_slow=1.0,
+                mscale=1.0,
+                mscale_all_dim=1.0,
+            ),
+            indexer_rope_pairing="half",
+            mla_rope_pairing="interleaved",
+            rms_norm_eps=1e-6,
+            num_hidden_layers=61,
+            vocab_size=129280,
+            intermediate_size=18432,
+            first_k_dense_replace=3,
+            max_position_embeddings=163840,
+        )
+
+    @classmethod
+    def glm5(cls) -> DSAConfig:
+        """GLM-5 (`glm_moe_dsa`) attention shapes: 64 heads, 32 indexer heads, theta 1e6, no YaRN."""
+        return cls(
+            model_type="glm_moe_dsa",
+            hidden_size=6144,
+            num_attention_heads=64,
+            q_lora_rank=2048,
+            kv_lora_rank=512,
+            qk_nope_head_dim=192,
+            qk_rope_head_dim=64,
+            v_head_dim=256,
+            index_n_heads=32,
+            index_head_dim=128,
+            index_topk=2048,
+            rope_theta=1_000_000.0,
+            rope_scaling=None,
+            indexer_rope_pairing="interleaved",
+            mla_rope_pairing="interleaved",
+            rms_norm_eps=1e-5,
+            num_hidden_layers=78,
+            vocab_size=154880,
+            intermediate_size=12288,
+            first_k_dense_replace=3,
+            max_position_embeddings=202752,
+        )
+
+    @classmethod
+    def tiny(cls, model_type: str = "deepseek_v32") -> DSAConfig:
+        """A small config with the structure of `model_type`, for tests: cheap, but `index_topk` is
+        small enough (16) that selection really drops tokens at a few dozen positions."""
+        base = cls.deepseek_v32() if model_type == "deepseek_v32" else cls.glm5()
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"unknown model_type {model_type!r}; expected one of {SUPPORTED_MODEL_TYPES}")
+        return base.replace(
+            hidden_size=64,
+            num_attention_heads=4,
+            q_lora_rank=32,
+            kv_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=16,
+            v_head_dim=16,
+            index_n_heads=4,
+            index_head_dim=32,
+            index_topk=16,
+            num_hidden_layers=2,
+            vocab_size=256,
+            intermediate_size=128,
+            first_k_dense_replace=2,
+            max_position_embeddings=4096,
+            rope_scaling=(
+                None
+                if base.rope_scaling is None
+                else dataclasses.replace(base.rope_scaling, factor=4.0, original_max_position_embeddings=256)
+            ),
+            indexer_types=(),
+        )
+
+    @classmethod
+    def small(cls, model_type: str = "deepseek_v32") -> DSAConfig:
+        """A demo-sized config with the structure of `model_type`: small enough to serve 8K-token
+        prompts on a laptop CPU, with `index_topk` 256, so long prompts really are sparse."""
+        base = cls.tiny(model_type)
+        return base.replace(
+            hidden_size=256,
+            num_attention_heads=8,
+            q_lora_rank=128,
+            kv_lora_rank=128,
+            qk_nope_head_dim=32,
+            qk_rope_head_dim=32,
+            v_head_dim=32,
+            index_n_heads=16,
+            index_head_dim=64,
+            index_topk=256,
+            num_hidden_layers=2,
+            vocab_size=2048,
+            intermediate_size=512,
+            first_k_dense_replace=2,
+            max_position_embeddings=32768,
+            rope_scaling=(
+                None
+                if base.rope_scaling is None
+                else dataclasses.replace(base.rope_scaling, factor=8.0, original_max_position_embeddings=4096)
+            ),
+        )
+
+    # ----- Hugging Face config.json ------------------------------------------------
+
+    @classmethod
+    def from_hf_config(cls, path_or_dict: str | os.PathLike[str] | dict[str, Any]) -> DSAConfig:
+        """Read a Hugging Face `config.json` (a path to the file or its directory, or the parsed dict)
+        of model type `deepseek_v32` or `glm_moe_dsa`.
+
+        Accepts both RoPE spellings: top-level `rope_theta` + `rope_scaling` (transformers 4.x) and
+        `rope_parameters` (transformers 5.x). The indexer pairing comes from `indexer_rope_interleave`
+        when present, else from the model type's default (dsa.md §1).
+        """
+        d = _load_json(path_or_dict)
+        model_type = d.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"config.json: unsupported model_type {model_type!r}; expected one of {SUPPORTED_MODEL_TYPES}"
+            )
+
+        def need(key: str) -> Any:
+            if key not in d or d[key] is None:
+                raise ValueError(f"config.json ({model_type}): missing required field {key!r}")
+            return d[key]
+
+        rope = d.get("rope_parameters") or {}
+        theta = d.get("rope_theta", rope.get("rope_theta"))
+        if theta is None:
+            raise ValueError(f"config.json ({model_type}): missing 'rope_theta' (or rope_parameters.rope_theta)")
+        scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", rope.get("type")) else None)
+        yarn = _parse_yarn(scaling, model_type)
+
+        if "indexer_rope_interleave" in d:
+            indexer_pairing: RopePairing = "interleaved" if d["indexer_rope_interleave"] else "half"
+        else:
+            indexer_pairing = _DEFAULT_INDEXER_PAIRING[model_type]
+        mla_pairing: RopePairing = "interleaved" if d.get("rope_interleave", True) else "half"
+
+        indexer_types = tuple(d.get("indexer_types") or ())
+        return cls(
+            model_type=model_type,
+            hidden_size=int(need("hidden_size")),
+            num_attention_heads=int(need("num_attention_heads")),
+            q_lora_rank=int(need("q_lora_rank")),
+            kv_lora_rank=int(need("kv_lora_rank")),
+            qk_nope_head_dim=int(need("qk_nope_head_dim")),
+            qk_rope_head_dim=int(need("qk_rope_head_dim")),
+            v_head_dim=int(need("v_head_dim")),
+            index_n_heads=int(need("index_n_heads")),
+            index_head_dim=int(need("index_head_dim")),
+            index_topk=int(need("index_topk")),
+            rope_theta=float(theta),
+            rope_scaling=yarn,
+            indexer_rope_pairing=indexer_pairing,
+            mla_rope_pairing=mla_pairing,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            num_hidden_layers=int(d.get("num_hidden_layers", 1)),
+            vocab_size=int(d.get("vocab_size", 0)),
+            intermediate_size=int(d.get("intermediate_size", 0)),
+            first_k_dense_replace=int(d.get("first_k_dense_replace", 0)),
+            max_position_embeddings=int(d.get("max_position_embeddings", 0)),
+            indexer_types=indexer_types,
+        )
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The attention-relevant part of a Hugging Face `config.json` (transformers 4.x spelling);
+        `from_hf_config(cfg.to_hf_config()) == cfg`."""
+        d: dict[str, Any] = {
+            "model_type": self.model_type,
+            "hidden_size": self.hidden_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_attention_heads,
+            "q_lora_rank": self.q_lora_rank,
+            "kv_lora_rank": self.kv_lora_rank,
+            "qk_nope_head_dim": self.qk_nope_head_dim,
+            "qk_rope_head_dim": self.qk_rope_head_dim,
+            "v_head_dim": self.v_head_dim,
+            "index_n_heads": self.index_n_heads,
+            "index_head_dim": self.index_head_dim,
+            "index_topk": self.index_topk,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None
+            if self.rope_scaling is None
+            else {"type": "yarn", **dataclasses.asdict(self.rope_scaling)},
+            "rope_interleave": self.mla_rope_pairing == "interleaved",
+            "indexer_rope_interleave": self.indexer_rope_pairing == "interleaved",
+            "rms_norm_eps": self.rms_norm_eps,
+            "num_hidden_layers": self.num_hidden_layers,
+            "vocab_size": self.vocab_size,
+            "intermediate_size": self.intermediate_size,
+            "first_k_dense_replace": self.first_k_dense_replace,
+            "max_position_embeddings": self.max_position_embeddings,
+        }
+        if self.indexer_types:
+            d["indexer_types"] = list(self.indexer_types)
+        return d
+
+
+def _load_json(path_or_dict: str | os.PathLike[str] | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(path_or_dict, dict):
+        return path_or_dict
+    path = os.fspath(path_or_dict)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    with open(path, encoding="utf-8") as f:
+        d = json.load(f)
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return d
+
+
+def _parse_yarn(scaling: dict[str, Any] | None, model_type: str) -> YarnScaling | None:
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return None
+    if kind != "yarn":
+        raise ValueError(f"config.json ({model_type}): unsupported rope scaling type {kind!r}; only 'yarn' is")
+    try:
+        return YarnScaling(
+            factor=float(scaling["factor"]),
+            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+            beta_fast=float(scaling.get("beta_fast", 32.0)),
+            beta_slow=float(scaling.get("beta_slow", 1.0)),
+            mscale=float(scaling.get("mscale", 1.0)),
+            mscale_all_dim=float(scaling.get("mscale_all_dim", 1.0)),
+        )
+    except KeyError as e:
+        raise ValueError(f"config.json ({model_type}): yarn rope scaling is missing {e.args[0]!r}") from None

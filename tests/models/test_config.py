@@ -1,0 +1,152 @@
+"""DSAConfig: presets against docs/dsa.md §1, Hugging Face config.json loading and round trips."""
+
+import json
+
+import pytest
+from hypothesis import given
+
+from dsa_hybrid import DSAConfig, YarnScaling, testing
+
+# Hugging Face config.json excerpts as the model repositories ship them (attention-relevant keys).
+V32_HF = {
+    "architectures": ["DeepseekV32ForCausalLM"],
+    "model_type": "deepseek_v32",
+    "hidden_size": 7168,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "q_lora_rank": 1536,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "index_n_heads": 64,
+    "index_head_dim": 128,
+    "index_topk": 2048,
+    "rope_theta": 10000,
+    "rope_scaling": {
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "factor": 40,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 4096,
+        "type": "yarn",
+    },
+    "rms_norm_eps": 1e-06,
+    "num_hidden_layers": 61,
+    "vocab_size": 129280,
+    "intermediate_size": 18432,
+    "first_k_dense_replace": 3,
+    "max_position_embeddings": 163840,
+    "n_routed_experts": 256,
+}
+
+GLM5_HF = {
+    "architectures": ["GlmMoeDsaForCausalLM"],
+    "model_type": "glm_moe_dsa",
+    "hidden_size": 6144,
+    "num_attention_heads": 64,
+    "q_lora_rank": 2048,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 192,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 256,
+    "index_n_heads": 32,
+    "index_head_dim": 128,
+    "index_topk": 2048,
+    "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+    "rms_norm_eps": 1e-05,
+    "num_hidden_layers": 78,
+    "vocab_size": 154880,
+    "intermediate_size": 12288,
+    "first_k_dense_replace": 3,
+    "max_position_embeddings": 202752,
+}
+
+
+def test_v32_preset_matches_spec_table():
+    c = DSAConfig.deepseek_v32()
+    assert (c.hidden_size, c.num_attention_heads, c.q_lora_rank, c.kv_lora_rank) == (7168, 128, 1536, 512)
+    assert (c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim) == (128, 64, 128)
+    assert (c.index_n_heads, c.index_head_dim, c.index_topk) == (64, 128, 2048)
+    assert c.rope_theta == 1e4
+    assert c.rope_scaling == YarnScaling(40.0, 4096, 32.0, 1.0, 1.0, 1.0)
+    assert (c.indexer_rope_pairing, c.mla_rope_pairing) == ("half", "interleaved")
+    assert c.latent_dim == 576 and c.qk_head_dim == 192
+    assert c.softmax_scale == pytest.approx(0.1352338, abs=5e-8)
+    assert c.rope_freqs.shape == (32,)
+
+
+def test_glm5_preset_matches_spec_table():
+    c = DSAConfig.glm5()
+    assert (c.hidden_size, c.num_attention_heads, c.q_lora_rank, c.kv_lora_rank) == (6144, 64, 2048, 512)
+    assert (c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim) == (192, 64, 256)
+    assert (c.index_n_heads, c.index_head_dim, c.index_topk) == (32, 128, 2048)
+    assert c.rope_theta == 1e6 and c.rope_scaling is None
+    assert (c.indexer_rope_pairing, c.mla_rope_pairing) == ("interleaved", "interleaved")
+    assert c.softmax_scale == pytest.approx(256**-0.5)
+
+
+def test_hf_configs_load_to_the_presets(tmp_path):
+    assert DSAConfig.from_hf_config(V32_HF) == DSAConfig.deepseek_v32()
+    assert DSAConfig.from_hf_config(GLM5_HF) == DSAConfig.glm5()
+    # From a file and from its directory.
+    (tmp_path / "config.json").write_text(json.dumps(GLM5_HF))
+    assert DSAConfig.from_hf_config(tmp_path / "config.json") == DSAConfig.glm5()
+    assert DSAConfig.from_hf_config(str(tmp_path)) == DSAConfig.glm5()
+
+
+def test_glm_transformers4_spelling_and_indexer_types():
+    d = {k: v for k, v in GLM5_HF.items() if k != "rope_parameters"}
+    d["rope_theta"] = 1e6
+    d["indexer_types"] = ["full", "shared", "shared", "full"]
+    c = DSAConfig.from_hf_config(d)
+    assert c.rope_theta == 1e6
+    assert [c.layer_indexer_type(i) for i in range(4)] == ["full", "shared", "shared", "full"]
+    assert DSAConfig.deepseek_v32().layer_indexer_type(60) == "full"
+
+
+def test_explicit_indexer_pairing_overrides_model_default():
+    assert DSAConfig.from_hf_config({**GLM5_HF, "indexer_rope_interleave": False}).indexer_rope_pairing == "half"
+    assert DSAConfig.from_hf_config({**V32_HF, "indexer_rope_interleave": True}).indexer_rope_pairing == "interleaved"
+
+
+@given(testing.dsa_configs())
+def test_hf_round_trip(cfg):
+    assert DSAConfig.from_hf_config(cfg.to_hf_config()) == cfg
+    assert DSAConfig.from_hf_config(json.loads(json.dumps(cfg.to_hf_config()))) == cfg
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"model_type": "llama"}, "unsupported model_type 'llama'"),
+        ({"index_topk": None}, "missing required field 'index_topk'"),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "unsupported rope scaling type 'linear'"),
+        ({"rope_scaling": {"type": "yarn"}}, "yarn rope scaling is missing 'factor'"),
+        ({"index_n_heads": 0}, "index_n_heads must be positive"),
+        ({"indexer_types": ["shared", "full"]}, "first layer must be 'full'"),
+        ({"indexer_types": ["full", "sparse"]}, "unknown entries"),
+    ],
+)
+def test_bad_configs_raise_clear_errors(change, message):
+    with pytest.raises(ValueError, match=message):
+        DSAConfig.from_hf_config({**V32_HF, **change})
+
+
+def test_missing_rope_theta_is_an_error():
+    d = {k: v for k, v in GLM5_HF.items() if k != "rope_parameters"}
+    with pytest.raises(ValueError, match="rope_theta"):
+        DSAConfig.from_hf_config(d)
+
+
+def test_tiny_presets_keep_the_model_structure():
+    for mt in ("deepseek_v32", "glm_moe_dsa"):
+        t = DSAConfig.tiny(mt)
+        assert t.model_type == mt and t.index_topk == 16
+        assert (
+            t.indexer_rope_pairing
+            == (DSAConfig.deepseek_v32() if mt == "deepseek_v32" else DSAConfig.glm5()).indexer_rope_pairing
+        )
+    with pytest.raises(ValueError, match="unknown model_type"):
+        DSAConfig.tiny("llama")
