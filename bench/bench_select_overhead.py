@@ -9,6 +9,7 @@ with `threads=1` (no pool at all), in the same run.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import numpy as np
@@ -47,17 +48,23 @@ def main() -> None:
             q = rng.standard_normal((T, H, D)).astype(np.float32)
             w = (rng.random((T, H)) * H**-0.5).astype(np.float32)
             ids, pos = np.arange(T), np.full(T, L - 1)
+            tables = np.stack([cache.block_table(s) for s in range(T)])
             for threads in (1, 2, None):
-                med, best = per_call_us(lambda: cache.select(ids, q, w, pos, k, threads=threads), args.calls)
+                call = functools.partial(cache.select, ids, q, w, pos, k, threads=threads)
+                med, best = per_call_us(call, args.calls)
                 name = f"select T={T} L={L}" + (" (no scoring: L <= k)" if L <= k else "")
                 print(f"{name:<44} {threads!s:>7} {med:>10.1f} {best:>9.1f}")
+            if hasattr(cache, "select_paged"):  # (absent from builds before it, which this also times)
+                call = functools.partial(cache.select_paged, tables, pos, q, w, k, threads=None)
+                med, best = per_call_us(call, args.calls)
+                print(f"{f'select_paged T={T} L={L}':<44} {'None':>7} {med:>10.1f} {best:>9.1f}")
     scores = rng.standard_normal((1, 4096)).astype(np.float32)
     for threads in (1, 2, None):
-        med, best = per_call_us(lambda: dh.topk(scores, k, threads=threads), args.calls)
+        med, best = per_call_us(functools.partial(dh.topk, scores, k, threads=threads), args.calls)
         print(f"{'topk [1, 4096]':<44} {threads!s:>7} {med:>10.1f} {best:>9.1f}")
     scores = rng.standard_normal((8, 16384)).astype(np.float32)
     for threads in (1, 2, None):
-        med, best = per_call_us(lambda: dh.topk(scores, k, threads=threads), max(1, args.calls // 4))
+        med, best = per_call_us(functools.partial(dh.topk, scores, k, threads=threads), max(1, args.calls // 4))
         print(f"{'topk [8, 16384] (threaded)':<44} {threads!s:>7} {med:>10.1f} {best:>9.1f}")
 
 

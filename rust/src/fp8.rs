@@ -1,12 +1,12 @@
 //! FP8 e4m3fn encoding and power-of-two ("ue8m0") scales, bit-exact with
-//! `spec/DSA.md` §4 and `dsa_hybrid.reference`.
+//! `docs/dsa.md` §4 and `dsa_hybrid.reference`.
 //!
 //! Everything is computed in f64 in the same order as the float64 oracle, so
 //! the codes are identical by construction, not just close.
 
 /// Largest finite e4m3fn magnitude.
 pub const E4M3_MAX: f64 = 448.0;
-/// Lower bound on a vector's amax before the scale is taken (spec §4).
+/// Lower bound on a vector's amax before the scale is taken (dsa.md §4).
 pub const AMAX_FLOOR: f64 = 1e-4;
 
 /// Decode one e4m3fn code (1 sign, 4 exponent bits with bias 7, 3 mantissa
@@ -65,6 +65,12 @@ fn exp2i(k: i32) -> f64 {
 
 /// Encode `x` as e4m3fn: saturate to ±448, round to nearest, ties to even.
 /// NaN encodes as 0x7F (callers reject NaN before quantizing).
+///
+/// Branch-light and libm-free (it runs for every element of every query and
+/// key): normals are rounded by integer arithmetic on the f64 bits, subnormals
+/// by the add-and-subtract-2^52 trick. Both give exactly the round-half-even
+/// result of the definition (`encode_by_definition` in the tests).
+#[inline]
 pub fn encode(x: f64) -> u8 {
     if x.is_nan() {
         return 0x7F;
@@ -72,17 +78,18 @@ pub fn encode(x: f64) -> u8 {
     let sign: u8 = if x.is_sign_negative() { 0x80 } else { 0 };
     let a = x.abs().min(E4M3_MAX);
     let code = if a >= exp2i(-6) {
-        // a = 2^e * (1 + f); the exponent read from the f64 bits is exact.
-        let mut e = ((a.to_bits() >> 52) & 0x7FF) as i32 - 1023;
-        let mut q = (a * exp2i(3 - e)).round_ties_even() as i32; // in [8, 16]
-        if q == 16 {
-            e += 1;
-            q = 8;
-        }
-        (((e + 7) << 3) | (q - 8)) as u8
+        // Keep the 11 exponent bits and the top 3 mantissa bits, rounding the 49 dropped bits
+        // half to even; a carry out of the mantissa bumps the exponent, as e4m3's own rounding
+        // does (a <= 448 never rounds past 448, so the NaN code cannot come out).
+        let bits = a.to_bits();
+        let lsb = (bits >> 49) & 1;
+        let kept = (bits + (1u64 << 48) - 1 + lsb) >> 49;
+        (kept - ((1023 - 7) << 3)) as u8
     } else {
-        // Subnormals are multiples of 2^-9; q == 8 is the smallest normal (code 0x08).
-        (a * 512.0).round_ties_even() as u8
+        // Subnormals are multiples of 2^-9: a·2^9 < 8 rounded to an integer, ties to even, by
+        // the f64 addition itself (8 is the smallest normal, code 0x08).
+        const TWO_52: f64 = 4_503_599_627_370_496.0;
+        ((a * 512.0 + TWO_52) - TWO_52) as u8
     };
     sign | code
 }
@@ -109,9 +116,10 @@ pub fn quantize(v: &[f64], out: &mut [u8]) -> f32 {
     assert_eq!(v.len(), out.len(), "quantize: length mismatch");
     let amax = v.iter().fold(0.0f64, |m, x| m.max(x.abs()));
     let scale = pow2_scale(amax);
-    let s = f64::from(scale);
+    // `x / s` exactly: s is a power of two, so its inverse is exact and the product rounds alike.
+    let inv = 1.0 / f64::from(scale);
     for (o, x) in out.iter_mut().zip(v) {
-        *o = encode((x / s).clamp(-E4M3_MAX, E4M3_MAX));
+        *o = encode((x * inv).clamp(-E4M3_MAX, E4M3_MAX));
     }
     scale
 }
@@ -145,6 +153,69 @@ mod tests {
                 c,
                 "code {c:#04x}"
             );
+        }
+    }
+
+    /// The definition `encode` used to compute literally: exponent from the bits, the mantissa
+    /// scaled to [8, 16] and rounded with `round_ties_even`.
+    fn encode_by_definition(x: f64) -> u8 {
+        if x.is_nan() {
+            return 0x7F;
+        }
+        let sign: u8 = if x.is_sign_negative() { 0x80 } else { 0 };
+        let a = x.abs().min(E4M3_MAX);
+        let code = if a >= exp2i(-6) {
+            let mut e = ((a.to_bits() >> 52) & 0x7FF) as i32 - 1023;
+            let mut q = (a * exp2i(3 - e)).round_ties_even() as i32;
+            if q == 16 {
+                e += 1;
+                q = 8;
+            }
+            (((e + 7) << 3) | (q - 8)) as u8
+        } else {
+            (a * 512.0).round_ties_even() as u8
+        };
+        sign | code
+    }
+
+    #[test]
+    fn encode_equals_the_definition_at_every_code_midpoint_and_at_random() {
+        let mut xs = Vec::new();
+        // Every code value, every midpoint between neighbours, and their f64 neighbours.
+        let mut values: Vec<f64> = (0u16..0x7F)
+            .map(|c| f64::from(DECODE_TABLE[c as usize]))
+            .collect();
+        values.push(480.0);
+        for w in values.windows(2) {
+            let mid = (w[0] + w[1]) / 2.0;
+            for v in [w[0], mid] {
+                xs.extend([
+                    v,
+                    f64::from_bits(v.to_bits() + 1),
+                    f64::from_bits(v.to_bits().saturating_sub(1)),
+                ]);
+            }
+        }
+        let mut next = crate::test_rng(3);
+        for _ in 0..200_000 {
+            let e = (next() % 40) as i32 - 25; // 2^-25 .. 2^14
+            let m = 1.0 + (next() as f64) / f64::from(1u32 << 31);
+            xs.push(m * exp2i(e));
+        }
+        xs.extend([
+            0.0,
+            f64::MIN_POSITIVE,
+            1e-300,
+            1e300,
+            f64::INFINITY,
+            448.0,
+            464.0,
+            465.0,
+        ]);
+        for x in xs {
+            for x in [x, -x] {
+                assert_eq!(encode(x), encode_by_definition(x), "{x:e}");
+            }
         }
     }
 

@@ -1,4 +1,4 @@
-//! The paged FP8 indexer-key cache (spec §4, §6): block tables per sequence
+//! The paged FP8 indexer-key cache (dsa.md §4, §6): block tables per sequence
 //! over pages of `block_size` tokens, each page `block_size × head_dim` e4m3fn
 //! bytes (token-major) followed by `block_size` little-endian f32 scales.
 //!
@@ -7,11 +7,22 @@
 //! Python side can expose them as a zero-copy numpy array. Every mutating call
 //! validates everything before it changes anything: on error the cache and the
 //! pages are exactly as before.
+//!
+//! Two ways to address the pages:
+//! - by sequence: the cache keeps its own pool, block tables and lengths
+//!   (`add_sequence`, `append`, `fork`, `truncate`, `free`) for standalone users;
+//! - by slot / block id: the caller (the serving engine) owns the blocks and one
+//!   block table per request, shared by every cache, and only asks the cache to
+//!   `write_slots`, `copy_block` and to score through its tables
+//!   (`select::select_paged`). Such a cache has no sequences at all.
+//!
+//! The two do not mix on one cache: the sequence API allocates from the cache's
+//! own pool, which knows nothing of the blocks an external allocator hands out.
 
 use std::collections::HashMap;
 
 use crate::fp8;
-use crate::pool::BlockPool;
+use crate::pool::{BlockPool, PoolError};
 use crate::quant::{self, QuantError};
 
 /// Sequence identifiers are caller-chosen integers.
@@ -48,6 +59,38 @@ pub enum CacheError {
     /// A query row's scores contain NaN (infinite weights or queries).
     NonFiniteScore {
         row: usize,
+    },
+    /// The block pool refused (a block id out of range or not held).
+    Pool(PoolError),
+    /// Entry `index` of a slot list is outside `[0, num_slots)` (and not the −1 "skip").
+    Slot {
+        index: usize,
+        slot: i64,
+        num_slots: usize,
+    },
+    /// A block id outside `[0, num_blocks)`.
+    Block {
+        block: i64,
+        num_blocks: usize,
+    },
+    /// Entry `index` of the positions is negative.
+    NegativePosition {
+        index: usize,
+        position: i64,
+    },
+    /// Row `row` at `position` needs `pages` pages of its block table, which has `width`.
+    TableTooNarrow {
+        row: usize,
+        position: i64,
+        pages: usize,
+        width: usize,
+    },
+    /// Row `row` needs page `page` of its block table, which holds `block`: −1 or out of range.
+    BadPage {
+        row: usize,
+        page: usize,
+        block: i64,
+        num_blocks: usize,
     },
 }
 
@@ -87,11 +130,85 @@ impl std::fmt::Display for CacheError {
                     "cannot truncate to {n} tokens: the sequence has {length}"
                 )
             }
+            CacheError::Pool(e) => write!(f, "{e}"),
+            CacheError::Slot {
+                index,
+                slot,
+                num_slots,
+            } => write!(
+                f,
+                "slot {slot} (entry {index}) is outside [0, {num_slots}) (−1 skips a row)"
+            ),
+            CacheError::Block { block, num_blocks } => {
+                write!(f, "block {block} is outside [0, {num_blocks})")
+            }
+            CacheError::NegativePosition { index, position } => {
+                write!(f, "position {position} (entry {index}) is negative")
+            }
+            CacheError::TableTooNarrow {
+                row,
+                position,
+                pages,
+                width,
+            } => write!(
+                f,
+                "row {row} at position {position} needs {pages} pages, its block table has {width}"
+            ),
+            CacheError::BadPage {
+                row,
+                page,
+                block: -1,
+                ..
+            } => write!(f, "row {row} needs page {page} of its block table, which is −1 (no block)"),
+            CacheError::BadPage {
+                row,
+                page,
+                block,
+                num_blocks,
+            } => write!(
+                f,
+                "row {row} needs page {page} of its block table, block {block}, outside [0, {num_blocks})"
+            ),
         }
     }
 }
 
 impl std::error::Error for CacheError {}
+
+impl From<PoolError> for CacheError {
+    fn from(e: PoolError) -> Self {
+        match e {
+            PoolError::Exhausted { wanted, free } => CacheError::PoolExhausted {
+                needed: wanted,
+                free,
+            },
+            e => CacheError::Pool(e),
+        }
+    }
+}
+
+/// The page layout's sizes, all a paged call needs to know of a cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageGeometry {
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub head_dim: usize,
+}
+
+impl PageGeometry {
+    /// Bytes of one page: `block_size · (head_dim + 4)` (8448 at 64 × 128).
+    pub fn page_bytes(&self) -> usize {
+        self.block_size * (self.head_dim + 4)
+    }
+    /// Bytes of the whole page buffer.
+    pub fn buffer_bytes(&self) -> usize {
+        self.num_blocks * self.page_bytes()
+    }
+    /// Slots in the buffer: `num_blocks · block_size` (each fits in an int32).
+    pub fn num_slots(&self) -> usize {
+        self.num_blocks * self.block_size
+    }
+}
 
 #[derive(Debug, Clone, Default)]
 struct Sequence {
@@ -121,19 +238,33 @@ impl IndexerKeyCache {
                 "head_dim must be a power of two, got {head_dim}"
             )));
         }
-        if u32::try_from(num_blocks).is_err() {
+        // Slots travel as int32, and the buffer must be addressable.
+        let fits = num_blocks
+            .checked_mul(block_size)
+            .filter(|slots| *slots <= 1 << 31)
+            .and_then(|slots| slots.checked_mul(head_dim + 4))
+            .is_some_and(|bytes| bytes <= isize::MAX as usize);
+        if !fits {
             return Err(CacheError::Config(format!(
-                "num_blocks {num_blocks} is too large"
+                "num_blocks {num_blocks} × block_size {block_size} is too large \
+                 (slots must fit in int32, at most 2^31 tokens)"
             )));
         }
         Ok(IndexerKeyCache {
             head_dim,
             block_size,
-            pool: BlockPool::new(num_blocks),
+            pool: BlockPool::new(num_blocks)?,
             seqs: HashMap::new(),
         })
     }
 
+    pub fn geometry(&self) -> PageGeometry {
+        PageGeometry {
+            num_blocks: self.num_blocks(),
+            block_size: self.block_size,
+            head_dim: self.head_dim,
+        }
+    }
     pub fn head_dim(&self) -> usize {
         self.head_dim
     }
@@ -145,11 +276,11 @@ impl IndexerKeyCache {
     }
     /// Bytes of one page: `block_size · (head_dim + 4)` (8448 at 64 × 128).
     pub fn page_bytes(&self) -> usize {
-        self.block_size * (self.head_dim + 4)
+        self.geometry().page_bytes()
     }
     /// Bytes of the whole page buffer the caller must provide.
     pub fn buffer_bytes(&self) -> usize {
-        self.num_blocks() * self.page_bytes()
+        self.geometry().buffer_bytes()
     }
     pub fn num_free_blocks(&self) -> usize {
         self.pool.num_free()
@@ -158,8 +289,12 @@ impl IndexerKeyCache {
     pub fn bytes_used(&self) -> usize {
         (self.num_blocks() - self.num_free_blocks()) * self.page_bytes()
     }
-    pub fn block_refcount(&self, block: u32) -> u32 {
-        self.pool.refcount(block)
+    /// Sequences holding `block` (0: free); an error for an id outside `[0, num_blocks)`.
+    pub fn block_refcount(&self, block: i64) -> Result<u32, CacheError> {
+        self.pool.refcount(block).map_err(|_| CacheError::Block {
+            block,
+            num_blocks: self.num_blocks(),
+        })
     }
     pub fn num_sequences(&self) -> usize {
         self.seqs.len()
@@ -193,13 +328,17 @@ impl IndexerKeyCache {
     /// Blocks an append of `n` tokens takes from the pool: new pages, plus one
     /// copy of the last page when it is partial and shared with a fork.
     fn blocks_needed(&self, s: &Sequence, n: usize) -> (usize, bool) {
-        let new_pages = (s.len + n).div_ceil(self.block_size) - s.blocks.len();
+        // Saturating: `can_append` may be asked about any `n`, however large.
+        let new_pages = s
+            .len
+            .saturating_add(n)
+            .div_ceil(self.block_size)
+            .saturating_sub(s.blocks.len());
         let cow = n > 0
             && !s.len.is_multiple_of(self.block_size)
-            && self
-                .pool
-                .refcount(*s.blocks.last().expect("partial page exists"))
-                > 1;
+            && s.blocks
+                .last()
+                .is_some_and(|b| self.pool.refcounts()[*b as usize] > 1);
         (new_pages + usize::from(cow), cow)
     }
 
@@ -263,17 +402,21 @@ impl IndexerKeyCache {
             return Err(CacheError::NanCode { row: i / d });
         }
         let (need, cow) = self.check_room(id, n)?;
-        // Everything is checked: from here on nothing can fail.
-        let mut fresh = self.pool.alloc(need).expect("checked above").into_iter();
+        // Everything is checked: from here on nothing fails.
+        let mut fresh = self.pool.alloc(need)?.into_iter();
         let page_bytes = self.page_bytes();
-        let seq = self.seqs.get_mut(&id).expect("checked above");
+        let seq = self
+            .seqs
+            .get_mut(&id)
+            .ok_or(CacheError::UnknownSequence(id))?;
         if cow {
-            let old = seq.blocks.pop().expect("partial page exists");
-            let new = fresh.next().expect("allocated");
-            let (src, dst) = (old as usize * page_bytes, new as usize * page_bytes);
-            pages.copy_within(src..src + page_bytes, dst);
-            self.pool.decref(old);
-            seq.blocks.push(new);
+            if let (Some(old), Some(new)) = (seq.blocks.pop(), fresh.next()) {
+                let (src, dst) = (old as usize * page_bytes, new as usize * page_bytes);
+                pages.copy_within(src..src + page_bytes, dst);
+                // `old` is held (by this sequence and a fork): the release cannot fail.
+                self.pool.release(&[old])?;
+                seq.blocks.push(new);
+            }
         }
         seq.blocks.extend(fresh);
         let (blocks, start) = (&seq.blocks, seq.len);
@@ -303,9 +446,7 @@ impl IndexerKeyCache {
         if self.seqs.contains_key(&child) {
             return Err(CacheError::DuplicateSequence(child));
         }
-        for &b in &p.blocks {
-            self.pool.incref(b);
-        }
+        self.pool.retain(&p.blocks)?;
         self.seqs.insert(child, p);
         Ok(())
     }
@@ -317,23 +458,21 @@ impl IndexerKeyCache {
             return Err(CacheError::TruncateBeyondLength { n, length });
         }
         let keep = n.div_ceil(self.block_size);
-        let seq = self.seqs.get_mut(&id).expect("checked above");
-        for b in seq.blocks.drain(keep..) {
-            self.pool.decref(b);
-        }
+        let seq = self
+            .seqs
+            .get_mut(&id)
+            .ok_or(CacheError::UnknownSequence(id))?;
+        release_in_order(&mut self.pool, &seq.blocks[keep..])?;
+        seq.blocks.truncate(keep);
         seq.len = n;
         Ok(())
     }
 
     /// Remove a sequence; its pages return to the pool when no fork holds them.
     pub fn free(&mut self, id: SeqId) -> Result<(), CacheError> {
-        let seq = self
-            .seqs
-            .remove(&id)
-            .ok_or(CacheError::UnknownSequence(id))?;
-        for b in seq.blocks {
-            self.pool.decref(b);
-        }
+        let seq = self.seqs.get(&id).ok_or(CacheError::UnknownSequence(id))?;
+        release_in_order(&mut self.pool, &seq.blocks)?;
+        self.seqs.remove(&id);
         Ok(())
     }
 
@@ -401,6 +540,87 @@ impl IndexerKeyCache {
         (&pages[code_range], scale)
     }
 
+    /// Write keys quantized elsewhere straight into slots (`block · block_size + offset`) chosen by
+    /// the caller: row `i` of `codes` (`n × head_dim` e4m3fn bytes of Hadamard-rotated keys) and
+    /// `scales[i]` (finite, positive) go to `slots[i]`; rows whose slot is −1 are skipped (and not
+    /// checked). A later row wins when two name the same slot. All or nothing.
+    pub fn write_slots(
+        &self,
+        pages: &mut [u8],
+        slots: &[i32],
+        codes: &[u8],
+        scales: &[f32],
+    ) -> Result<(), CacheError> {
+        let (d, bs) = (self.head_dim, self.block_size);
+        let n = slots.len();
+        if scales.len() != n || codes.len() != n * d {
+            return Err(CacheError::Shape(format!(
+                "fp8 codes: {} bytes and {} scales for {n} slots, expected {} and {n}",
+                codes.len(),
+                scales.len(),
+                n * d
+            )));
+        }
+        self.check_buffer(pages.len())?;
+        let num_slots = self.geometry().num_slots();
+        let written = || {
+            slots
+                .iter()
+                .zip(codes.chunks_exact(d).zip(scales))
+                .enumerate()
+                .filter(|(_, (s, _))| **s != -1)
+        };
+        for (index, (&slot, (row, &scale))) in written() {
+            if slot < 0 || slot as usize >= num_slots {
+                return Err(CacheError::Slot {
+                    index,
+                    slot: i64::from(slot),
+                    num_slots,
+                });
+            }
+            if !(scale.is_finite() && scale > 0.0) {
+                return Err(CacheError::NonFiniteScale { row: index });
+            }
+            if row.iter().any(|c| c & 0x7f == 0x7f) {
+                return Err(CacheError::NanCode { row: index });
+            }
+        }
+        for (_, (&slot, (row, scale))) in written() {
+            let (code_range, s) = slot_bytes(d, bs, slot as usize);
+            pages[code_range].copy_from_slice(row);
+            pages[s..s + 4].copy_from_slice(&scale.to_le_bytes());
+        }
+        Ok(())
+    }
+
+    /// Block `block` as an index into the buffer, or `Block` if out of range.
+    pub fn check_block(&self, block: i64) -> Result<usize, CacheError> {
+        usize::try_from(block)
+            .ok()
+            .filter(|b| *b < self.num_blocks())
+            .ok_or(CacheError::Block {
+                block,
+                num_blocks: self.num_blocks(),
+            })
+    }
+
+    /// Copy page `src`'s bytes (codes and scales) over page `dst`: the copy half of a
+    /// copy-on-write of a shared partial page. `src == dst` is a no-op.
+    pub fn copy_block(&self, pages: &mut [u8], src: usize, dst: usize) -> Result<(), CacheError> {
+        self.check_buffer(pages.len())?;
+        for b in [src, dst] {
+            if b >= self.num_blocks() {
+                return Err(CacheError::Block {
+                    block: i64::try_from(b).unwrap_or(i64::MAX),
+                    num_blocks: self.num_blocks(),
+                });
+            }
+        }
+        let pb = self.page_bytes();
+        pages.copy_within(src * pb..(src + 1) * pb, dst * pb);
+        Ok(())
+    }
+
     /// All keys of `id` dequantized (`length × head_dim`, in the Hadamard-rotated basis).
     pub fn dequantize(&self, pages: &[u8], id: SeqId) -> Result<Vec<f32>, CacheError> {
         let len = self.seq(id)?.len;
@@ -416,7 +636,14 @@ impl IndexerKeyCache {
     }
 }
 
-/// Where slot `slot` lives in the page buffer (spec §6): the byte range of its
+/// Release `blocks` so they return to the free list in their own order (the pool releases in
+/// reverse order; the sequence API has always freed front to back).
+fn release_in_order(pool: &mut BlockPool, blocks: &[u32]) -> Result<(), CacheError> {
+    let reversed: Vec<u32> = blocks.iter().rev().copied().collect();
+    Ok(pool.release(&reversed)?)
+}
+
+/// Where slot `slot` lives in the page buffer (dsa.md §6): the byte range of its
 /// `head_dim` codes and the offset of its little-endian f32 scale.
 fn slot_bytes(head_dim: usize, block_size: usize, slot: usize) -> (std::ops::Range<usize>, usize) {
     let page = slot / block_size * block_size * (head_dim + 4);
@@ -490,13 +717,13 @@ mod tests {
         c.add_sequence(1).unwrap();
         c.append(&mut pages, 1, &keys(20, 128, 4)).unwrap(); // blocks 0 (full), 1 (4 tokens)
         c.fork(1, 2).unwrap();
-        assert_eq!(c.block_refcount(0), 2);
-        assert_eq!(c.block_refcount(1), 2);
+        assert_eq!(c.block_refcount(0).unwrap(), 2);
+        assert_eq!(c.block_refcount(1).unwrap(), 2);
         c.append(&mut pages, 2, &keys(1, 128, 5)).unwrap();
         let child = c.block_table(2).unwrap().to_vec();
         assert_eq!(child[0], 0);
         assert_ne!(child[1], 1, "partial page copied before the write");
-        assert_eq!(c.block_refcount(1), 1);
+        assert_eq!(c.block_refcount(1).unwrap(), 1);
         let parent_keys = c.dequantize(&pages, 1).unwrap();
         let child_keys = c.dequantize(&pages, 2).unwrap();
         assert_eq!(parent_keys.len(), 20 * 128);
@@ -547,5 +774,122 @@ mod tests {
         assert!(c.free(9).is_ok() && c.free(9).is_err());
         assert!(IndexerKeyCache::new(2, 24, 128).is_err());
         assert!(IndexerKeyCache::new(2, 16, 96).is_err());
+    }
+
+    #[test]
+    fn write_slots_lays_keys_out_as_append_does() {
+        let (mut seq, mut seq_pages) = cache(6);
+        seq.add_sequence(1).unwrap();
+        let k = keys(37, 128, 8);
+        seq.append(&mut seq_pages, 1, &k).unwrap();
+        let mut codes = vec![0u8; 37 * 128];
+        let mut scales = vec![0f32; 37];
+        quant::quantize_rows(&k, 128, true, &mut codes, &mut scales).unwrap();
+        let (paged, mut pages) = cache(6);
+        let mut slots = vec![0i32; 37];
+        let positions: Vec<i64> = (0..37).collect();
+        seq.slots_into(1, &positions, &mut slots).unwrap();
+        // In two calls, the second with a skipped row (−1) written by the first.
+        let mut second = slots[20..].to_vec();
+        second[0] = -1;
+        paged
+            .write_slots(&mut pages, &slots[..21], &codes[..21 * 128], &scales[..21])
+            .unwrap();
+        paged
+            .write_slots(&mut pages, &second, &codes[20 * 128..], &scales[20..])
+            .unwrap();
+        assert_eq!(pages, seq_pages);
+        assert_eq!(paged.num_sequences(), 0);
+        assert_eq!(
+            paged.num_free_blocks(),
+            6,
+            "the paged API leaves the cache's own pool alone"
+        );
+    }
+
+    #[test]
+    fn write_slots_and_copy_block_refuse_bad_input_and_change_nothing() {
+        let (c, mut pages) = cache(2); // 32 slots
+        let row = [0x38u8; 128];
+        c.write_slots(&mut pages, &[3], &row, &[1.0]).unwrap();
+        let before = pages.clone();
+        let two: Vec<u8> = row.iter().chain(&row).copied().collect();
+        let mut nan = two.clone();
+        nan[128 + 5] = 0xFF;
+        type Case<'a> = (&'a [i32], &'a [u8], &'a [f32], CacheError);
+        let cases: [Case<'_>; 5] = [
+            (
+                &[0, 32],
+                &two,
+                &[1.0, 1.0],
+                CacheError::Slot {
+                    index: 1,
+                    slot: 32,
+                    num_slots: 32,
+                },
+            ),
+            (
+                &[0, -2],
+                &two,
+                &[1.0, 1.0],
+                CacheError::Slot {
+                    index: 1,
+                    slot: -2,
+                    num_slots: 32,
+                },
+            ),
+            (&[0, 1], &nan, &[1.0, 1.0], CacheError::NanCode { row: 1 }),
+            (
+                &[0, 1],
+                &two,
+                &[1.0, f32::NAN],
+                CacheError::NonFiniteScale { row: 1 },
+            ),
+            (
+                &[0, 1],
+                &row,
+                &[1.0, 1.0],
+                CacheError::Shape(
+                    "fp8 codes: 128 bytes and 2 scales for 2 slots, expected 256 and 2".into(),
+                ),
+            ),
+        ];
+        for (slots, codes, scales, want) in cases {
+            assert_eq!(c.write_slots(&mut pages, slots, codes, scales), Err(want));
+            assert_eq!(pages, before);
+        }
+        // A skipped row is not checked.
+        assert!(c
+            .write_slots(&mut pages, &[-1, 4], &two, &[0.0, 1.0])
+            .is_ok());
+        assert!(c
+            .write_slots(&mut pages, &[4, -1], &nan, &[1.0, 0.0])
+            .is_ok());
+        let before = pages.clone();
+        assert_eq!(
+            c.copy_block(&mut pages, 0, 2),
+            Err(CacheError::Block {
+                block: 2,
+                num_blocks: 2
+            })
+        );
+        assert_eq!(pages, before);
+        assert_eq!(
+            c.check_block(-1).unwrap_err().to_string(),
+            "block -1 is outside [0, 2)"
+        );
+        c.copy_block(&mut pages, 0, 1).unwrap();
+        let pb = c.page_bytes();
+        assert_eq!(pages[..pb], pages[pb..]);
+        c.copy_block(&mut pages, 1, 1).unwrap();
+    }
+
+    #[test]
+    fn sizes_that_overflow_slots_or_memory_are_refused() {
+        assert!(IndexerKeyCache::new(1 << 27, 16, 128).is_ok());
+        assert!(IndexerKeyCache::new((1 << 27) + 1, 16, 128).is_err());
+        assert!(IndexerKeyCache::new(2, 1 << 62, 128).is_err());
+        assert!(IndexerKeyCache::new(2, 16, 1 << 62).is_err());
+        assert!(IndexerKeyCache::new(0, 16, 128).is_ok());
     }
 }

@@ -1,4 +1,4 @@
-//! Row-wise FP8 quantization of indexer keys and queries (spec §4): optional
+//! Row-wise FP8 quantization of indexer keys and queries (dsa.md §4): optional
 //! Hadamard rotation, then one power-of-two scale per row.
 
 use crate::{fp8, hadamard};

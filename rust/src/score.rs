@@ -1,4 +1,4 @@
-//! Fused lightning-indexer scoring straight from FP8 keys (spec §4):
+//! Fused lightning-indexer scoring straight from FP8 keys (dsa.md §4):
 //! `I[s] = sk[s] · Σ_h hw[h] · ReLU(q[h] · k8[s])` for one query token and a
 //! run of consecutive keys, with `hw[h] = w[h] · D^-0.5 · sq[h]` folded in by
 //! the caller.

@@ -1,34 +1,69 @@
-//! The host indexer (spec §4, §5): for each query token, score every visible
-//! key of its sequence straight from the FP8 pages and keep the top-k. Scores
-//! live in one row buffer per thread; no `[T, L]` array is built unless the
-//! caller asks for the scores themselves.
+//! The host indexer (dsa.md §4, §5): for each query token, score every visible
+//! key straight from the FP8 pages and keep the top-k. Scores live in one row
+//! buffer per worker; no `[T, L]` array is built unless the caller asks for the
+//! scores themselves.
+//!
+//! One core, two ways in: a row is a block table and a count of visible keys
+//! (`Row`). `select` / `scores` take the rows' block tables from the cache's own
+//! sequences; `select_paged` / `scores_paged` take them from the caller's
+//! `[T, W]` tables (the serving engine's, one per request). Both check their
+//! rows, then run the same `select_rows` / `scores_rows`, so a sequence's
+//! `select` is exactly `select_paged` over its block table.
+
+use rayon::prelude::*;
 
 use crate::cpu::Isa;
-use crate::indexer_cache::{CacheError, IndexerKeyCache, SeqId};
+use crate::indexer_cache::{CacheError, IndexerKeyCache, PageGeometry, SeqId};
+use crate::par::{self, Workers};
 use crate::score::{self, padded_heads, Query, MAX_HEADS};
 use crate::topk::{self, topk_row};
-use crate::{fp8, hadamard, par};
+use crate::{fp8, hadamard};
 
-/// Indexer queries in the kernels' layout: Hadamard-rotated, FP8-quantized per
-/// head (or kept in f32), transposed to `[T][head_dim][hp]`, with the head
-/// weights `w · D^-0.5 · s_q` alongside.
-pub struct Queries {
-    qt: Vec<f32>,
-    hw: Vec<f32>,
+/// Batches below this many scoring FLOPs stay on the calling thread (waking workers would cost more).
+/// (The unit tests use tiny thresholds, so their small problems take every parallel path.)
+#[cfg(not(test))]
+const MIN_PARALLEL_FLOPS: usize = 8_000_000;
+#[cfg(test)]
+const MIN_PARALLEL_FLOPS: usize = 1;
+/// A row's keys are split over workers in spans of at least this many FLOPs.
+#[cfg(not(test))]
+const MIN_SPAN_FLOPS: usize = 4_000_000;
+#[cfg(test)]
+const MIN_SPAN_FLOPS: usize = 20_000;
+
+/// Indexer queries, checked: `[t, heads, d]` post-RoPE queries and `[t, heads]`
+/// head weights, borrowed. Each row is put in the kernels' layout
+/// (Hadamard-rotated, FP8-quantized per head or kept in f32, transposed to
+/// `[head_dim][hp]`, with the head weights `w · D^-0.5 · s_q` alongside) by the
+/// worker that scores it, and only if it is scored at all.
+pub struct Queries<'a> {
+    q: &'a [f32],
+    w: &'a [f32],
     t: usize,
+    heads: usize,
     hp: usize,
     d: usize,
+    quantize: bool,
 }
 
-impl Queries {
+/// A worker's buffers for one query row in the kernels' layout.
+#[derive(Default)]
+struct QueryBuf {
+    qt: Vec<f32>,
+    hw: Vec<f32>,
+    rot: Vec<f64>,
+    codes: Vec<u8>,
+}
+
+impl<'a> Queries<'a> {
     /// `q`: `[t, heads, d]` post-RoPE indexer queries; `w`: `[t, heads]` head
     /// weights (already × heads^-0.5). With `quantize`, each head is rotated and
-    /// quantized to e4m3fn with its own power-of-two scale, as deployed (spec §4);
+    /// quantized to e4m3fn with its own power-of-two scale, as deployed (dsa.md §4);
     /// otherwise it is only rotated (the keys in the cache are rotated too).
     /// Errors name the argument (`q` or `weights`).
     pub fn new(
-        q: &[f32],
-        w: &[f32],
+        q: &'a [f32],
+        w: &'a [f32],
         t: usize,
         heads: usize,
         d: usize,
@@ -53,45 +88,63 @@ impl Queries {
         if let Some(i) = w.iter().position(|x| !x.is_finite()) {
             return Err(format!("weights: non-finite value at flat index {i}"));
         }
-        let hp = padded_heads(heads);
-        let mut qt = vec![0.0f32; t * d * hp];
-        let mut hw = vec![0.0f32; t * hp];
-        let mut buf = vec![0.0f64; d];
-        let mut codes = vec![0u8; d];
-        let inv_sqrt_d = (d as f64).powf(-0.5);
-        for (r, row) in q.chunks_exact(d).enumerate() {
-            let (tok, h) = (r / heads, r % heads);
-            for (b, x) in buf.iter_mut().zip(row) {
-                *b = f64::from(*x);
-            }
-            hadamard::fwht(&mut buf);
-            let scale = if quantize {
-                let s = fp8::quantize(&buf, &mut codes);
-                for (b, c) in buf.iter_mut().zip(&codes) {
-                    *b = f64::from(fp8::DECODE_TABLE[*c as usize]);
-                }
-                f64::from(s)
-            } else {
-                1.0
-            };
-            let base = tok * d * hp;
-            for (dd, b) in buf.iter().enumerate() {
-                qt[base + dd * hp + h] = *b as f32;
-            }
-            hw[tok * hp + h] = (f64::from(w[r]) * inv_sqrt_d * scale) as f32;
-        }
-        Ok(Queries { qt, hw, t, hp, d })
+        Ok(Queries {
+            q,
+            w,
+            t,
+            heads,
+            hp: padded_heads(heads),
+            d,
+            quantize,
+        })
     }
 
     pub fn rows(&self) -> usize {
         self.t
     }
 
-    fn query(&self, row: usize) -> Query<'_> {
-        let (d, hp) = (self.d, self.hp);
+    pub fn head_dim(&self) -> usize {
+        self.d
+    }
+
+    /// Scoring FLOPs of one key for one query row.
+    fn flops_per_key(&self) -> usize {
+        2 * self.hp * self.d
+    }
+
+    /// Query row `row` in the kernels' layout, built in `buf`.
+    fn prepare<'b>(&self, row: usize, buf: &'b mut QueryBuf) -> Query<'b> {
+        let (heads, hp, d) = (self.heads, self.hp, self.d);
+        buf.qt.clear();
+        buf.qt.resize(d * hp, 0.0);
+        buf.hw.clear();
+        buf.hw.resize(hp, 0.0);
+        buf.rot.resize(d, 0.0);
+        buf.codes.resize(d, 0);
+        let inv_sqrt_d = (d as f64).powf(-0.5);
+        for h in 0..heads {
+            let r = row * heads + h;
+            for (b, x) in buf.rot.iter_mut().zip(&self.q[r * d..(r + 1) * d]) {
+                *b = f64::from(*x);
+            }
+            hadamard::fwht(&mut buf.rot);
+            let scale = if self.quantize {
+                let s = fp8::quantize(&buf.rot, &mut buf.codes);
+                for (b, c) in buf.rot.iter_mut().zip(&buf.codes) {
+                    *b = f64::from(fp8::DECODE_TABLE[*c as usize]);
+                }
+                f64::from(s)
+            } else {
+                1.0
+            };
+            for (dd, b) in buf.rot.iter().enumerate() {
+                buf.qt[dd * hp + h] = *b as f32;
+            }
+            buf.hw[h] = (f64::from(self.w[r]) * inv_sqrt_d * scale) as f32;
+        }
         Query {
-            qt: &self.qt[row * d * hp..(row + 1) * d * hp],
-            hw: &self.hw[row * hp..(row + 1) * hp],
+            qt: &buf.qt,
+            hw: &buf.hw,
             hp,
             d,
         }
@@ -107,28 +160,47 @@ pub struct SelectOptions {
     pub as_slots: bool,
     /// Order each row by descending score (ties: lower position first) instead of ascending position.
     pub by_score: bool,
-    /// Worker threads; 0 means one per core.
+    /// Worker threads; 0 means one per core, 1 the calling thread alone.
     pub threads: usize,
     pub isa: Isa,
 }
 
-/// A row: its sequence's block table and its number of visible keys.
-type Row<'a> = (&'a [u32], usize);
+/// One query row, checked: the block of each of its pages and how many keys it sees.
+#[derive(Debug, Clone, Copy)]
+pub struct Row<'a> {
+    /// At least `visible.div_ceil(block_size)` block ids, each in `[0, num_blocks)`.
+    pub blocks: &'a [u32],
+    /// Keys `0 .. visible` are visible (`position + 1`).
+    pub visible: usize,
+}
 
-/// Check every row before any work: known sequence, position inside it, matching widths.
-fn check_rows<'a>(
+fn check_head_dim(geom: PageGeometry, q: &Queries<'_>) -> Result<(), CacheError> {
+    if q.d != geom.head_dim {
+        return Err(CacheError::Shape(format!(
+            "q: head_dim {} does not match the cache's {}",
+            q.d, geom.head_dim
+        )));
+    }
+    Ok(())
+}
+
+fn check_pages(geom: PageGeometry, pages: &[u8]) -> Result<(), CacheError> {
+    if pages.len() != geom.buffer_bytes() {
+        return Err(CacheError::Shape(
+            "pages: buffer does not match the cache".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The rows of queries into the cache's own sequences: known sequence, position inside it.
+pub fn sequence_rows<'a>(
     cache: &'a IndexerKeyCache,
-    q: &Queries,
+    q: &Queries<'_>,
     seq_ids: &[SeqId],
     positions: &[i64],
 ) -> Result<Vec<Row<'a>>, CacheError> {
-    if q.d != cache.head_dim() {
-        return Err(CacheError::Shape(format!(
-            "q: head_dim {} does not match the cache's {}",
-            q.d,
-            cache.head_dim()
-        )));
-    }
+    check_head_dim(cache.geometry(), q)?;
     if seq_ids.len() != q.t || positions.len() != q.t {
         return Err(CacheError::Shape(format!(
             "seq_ids and positions: {} and {} entries for {} query rows",
@@ -150,115 +222,280 @@ fn check_rows<'a>(
                     length,
                 });
             }
-            Ok((cache.block_table(id)?, p as usize + 1))
+            Ok(Row {
+                blocks: cache.block_table(id)?,
+                visible: p as usize + 1,
+            })
         })
         .collect()
 }
 
-/// Per-thread buffers.
+/// `ids` as block ids (the caller checked every entry is in `[0, num_blocks)`).
+fn as_block_ids(ids: &[i32]) -> &[u32] {
+    debug_assert!(ids.iter().all(|b| *b >= 0));
+    // SAFETY: i32 and u32 have the same size and alignment, and every bit pattern is a valid u32.
+    unsafe { std::slice::from_raw_parts(ids.as_ptr().cast::<u32>(), ids.len()) }
+}
+
+/// The rows of queries through external block tables: `tables` is `[T, width]` (row-major,
+/// −1 padded), row `t` sees positions `0 ..= positions[t]` and page `j` of it is block
+/// `tables[t, j]`. Every page a row needs must be a block in `[0, num_blocks)`.
+pub fn paged_rows<'a>(
+    geom: PageGeometry,
+    q: &Queries<'_>,
+    tables: &'a [i32],
+    width: usize,
+    positions: &[i64],
+) -> Result<Vec<Row<'a>>, CacheError> {
+    check_head_dim(geom, q)?;
+    if positions.len() != q.t || tables.len() != q.t * width {
+        return Err(CacheError::Shape(format!(
+            "block_tables and positions: {} rows of {width} and {} entries for {} query rows",
+            tables.len().checked_div(width).unwrap_or(0),
+            positions.len(),
+            q.t
+        )));
+    }
+    positions
+        .iter()
+        .enumerate()
+        .map(|(row, &p)| {
+            if p < 0 {
+                return Err(CacheError::NegativePosition {
+                    index: row,
+                    position: p,
+                });
+            }
+            let pages = p as usize / geom.block_size + 1;
+            if pages > width {
+                return Err(CacheError::TableTooNarrow {
+                    row,
+                    position: p,
+                    pages,
+                    width,
+                });
+            }
+            let table = &tables[row * width..row * width + pages];
+            if let Some((page, &b)) = table
+                .iter()
+                .enumerate()
+                .find(|(_, b)| **b < 0 || **b as usize >= geom.num_blocks)
+            {
+                return Err(CacheError::BadPage {
+                    row,
+                    page,
+                    block: i64::from(b),
+                    num_blocks: geom.num_blocks,
+                });
+            }
+            Ok(Row {
+                blocks: as_block_ids(table),
+                visible: p as usize + 1,
+            })
+        })
+        .collect()
+}
+
+/// Per-worker buffers.
 #[derive(Default)]
 struct Work {
     scores: Vec<f32>,
+    query: QueryBuf,
+    span: SpanBuf,
+    topk: topk::Scratch,
+}
+
+/// Buffers of one span of a row's keys.
+#[derive(Default)]
+struct SpanBuf {
     kernel: Vec<f32>,
     scales: Vec<f32>,
-    topk: topk::Scratch,
 }
 
 /// Scores of positions `first..first + out.len()` (`first` a multiple of the block size).
 #[allow(clippy::too_many_arguments)]
 fn score_span(
     isa: Isa,
-    cache: &IndexerKeyCache,
+    geom: PageGeometry,
     pages: &[u8],
     blocks: &[u32],
     q: Query<'_>,
     first: usize,
     out: &mut [f32],
-    kernel: &mut Vec<f32>,
-    scales: &mut Vec<f32>,
+    buf: &mut SpanBuf,
 ) {
-    let (bs, d, page_bytes) = (cache.block_size(), cache.head_dim(), cache.page_bytes());
+    let (bs, d, page_bytes) = (geom.block_size, geom.head_dim, geom.page_bytes());
     debug_assert!(first.is_multiple_of(bs));
     for (i, chunk) in out.chunks_mut(bs).enumerate() {
         let page = &pages[blocks[first / bs + i] as usize * page_bytes..][..page_bytes];
         let m = chunk.len();
-        scales.clear();
-        scales.extend(
+        buf.scales.clear();
+        buf.scales.extend(
             page[bs * d..bs * d + 4 * m]
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
         );
-        score::score_keys(isa, q, &page[..m * d], scales, chunk, kernel);
+        score::score_keys(isa, q, &page[..m * d], &buf.scales, chunk, &mut buf.kernel);
     }
 }
 
-/// Scores of a whole row, its pages split over `threads` when it is long.
+/// Scores of a whole row; a long one is split in spans over up to `threads` workers of the
+/// pool this runs in (with `threads <= 1`, no parallel iterator is touched).
 #[allow(clippy::too_many_arguments)]
 fn score_row(
     isa: Isa,
-    cache: &IndexerKeyCache,
+    geom: PageGeometry,
     pages: &[u8],
     blocks: &[u32],
     q: Query<'_>,
     out: &mut [f32],
     threads: usize,
-    w: &mut Work,
+    buf: &mut SpanBuf,
 ) {
-    let bs = cache.block_size();
-    let per_thread = out.len().div_ceil(threads.max(1)).div_ceil(bs) * bs;
-    if threads <= 1 || out.len() < 8192 {
-        return score_span(
-            isa,
-            cache,
-            pages,
-            blocks,
-            q,
-            0,
-            out,
-            &mut w.kernel,
-            &mut w.scales,
-        );
-    }
-    std::thread::scope(|s| {
-        for (i, part) in out.chunks_mut(per_thread).enumerate() {
-            s.spawn(move || {
-                let (mut kernel, mut scales) = (Vec::new(), Vec::new());
-                score_span(
-                    isa,
-                    cache,
-                    pages,
-                    blocks,
-                    q,
-                    i * per_thread,
-                    part,
-                    &mut kernel,
-                    &mut scales,
-                );
-            });
-        }
-    });
-}
-
-/// Threads for a batch: one per row chunk, or, when there are fewer rows than
-/// threads (decode), split inside each row. Small batches stay on one thread.
-fn plan_threads(rows: &[Row<'_>], q: &Queries, threads: usize) -> (usize, usize) {
-    let threads = par::resolve_threads(threads);
-    let flops: usize = rows.iter().map(|(_, n)| n * q.hp * q.d * 2).sum();
-    if threads == 1 || flops < 8_000_000 {
-        (1, 1)
-    } else if rows.len() < threads {
-        (1, threads)
+    let spans = if threads <= 1 {
+        1
     } else {
-        (threads, 1)
+        (out.len() * 2 * q.hp * q.d / MIN_SPAN_FLOPS).clamp(1, threads)
+    };
+    if spans == 1 {
+        return score_span(isa, geom, pages, blocks, q, 0, out, buf);
     }
+    let bs = geom.block_size;
+    let span = out.len().div_ceil(spans).div_ceil(bs) * bs;
+    out.par_chunks_mut(span)
+        .enumerate()
+        .for_each_init(SpanBuf::default, |b, (i, part)| {
+            score_span(isa, geom, pages, blocks, q, i * span, part, b)
+        });
 }
 
-/// The top-`k` keys of each query row (spec §5), as `[T, k]` int32 positions
-/// or slots, −1 padded. Rows whose visible keys all fit in `k` are not scored.
+/// The workers for a batch of `scored` rows totalling `flops`, and how many of them may split
+/// one row's keys (all of them when there are too few rows to keep them busy).
+fn plan(threads: usize, scored: usize, flops: usize) -> (Workers, usize, usize) {
+    let workers = if flops < MIN_PARALLEL_FLOPS {
+        Workers::current()
+    } else {
+        Workers::new(threads)
+    };
+    let n = workers.count();
+    let inner = if scored >= 2 * n { 1 } else { n };
+    (workers, n, inner)
+}
+
+/// The top-`k` keys of each checked row (dsa.md §5), as `[T, k]` int32 positions or slots,
+/// −1 padded. Rows whose visible keys all fit in `k` are not scored (unless sorted by score).
+pub fn select_rows(
+    geom: PageGeometry,
+    pages: &[u8],
+    q: &Queries<'_>,
+    rows: &[Row<'_>],
+    opts: SelectOptions,
+) -> Result<Vec<i32>, CacheError> {
+    let (k, bs, isa) = (opts.k, geom.block_size, opts.isa);
+    if k == 0 {
+        return Err(CacheError::Shape("k: must be at least 1".into()));
+    }
+    check_pages(geom, pages)?;
+    if rows.len() != q.t {
+        return Err(CacheError::Shape(format!(
+            "{} rows for {} query rows",
+            rows.len(),
+            q.t
+        )));
+    }
+    let needs_scores = |r: &Row<'_>| r.visible > k || opts.by_score;
+    let scored = rows.iter().filter(|r| needs_scores(r));
+    let flops = scored.clone().map(|r| r.visible).sum::<usize>() * q.flops_per_key();
+    let (workers, threads, inner) = plan(opts.threads, scored.count(), flops);
+    let mut out = vec![-1i32; q.t * k];
+    workers.run(|| {
+        par::for_each_row_chunk(&mut out, k, threads, Work::default, |row0, chunk, w| {
+            for (i, o) in chunk.chunks_mut(k).enumerate() {
+                let r = row0 + i;
+                let row = rows[r];
+                let n = row.visible;
+                if !needs_scores(&row) {
+                    for (o, p) in o.iter_mut().zip(0..n as i32) {
+                        *o = p;
+                    }
+                } else {
+                    let Work {
+                        scores,
+                        query,
+                        span,
+                        topk,
+                    } = w;
+                    scores.resize(n, 0.0);
+                    let qr = q.prepare(r, query);
+                    score_row(
+                        isa,
+                        geom,
+                        pages,
+                        row.blocks,
+                        qr,
+                        &mut scores[..n],
+                        inner,
+                        span,
+                    );
+                    topk_row(isa, &scores[..n], o, opts.by_score, topk)
+                        .map_err(|_| CacheError::NonFiniteScore { row: r })?;
+                }
+                if opts.as_slots {
+                    for p in o.iter_mut().filter(|p| **p >= 0) {
+                        let pos = *p as usize;
+                        *p = (row.blocks[pos / bs] as usize * bs + pos % bs) as i32;
+                    }
+                }
+            }
+            Ok::<(), CacheError>(())
+        })
+    })?;
+    Ok(out)
+}
+
+/// The full scores of checked rows, `[T, L]` f32 with `L` the longest row's visible length;
+/// entries past a row's own visible length are −inf.
+pub fn scores_rows(
+    geom: PageGeometry,
+    pages: &[u8],
+    q: &Queries<'_>,
+    rows: &[Row<'_>],
+    threads: usize,
+    isa: Isa,
+) -> Result<(Vec<f32>, usize), CacheError> {
+    check_pages(geom, pages)?;
+    if rows.len() != q.t {
+        return Err(CacheError::Shape(format!(
+            "{} rows for {} query rows",
+            rows.len(),
+            q.t
+        )));
+    }
+    let l = rows.iter().map(|r| r.visible).max().unwrap_or(0);
+    let flops = rows.iter().map(|r| r.visible).sum::<usize>() * q.flops_per_key();
+    let (workers, threads, inner) = plan(threads, rows.len(), flops);
+    let mut out = vec![f32::NEG_INFINITY; q.t * l];
+    workers.run(|| {
+        par::for_each_row_chunk(&mut out, l, threads, Work::default, |row0, chunk, w| {
+            for (i, o) in chunk.chunks_mut(l).enumerate() {
+                let r = row0 + i;
+                let row = rows[r];
+                let qr = q.prepare(r, &mut w.query);
+                let o = &mut o[..row.visible];
+                score_row(isa, geom, pages, row.blocks, qr, o, inner, &mut w.span);
+            }
+            Ok::<(), CacheError>(())
+        })
+    })?;
+    Ok((out, l))
+}
+
+/// `select_rows` over the cache's sequences: row `t` is query `t` of sequence `seq_ids[t]` at
+/// `positions[t]` (it sees keys `0 ..= positions[t]`).
 pub fn select(
     cache: &IndexerKeyCache,
     pages: &[u8],
-    q: &Queries,
+    q: &Queries<'_>,
     seq_ids: &[SeqId],
     positions: &[i64],
     opts: SelectOptions,
@@ -266,80 +503,59 @@ pub fn select(
     if opts.k == 0 {
         return Err(CacheError::Shape("k: must be at least 1".into()));
     }
-    if pages.len() != cache.buffer_bytes() {
-        return Err(CacheError::Shape(
-            "pages: buffer does not match the cache".into(),
-        ));
-    }
-    let rows = check_rows(cache, q, seq_ids, positions)?;
-    let (row_threads, inner) = plan_threads(&rows, q, opts.threads);
-    let (k, bs, isa) = (opts.k, cache.block_size(), opts.isa);
-    let mut out = vec![-1i32; q.t * k];
-    par::for_each_row_chunk(&mut out, k, row_threads, Work::default, |row0, chunk, w| {
-        for (i, o) in chunk.chunks_mut(k).enumerate() {
-            let r = row0 + i;
-            let (blocks, n) = rows[r];
-            if n <= k && !opts.by_score {
-                for (o, p) in o.iter_mut().zip(0..n as i32) {
-                    *o = p;
-                }
-            } else {
-                w.scores.resize(n, 0.0);
-                let mut scores = std::mem::take(&mut w.scores);
-                score_row(isa, cache, pages, blocks, q.query(r), &mut scores, inner, w);
-                let res = topk_row(isa, &scores, o, opts.by_score, &mut w.topk);
-                w.scores = scores;
-                res.map_err(|_| CacheError::NonFiniteScore { row: r })?;
-            }
-            if opts.as_slots {
-                for p in o.iter_mut().filter(|p| **p >= 0) {
-                    let pos = *p as usize;
-                    *p = (blocks[pos / bs] as usize * bs + pos % bs) as i32;
-                }
-            }
-        }
-        Ok(())
-    })?;
-    Ok(out)
+    check_pages(cache.geometry(), pages)?;
+    let rows = sequence_rows(cache, q, seq_ids, positions)?;
+    select_rows(cache.geometry(), pages, q, &rows, opts)
 }
 
-/// The full scores, `[T, L]` f32 with `L` the longest row's visible length;
-/// entries past a row's own visible length are −inf.
+/// `select_rows` through external block tables (`tables` `[T, width]`, see `paged_rows`).
+pub fn select_paged(
+    geom: PageGeometry,
+    pages: &[u8],
+    q: &Queries<'_>,
+    tables: &[i32],
+    width: usize,
+    positions: &[i64],
+    opts: SelectOptions,
+) -> Result<Vec<i32>, CacheError> {
+    if opts.k == 0 {
+        return Err(CacheError::Shape("k: must be at least 1".into()));
+    }
+    check_pages(geom, pages)?;
+    let rows = paged_rows(geom, q, tables, width, positions)?;
+    select_rows(geom, pages, q, &rows, opts)
+}
+
+/// `scores_rows` over the cache's sequences (rows as in `select`).
 pub fn scores(
     cache: &IndexerKeyCache,
     pages: &[u8],
-    q: &Queries,
+    q: &Queries<'_>,
     seq_ids: &[SeqId],
     positions: &[i64],
     threads: usize,
     isa: Isa,
 ) -> Result<(Vec<f32>, usize), CacheError> {
-    if pages.len() != cache.buffer_bytes() {
-        return Err(CacheError::Shape(
-            "pages: buffer does not match the cache".into(),
-        ));
-    }
-    let rows = check_rows(cache, q, seq_ids, positions)?;
-    let l = rows.iter().map(|(_, n)| *n).max().unwrap_or(0);
-    let (row_threads, inner) = plan_threads(&rows, q, threads);
-    let mut out = vec![f32::NEG_INFINITY; q.t * l];
-    par::for_each_row_chunk(&mut out, l, row_threads, Work::default, |row0, chunk, w| {
-        for (i, o) in chunk.chunks_mut(l).enumerate() {
-            let (blocks, n) = rows[row0 + i];
-            score_row(
-                isa,
-                cache,
-                pages,
-                blocks,
-                q.query(row0 + i),
-                &mut o[..n],
-                inner,
-                w,
-            );
-        }
-        Ok::<(), CacheError>(())
-    })?;
-    Ok((out, l))
+    check_pages(cache.geometry(), pages)?;
+    let rows = sequence_rows(cache, q, seq_ids, positions)?;
+    scores_rows(cache.geometry(), pages, q, &rows, threads, isa)
+}
+
+/// `scores_rows` through external block tables (rows as in `select_paged`).
+#[allow(clippy::too_many_arguments)]
+pub fn scores_paged(
+    geom: PageGeometry,
+    pages: &[u8],
+    q: &Queries<'_>,
+    tables: &[i32],
+    width: usize,
+    positions: &[i64],
+    threads: usize,
+    isa: Isa,
+) -> Result<(Vec<f32>, usize), CacheError> {
+    check_pages(geom, pages)?;
+    let rows = paged_rows(geom, q, tables, width, positions)?;
+    scores_rows(geom, pages, q, &rows, threads, isa)
 }
 
 #[cfg(test)]
@@ -440,5 +656,136 @@ mod tests {
         ));
         assert!(Queries::new(&[f32::NAN; 4 * 16], &[1.0; 4], 1, 4, 16, true).is_err());
         assert!(Queries::new(&[0.5; 4 * 16], &[f32::INFINITY; 4], 1, 4, 16, true).is_err());
+    }
+
+    /// A cache's sequences as external `[T, W]` tables (−1 padded past each row's pages).
+    fn tables_of(cache: &IndexerKeyCache, seq_ids: &[i64], width: usize) -> Vec<i32> {
+        let mut t = vec![-1i32; seq_ids.len() * width];
+        for (row, id) in t.chunks_mut(width).zip(seq_ids) {
+            for (o, b) in row.iter_mut().zip(cache.block_table(*id).unwrap()) {
+                *o = *b as i32;
+            }
+        }
+        t
+    }
+
+    #[test]
+    fn paged_select_equals_sequence_select_across_forks_and_truncations() {
+        let (heads, d) = (4, 32);
+        let mut next = lcg(21);
+        let mut cache = IndexerKeyCache::new(64, 16, d).unwrap();
+        let mut pages = vec![0u8; cache.buffer_bytes()];
+        let mut keys = |n: usize| -> Vec<f32> { (0..n * d).map(|_| next()).collect() };
+        cache.add_sequence(0).unwrap();
+        cache.append(&mut pages, 0, &keys(150)).unwrap();
+        cache.fork(0, 1).unwrap();
+        cache.append(&mut pages, 1, &keys(40)).unwrap(); // copies the shared partial page
+        cache.fork(1, 2).unwrap();
+        cache.truncate(2, 70).unwrap();
+        cache.append(&mut pages, 2, &keys(9)).unwrap();
+        cache.free(0).unwrap();
+        cache.add_sequence(3).unwrap();
+        cache.append(&mut pages, 3, &keys(300)).unwrap(); // reuses freed blocks
+        let seq_ids = [1i64, 2, 3, 3, 1, 2];
+        let positions = [189i64, 78, 299, 0, 20, 15];
+        let t = seq_ids.len();
+        let mut next = lcg(22);
+        let qv: Vec<f32> = (0..t * heads * d).map(|_| next()).collect();
+        let wv: Vec<f32> = (0..t * heads).map(|_| next()).collect();
+        let width = 24;
+        let tables = tables_of(&cache, &seq_ids, width);
+        let geom = cache.geometry();
+        for quantize in [true, false] {
+            let q = Queries::new(&qv, &wv, t, heads, d, quantize).unwrap();
+            for isa in Isa::available() {
+                for threads in [1, 2, 3] {
+                    let want = scores(&cache, &pages, &q, &seq_ids, &positions, threads, isa);
+                    let got =
+                        scores_paged(geom, &pages, &q, &tables, width, &positions, threads, isa);
+                    let want = want.unwrap();
+                    assert_eq!(got.unwrap(), want, "{isa:?} threads={threads}");
+                    // Every path and thread count scores bit for bit alike.
+                    let base = scores(&cache, &pages, &q, &seq_ids, &positions, 1, Isa::Scalar);
+                    assert_eq!(want, base.unwrap(), "{isa:?} threads={threads}");
+                    for (k, as_slots, by_score) in
+                        [(8, false, false), (8, true, true), (64, true, false)]
+                    {
+                        let opts = SelectOptions {
+                            k,
+                            as_slots,
+                            by_score,
+                            threads,
+                            isa,
+                        };
+                        let want = select(&cache, &pages, &q, &seq_ids, &positions, opts).unwrap();
+                        let got = select_paged(geom, &pages, &q, &tables, width, &positions, opts)
+                            .unwrap();
+                        assert_eq!(got, want, "{isa:?} threads={threads} k={k}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_tables_are_refused_before_any_work() {
+        let (cache, pages, _) = setup(&[40], 4, 16);
+        let geom = cache.geometry();
+        let q = Queries::new(&[0.5; 2 * 4 * 16], &[1.0; 2 * 4], 2, 4, 16, true).unwrap();
+        let opts = SelectOptions {
+            k: 4,
+            as_slots: false,
+            by_score: false,
+            threads: 1,
+            isa: Isa::Scalar,
+        };
+        let run = |tables: &[i32], width: usize, positions: &[i64]| {
+            select_paged(geom, &pages, &q, tables, width, positions, opts).unwrap_err()
+        };
+        let good = [0, 1, 2, 0, 1, 2];
+        assert!(select_paged(geom, &pages, &q, &good, 3, &[39, 5], opts).is_ok());
+        assert_eq!(
+            run(&[0, 1, -1, 0, 1, 2], 3, &[39, 5]),
+            CacheError::BadPage {
+                row: 0,
+                page: 2,
+                block: -1,
+                num_blocks: 256
+            }
+        );
+        assert_eq!(
+            run(&[0, 1, 2, 300, 1, 2], 3, &[39, 5]),
+            CacheError::BadPage {
+                row: 1,
+                page: 0,
+                block: 300,
+                num_blocks: 256
+            }
+        );
+        // Pages past the ones a row needs may hold anything.
+        assert!(select_paged(geom, &pages, &q, &[0, 1, 2, 0, -7, 999], 3, &[39, 5], opts).is_ok());
+        assert_eq!(
+            run(&good, 3, &[48, 5]),
+            CacheError::TableTooNarrow {
+                row: 0,
+                position: 48,
+                pages: 4,
+                width: 3
+            }
+        );
+        assert_eq!(
+            run(&good, 3, &[3, -1]),
+            CacheError::NegativePosition {
+                index: 1,
+                position: -1
+            }
+        );
+        assert!(matches!(run(&good, 2, &[3, 1]), CacheError::Shape(_)));
+        assert!(matches!(run(&good, 3, &[3]), CacheError::Shape(_)));
+        let q32 = Queries::new(&[0.5; 4 * 32], &[1.0; 4], 1, 4, 32, true).unwrap();
+        assert!(matches!(
+            select_paged(geom, &pages, &q32, &good[..3], 3, &[3], opts),
+            Err(CacheError::Shape(_))
+        ));
     }
 }

@@ -1,4 +1,4 @@
-//! Top-k over rows of f32 scores (spec §5): the `k` largest of each row's
+//! Top-k over rows of f32 scores (dsa.md §5): the `k` largest of each row's
 //! visible prefix, ties going to the lowest position, NaN refused.
 //!
 //! A row is reduced in three steps. A threshold is estimated from a random
@@ -13,7 +13,7 @@
 
 use crate::cpu::Isa;
 
-/// A visible score was NaN (a caller bug: spec §5 says to refuse it).
+/// A visible score was NaN (a caller bug: dsa.md §5 says to refuse it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FoundNan;
 
@@ -134,19 +134,23 @@ pub fn topk_rows(
 ) -> Result<Vec<i32>, usize> {
     let t = lengths.len();
     assert!(scores.len() == t * l && lengths.iter().all(|n| *n <= l) && k > 0);
-    // Thread start-up costs tens of microseconds: small batches stay on one thread.
-    let threads = if t * l < 1 << 16 {
-        1
+    // Waking the pool costs microseconds: small batches stay on the calling thread.
+    let workers = if t * l < 1 << 16 {
+        crate::par::Workers::current()
     } else {
-        crate::par::resolve_threads(threads)
+        crate::par::Workers::new(threads)
     };
+    let threads = workers.count();
     let mut out = vec![-1i32; t * k];
-    crate::par::for_each_row_chunk(&mut out, k, threads, Scratch::default, |row0, chunk, sc| {
-        for (i, o) in chunk.chunks_mut(k).enumerate() {
-            let r = row0 + i;
-            topk_row(isa, &scores[r * l..r * l + lengths[r]], o, by_score, sc).map_err(|_| r)?;
-        }
-        Ok::<(), usize>(())
+    workers.run(|| {
+        crate::par::for_each_row_chunk(&mut out, k, threads, Scratch::default, |row0, chunk, sc| {
+            for (i, o) in chunk.chunks_mut(k).enumerate() {
+                let r = row0 + i;
+                topk_row(isa, &scores[r * l..r * l + lengths[r]], o, by_score, sc)
+                    .map_err(|_| r)?;
+            }
+            Ok::<(), usize>(())
+        })
     })?;
     Ok(out)
 }

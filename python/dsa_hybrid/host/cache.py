@@ -16,13 +16,28 @@ Selection: `select` scores every visible key of each query's sequence straight f
 per head like the keys) and keeps each row's top-k (dsa.md §5), fused, on SIMD kernels and several threads;
 `scores` returns the scores themselves.
 
+Two ways to address the pages:
+
+- By sequence (standalone users): the cache keeps its own block pool, block tables and lengths —
+  `add_sequence`, `append`, `fork`, `truncate`, `free`, `select(seq_ids, ...)`.
+- By block table (the serving engine): the engine allocates blocks from one `BlockPool` and keeps one
+  block table per request for every cache (latent, device indexer, host indexer); the cache only stores
+  keys at the slots it is told (`write_slots`), copies a page for copy-on-write (`copy_block`) and scores
+  through the tables (`select_paged`, `scores_paged`). Such a cache has no sequences at all:
+  `IndexerKeyCache(num_blocks, block_size, head_dim)` and then only these methods. Do not mix the two
+  on one cache (the sequence API allocates from the cache's own pool, which knows nothing of the
+  engine's). `select` on a sequence is `select_paged` on its block table: one code path, same kernels,
+  same tie rule, bit-identical results.
+
 Errors: `KeyError` for an unknown sequence id, `ValueError` for a duplicate id or a bad argument
-(shape, dtype, NaN/inf, non-contiguous), `IndexError` for a position outside `[0, length)`, and
-`CacheFullError` when the pool lacks the blocks an append needs. On any error nothing was changed.
+(shape, dtype, NaN/inf, non-contiguous), `IndexError` for a position outside `[0, length)` (or a slot,
+block or needed page outside the buffer), and `CacheFullError` when the pool lacks the blocks an append
+needs (its `wanted` and `free` attributes say how many). On any error nothing was changed.
 """
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import ml_dtypes
@@ -63,6 +78,41 @@ def _int_array(name: str, x: Any, ndim: int) -> np.ndarray:
     if a.size and not np.issubdtype(a.dtype, np.integer):
         raise TypeError(f"{name}: expected integers, got {a.dtype}")
     return np.ascontiguousarray(a, dtype=np.int64)
+
+
+_INT32 = np.iinfo(np.int32)
+
+
+def _int32_array(name: str, x: Any, ndim: int) -> np.ndarray:
+    """Block ids / slots as C-contiguous int32 (no copy when they already are); IndexError for entries
+    that int32 cannot hold (they are out of range of any cache)."""
+    a = np.asarray(x)
+    if a.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimension(s), got shape {list(a.shape)}")
+    if a.dtype == np.int32:
+        return np.ascontiguousarray(a)
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{name}: expected integers, got {a.dtype}")
+    if a.size and (a.min() < _INT32.min or a.max() > _INT32.max):
+        raise IndexError(f"{name}: entries must fit in int32, got values in [{a.min()}, {a.max()}]")
+    return np.ascontiguousarray(a, dtype=np.int32)
+
+
+def _fp8_rows(fp8: Any, width: int) -> np.ndarray:
+    """uint8 (or float8_e4m3fn viewed as uint8) `[n, width]` codes, C-contiguous."""
+    fp8 = _matrix("fp8", fp8, width)
+    if fp8.dtype == np.dtype(ml_dtypes.float8_e4m3fn):
+        fp8 = fp8.view(np.uint8)
+    if fp8.dtype != np.uint8:
+        raise TypeError(f"fp8: expected uint8 or float8_e4m3fn, got {fp8.dtype}")
+    return fp8
+
+
+def _scales(scales: Any, n: int) -> np.ndarray:
+    scales = np.asarray(scales)
+    if scales.dtype != np.float32 or scales.shape != (n,):
+        raise ValueError(f"scales: expected float32 [{n}], got {scales.dtype} {list(scales.shape)}")
+    return np.ascontiguousarray(scales)
 
 
 class IndexerKeyCache:
@@ -157,15 +207,29 @@ class IndexerKeyCache:
     def append_quantized(self, seq_id: int, fp8: np.ndarray, scales: np.ndarray) -> None:
         """Append keys quantized elsewhere (e.g. on the device): `fp8` uint8 (or float8_e4m3fn)
         `[n, head_dim]` codes of Hadamard-rotated keys, `scales` float32 `[n]`, finite and positive."""
-        fp8 = _matrix("fp8", fp8, self.head_dim)
-        if fp8.dtype == np.dtype(ml_dtypes.float8_e4m3fn):
-            fp8 = fp8.view(np.uint8)
-        if fp8.dtype != np.uint8:
-            raise TypeError(f"fp8: expected uint8 or float8_e4m3fn, got {fp8.dtype}")
-        scales = np.asarray(scales)
-        if scales.dtype != np.float32 or scales.shape != (fp8.shape[0],):
-            raise ValueError(f"scales: expected float32 [{fp8.shape[0]}], got {scales.dtype} {list(scales.shape)}")
-        self._c.append_quantized(seq_id, fp8, np.ascontiguousarray(scales))
+        fp8 = _fp8_rows(fp8, self.head_dim)
+        self._c.append_quantized(seq_id, fp8, _scales(scales, fp8.shape[0]))
+
+    # ----- addressed by block tables (the engine's pages) ---------------------------------------
+    def write_slots(self, slots: Any, fp8: np.ndarray, scales: np.ndarray) -> None:
+        """Write keys quantized elsewhere at slots the caller chose: row `i` of `fp8` (uint8 or
+        float8_e4m3fn `[n, head_dim]`, codes of Hadamard-rotated keys) and `scales[i]` (float32, finite,
+        positive) go to slot `slots[i]` = `block · block_size + offset` (int `[n]`); rows with slot −1
+        are skipped (and not checked). IndexError for a slot outside `[0, num_blocks · block_size)`;
+        ValueError for the NaN codes 0x7F / 0xFF or a bad scale; a later row wins a repeated slot.
+        All or nothing."""
+        slots = _int32_array("slots", slots, 1)
+        fp8 = _fp8_rows(fp8, self.head_dim)
+        if fp8.shape[0] != slots.shape[0]:
+            raise ValueError(
+                f"fp8: expected [{slots.shape[0]}, {self.head_dim}] for {slots.shape[0]} slots, got {list(fp8.shape)}"
+            )
+        self._c.write_slots(slots, fp8, _scales(scales, fp8.shape[0]))
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy page `src`'s bytes (codes and scales) over page `dst`: the copy of a copy-on-write of a
+        shared partial page. IndexError for a block outside `[0, num_blocks)`; `src == dst` does nothing."""
+        self._c.copy_block(operator.index(src), operator.index(dst))
 
     # ----- reading ----------------------------------------------------------------------------
     def gather(self, seq_id: int, positions: Any) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
@@ -249,6 +313,72 @@ class IndexerKeyCache:
             _float_array("q", q, 3),
             _float_array("weights", weights, 2),
             _int_array("positions", positions, 1),
+            quantize_queries=quantize_queries,
+            threads=threads,
+        )
+
+    def select_paged(
+        self,
+        block_tables: Any,
+        positions: Any,
+        q: np.ndarray,
+        weights: np.ndarray,
+        k: int,
+        *,
+        as_slots: bool = False,
+        quantize_queries: bool = True,
+        sorted: bool = False,
+        threads: int | None = None,
+    ) -> npt.NDArray[np.int32]:
+        """`select` through the caller's block tables instead of the cache's sequences.
+
+        Args:
+            block_tables: int `[T, W]` (int32 is read in place), −1 padded: page `j` of row `t`'s
+                sequence is block `block_tables[t, j]`. Rows of one sequence may share one table row
+                each (repeat it) — the engine's one table per request.
+            positions: int `[T]`, each row's absolute position `p_t ≥ 0`; row `t` sees keys `0 .. p_t`
+                through pages `0 .. p_t // block_size` of its table (write the row's own key first).
+            q, weights, k, as_slots, quantize_queries, sorted, threads: as in `select`.
+
+        Returns int32 `[T, k]`, exactly what `select` returns for a sequence with that block table
+        (same kernels, same tie rule). IndexError if a row needs a page that is −1, outside the table's
+        width or outside `[0, num_blocks)`, or for a negative position; ValueError as `select`.
+        """
+        tables = _int32_array("block_tables", block_tables, 2)
+        pos = _int_array("positions", positions, 1)
+        q = _float_array("q", q, 3)
+        weights = _float_array("weights", weights, 2)
+        if k < 1:
+            raise ValueError(f"k: must be at least 1, got {k}")
+        return self._c.select_paged(
+            tables,
+            pos,
+            q,
+            weights,
+            int(k),
+            as_slots=as_slots,
+            quantize_queries=quantize_queries,
+            sorted=sorted,
+            threads=threads,
+        )
+
+    def scores_paged(
+        self,
+        block_tables: Any,
+        positions: Any,
+        q: np.ndarray,
+        weights: np.ndarray,
+        *,
+        quantize_queries: bool = True,
+        threads: int | None = None,
+    ) -> npt.NDArray[np.float32]:
+        """`scores` through block tables (arguments as in `select_paged`): float32 `[T, max(positions) + 1]`,
+        −inf past each row's own position."""
+        return self._c.scores_paged(
+            _int32_array("block_tables", block_tables, 2),
+            _int_array("positions", positions, 1),
+            _float_array("q", q, 3),
+            _float_array("weights", weights, 2),
             quantize_queries=quantize_queries,
             threads=threads,
         )
