@@ -5,7 +5,8 @@
 
 For each cache format and token count it (1) compiles the sparse MLA kernel, (2) checks it against the XLA path on
 the same inputs (max abs error of out, of lse), (3) times both, and (4) prints the achieved HBM bandwidth
-and FLOP/s as a fraction of the chip's roofline (docs/dsa.md §8). Then the same for the device
+and FLOP/s as a fraction of the chip's roofline (docs/dsa.md §8), and the compiled program's cost
+analysis (FLOPs, bytes accessed, the time they bound) next to the measured time. Then the same for the device
 indexer's scoring kernel (H_I = 64, D_I = 128, FP8 pages, top-k over the whole context). Exit status 1
 if any check fails.
 Needs `pip install .` (or `pip install -e .`) on the TPU VM; runs anywhere with `--interpret` for a
@@ -36,16 +37,29 @@ ROOFLINE = {
 
 
 def chip_name() -> str | None:
-    kind = jax.devices()[0].device_kind.lower().replace(" ", "")
-    for name, tags in (
-        ("v5e", ("v5lite", "v5e")),
-        ("v5p", ("v5p", "v5")),
-        ("v6e", ("v6", "trillium")),
-        ("tpu7x", ("7x", "ironwood")),
-    ):
-        if any(t in kind for t in tags):
-            return name
-    return None
+    """The chip generation of the target ("v5e", "v5p", "v6e", "tpu7x"), as the kernels' block tables name it."""
+    from dsa_hybrid.ops.target import tpu_chip
+
+    return tpu_chip()
+
+
+def compiled_cost(jitted, *args) -> tuple[float, float]:
+    """`(FLOPs, bytes accessed)` of the compiled program, from XLA's cost analysis (a Pallas kernel
+    contributes the `CostEstimate` it declares)."""
+    cost = jitted.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+
+
+def cost_note(cost: tuple[float, float], seconds: float, chip: str | None) -> str:
+    """The compiled cost next to the measured time: FLOPs, bytes, and the time they bound on this chip."""
+    flops, nbytes = cost
+    line = f"  cost {flops / 1e9:.2f} GFLOP {nbytes / 1e6:.2f} MB"
+    if chip:
+        bw, peak = ROOFLINE[chip]
+        bound = max(nbytes / bw, flops / peak)
+        line += f" (bound {bound * 1e6:.1f} us = {bound / seconds:5.1%} of measured)"
+    return line
 
 
 def best_time(fn, repeats: int) -> float:
@@ -81,6 +95,7 @@ def validate_indexer(args, chip: str | None, rng: np.random.Generator) -> bool:
         pallas, xla = jax.jit(lambda: run("pallas_tpu")), jax.jit(lambda: run("xla"))
         try:
             got = pallas()
+            cost = compiled_cost(pallas)
         except Exception as e:
             print(f"  indexer T={T:<3} COMPILE/RUN FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
             failed = True
@@ -98,7 +113,7 @@ def validate_indexer(args, chip: str | None, rng: np.random.Generator) -> bool:
             line += (
                 f"  HBM {T * L * (d + 4) / t_p / bw:6.1%}  MXU {2 * T * heads * d * L / t_p / peak:6.1%} of roofline"
             )
-        print(line)
+        print(line + cost_note(cost, t_p, chip))
     return failed
 
 
@@ -140,6 +155,7 @@ def main() -> int:
             xla = jax.jit(lambda q, c, s: sparse_mla(q, c, s, scale=scale, backend="xla"))
             try:
                 out, lse = pallas(q, cache, slots)
+                cost = compiled_cost(pallas, q, cache, slots)
             except Exception as e:  # a compile failure is a finding to report, not a crash
                 print(f"  {kind:5} T={T:<4} COMPILE/RUN FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 failed = True
@@ -160,7 +176,7 @@ def main() -> int:
             if chip:
                 bw, peak = ROOFLINE[chip]
                 line += f"  HBM {bytes_moved / t_pallas / bw:6.1%}  MXU {flops / t_pallas / peak:6.1%} of roofline"
-            print(line)
+            print(line + cost_note(cost, t_pallas, chip))
     failed |= validate_indexer(args, chip, rng)
     print("FAILED" if failed else "all checks passed")
     return 1 if failed else 0

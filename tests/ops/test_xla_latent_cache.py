@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given
@@ -78,7 +79,7 @@ def test_invalid_slots_are_skipped_and_the_cache_is_a_pytree() -> None:
     rows = np.asarray(new.rows(jnp.arange(32)))
     assert np.all(rows[5] == 1) and np.all(np.delete(rows, 5, axis=0) == 0)
     leaves, tree = jax.tree_util.tree_flatten(new)
-    assert len(leaves) == 3 and jax.tree_util.tree_unflatten(tree, leaves).kind == "fp8"
+    assert len(leaves) == 1 and jax.tree_util.tree_unflatten(tree, leaves).kind == "fp8"  # one row array
 
 
 @pytest.mark.parametrize(
@@ -97,3 +98,36 @@ def test_invalid_slots_are_skipped_and_the_cache_is_a_pytree() -> None:
 def test_bad_arguments(call, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize(("kind", "row_words"), [("bf16", 384), ("fp8", 256), ("f32", 576)])
+def test_one_32_bit_row_per_token(kind: str, row_words: int) -> None:
+    """The device layout (ops/latent_cache.py): one row of 32-bit words per token, a multiple of 128 words
+    for bf16 / FP8, so a TPU gathers a token with one aligned DMA; a fresh FP8 cache exports scale 1."""
+    cache = LatentCache.create(2, 16, kind=kind)
+    assert cache.data.shape == (2, 16, row_words) and cache.data.dtype.itemsize == 4
+    assert cache.allocated_bytes_per_token == 4 * row_words
+    assert cache.bytes_per_token == {"bf16": 1152, "fp8": 656, "f32": 2304}[kind]
+    if kind == "fp8":
+        rows = cache.to_flashmla_fp8()
+        assert np.all(rows[:, 512:528].view("<f4") == 1.0) and not rows[:, :512].any() and not rows[:, 528:].any()
+        np.testing.assert_array_equal(LatentCache.from_flashmla_fp8(rows, 16).to_flashmla_fp8(), rows)
+
+
+@pytest.mark.parametrize(
+    ("kind", "latent", "rope"), [("bf16", 64, 16), ("bf16", 1024, 64), ("fp8", 128, 32), ("fp8", 1024, 64)]
+)
+def test_rows_round_trip_at_other_widths(kind: str, latent: int, rope: int) -> None:
+    rng = np.random.default_rng(3)
+    c, k = rng.standard_normal((20, latent)).astype(np.float32), rng.standard_normal((20, rope)).astype(np.float32)
+    cache = LatentCache.create(2, 16, kind=kind, latent_dim=latent, rope_dim=rope).write(
+        jnp.arange(20), jnp.asarray(c), jnp.asarray(k)
+    )
+    got = np.asarray(cache.rows(jnp.arange(20)))
+    if kind == "bf16":
+        want = np.concatenate([c, k], axis=1).astype(ml_dtypes.bfloat16).astype(np.float32)
+    else:
+        codes, scales = ref.quantize_fp8(c, tile=128)
+        want_c = ref.dequantize_fp8(codes, scales, tile=128)
+        want = np.concatenate([want_c, k.astype(ml_dtypes.bfloat16).astype(np.float64)], axis=1).astype(np.float32)
+    np.testing.assert_array_equal(got, want)

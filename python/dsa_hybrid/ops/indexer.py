@@ -9,10 +9,19 @@ page_size]`. `from_host_pages` / `to_host_pages` move pages either way
 unchanged (a view of the bytes), so the host and the device can take turns at indexing one sequence.
 
 `select_topk_device` scores every visible key of each query row from those pages and keeps its top-k.
-It walks the keys in chunks with a running top-k (stable `lax.top_k` over `[running | chunk]`: equal
-scores keep the lower position, as dsa.md §5 asks), so a long prefill never holds a `[T, L]` score
-matrix, only `[rows, chunk]` at a time. The scores are exact FP8 products accumulated in float32 (as on
-the host, in another order: rows may differ from the host's only among near-ties).
+It walks the keys in chunks with a running top-k, so a long prefill never holds a `[T, L]` score
+matrix, only `[rows, chunk]` at a time. On the XLA path the merge is a stable `lax.top_k` over
+`[running | chunk]` (equal scores keep the lower position, as dsa.md §5 asks). On the Pallas path
+(`backend="pallas_tpu"`, or "auto" on a TPU target) the chunk is scored by `ops.tpu.indexer` (one MXU
+matmul for all rows × heads of a block when they read the same pages) and merged by the exact radix
+threshold of `ops.tpu.topk` — no sort: the running entries are kept in ascending position, so the
+leftmost ties it keeps are the lowest positions, and the result comes out ascending. The scores are
+exact FP8 products accumulated in float32 (as on the host, in another order: rows may differ from the
+host's only among near-ties).
+
+On a TPU the codes are read in place by the scoring kernel (uint8 pages, reinterpreted in VMEM; no
+converted copy of the cache), and both arrays compile to exactly 132 bytes per token: `[P, 64, 128]`
+bytes fill whole (32, 128) tiles, and XLA lays the small scale array out page-minor.
 NaN cannot be reported from inside a jitted function: `q` and `weights` must be finite (the host path
 checks them); keys in the pages are finite by construction.
 """
@@ -27,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsa_hybrid.ops.latent_cache import quantize_rows
+from dsa_hybrid.ops.target import resolve_backend, target_is_tpu
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -238,7 +248,7 @@ def select_topk_device(
     *,
     quantize_queries: bool = True,
     key_chunk: int = 4096,
-    backend: str = "xla",
+    backend: str = "auto",
     interpret: Any = False,
 ) -> jax.Array:
     """Top-`k` visible keys per query row, scored on the device from FP8 pages (dsa.md §4, §5).
@@ -249,9 +259,10 @@ def select_topk_device(
             are neither rotated nor quantized); block_tables: int32 `[T, max_pages]`, row `t`'s sequence's pages
             (−1 padded); positions: int32 `[T]`, row `t` sees keys `0 .. positions[t]`.
         k: entries per row; key_chunk: keys scored per step (rounded to whole pages).
-        backend: "xla" (gather + einsum, anywhere) or "pallas_tpu" (FP8 `IndexerPages` only: the kernel
-            of `device_indexer_tpu`, which streams key pages through VMEM; `interpret=True` or
-            `pltpu.InterpretParams(...)` simulates it off a TPU).
+        backend: "auto" (the default: "pallas_tpu" for FP8 `IndexerPages` when the target is a TPU, see
+            `ops.target`; "xla" otherwise), "xla" (gather + einsum, anywhere) or "pallas_tpu" (FP8
+            `IndexerPages` only: the kernel of `ops.tpu.indexer`, which streams key pages through VMEM;
+            `interpret=True` or `pltpu.InterpretParams(...)` simulates it off a TPU).
 
     Returns int32 `[T, k]` positions, ascending, −1 padded (rows with `positions[t] + 1 ≤ k` select
     every visible key). Jit-able with `k`, `quantize_queries` and `key_chunk` static.
@@ -277,10 +288,14 @@ def select_topk_device(
     quantize = quantize_queries and pages.rotated
     q8, head_w = prepare_queries(q, weights, quantize, rotate=pages.rotated)
     chunk_len = pages_per_chunk * S
+    if backend == "auto":  # Pallas scores FP8 pages when the target is a TPU; exact keys always use XLA
+        backend = "pallas_tpu" if isinstance(pages, IndexerPages) and target_is_tpu(q, pages) else "xla"
     if backend not in ("xla", "pallas_tpu"):
-        raise ValueError(f"backend: expected 'xla' or 'pallas_tpu', got {backend!r}")
+        raise ValueError(f"backend: expected 'auto', 'xla' or 'pallas_tpu', got {backend!r}")
     if backend == "pallas_tpu" and not isinstance(pages, IndexerPages):
         raise ValueError("backend='pallas_tpu' scores FP8 IndexerPages; use backend='xla' for ExactIndexerKeys")
+    if backend == "pallas_tpu":
+        resolve_backend(backend, q, pages, interpret=interpret)  # a TPU target, or interpret mode
 
     def chunk_scores(tab: jax.Array, c: jax.Array) -> jax.Array:
         """`[T, chunk_len]` scores of the pages `tab` (positions from `c · chunk_len`), −inf where invisible."""
@@ -290,11 +305,9 @@ def select_topk_device(
         if backend == "pallas_tpu":
             from dsa_hybrid.ops.tpu.indexer import score_pages_tpu
 
-            scores = score_pages_tpu(
-                q8, head_w, pages.fp8_codes(), pages.scales, safe, positions, c * chunk_len,
-                exact_in_bf16=quantize, interpret=interpret,
-            )  # fmt: skip
-            return jnp.where(visible, scores, -jnp.inf)
+            u = score_pages_tpu(q8, head_w, pages.codes, safe, exact_in_bf16=quantize, interpret=interpret)
+            scores = u * pages.scales[safe].reshape(T, -1)  # the key scale after the head sum, as the host
+            return jnp.where(visible, scores + 0.0, -jnp.inf)
         keys, sk = pages.gather(safe)  # FP8 keys: exact e4m3 values
         dots = jnp.einsum("thd,tld->thl", q8, keys, precision=_HIGHEST)
         scores = jnp.einsum("th,thl->tl", head_w, jnp.maximum(dots, 0.0), precision=_HIGHEST) * sk
@@ -307,12 +320,24 @@ def select_topk_device(
         pos = c * chunk_len + jnp.arange(chunk_len, dtype=jnp.int32)
         vals = jnp.concatenate([best_val, scores], axis=1)
         cand = jnp.concatenate([best_pos, jnp.broadcast_to(pos, (T, chunk_len))], axis=1)
+        if backend == "pallas_tpu":
+            # Exact radix threshold on the TPU; the running entries stay in ascending position (earlier,
+            # lower positions first), so the leftmost ties the kernel keeps are the lowest positions.
+            from dsa_hybrid.ops.tpu.topk import select_mask, topk_threshold
+
+            keep = select_mask(vals, topk_threshold(vals, k, interpret=interpret))
+            dest = jnp.where(keep, jnp.cumsum(keep, axis=1, dtype=jnp.int32) - 1, k)
+            rows = jnp.arange(T)[:, None]
+            top_val = jnp.full((T, k), -jnp.inf, jnp.float32).at[rows, dest].set(vals, mode="drop")
+            return (top_val, jnp.full((T, k), -1, jnp.int32).at[rows, dest].set(cand, mode="drop")), None
         top_val, top_idx = jax.lax.top_k(vals, k)  # stable: equal scores keep the lower position
         return (top_val, jnp.take_along_axis(cand, top_idx, axis=1)), None
 
     init = (jnp.full((T, k), -jnp.inf, jnp.float32), jnp.full((T, k), -1, jnp.int32))
     (best_val, best_pos), _ = jax.lax.scan(chunk_step, init, jnp.arange(n_chunks))
     chosen = jnp.where(best_val > -jnp.inf, best_pos, -1)
+    if backend == "pallas_tpu":
+        return chosen  # already ascending, −1 padding last
     # Ascending positions, −1 padding last.
     big = jnp.iinfo(jnp.int32).max
     ordered = jnp.sort(jnp.where(chosen < 0, big, chosen), axis=1)

@@ -1,7 +1,9 @@
 """`sparse_mla`: attention of each query token over its own top-k latent entries (dsa.md §3), on the device.
 
-Backends: `"xla"` (gather + einsum; runs on CPU, GPU and TPU) and `"pallas_tpu"` (the TPU kernel, when
-present); `"auto"` picks Pallas on a TPU and XLA elsewhere. Both compute `reference.sparse_mla`:
+Backends: `"xla"` (gather + einsum; runs on CPU, GPU and TPU) and `"pallas_tpu"` (the TPU kernel);
+`"auto"` picks Pallas when the target is a TPU and XLA elsewhere. The target is the device the call is
+built for (`ops.target`: the arguments' devices when concrete, else the mesh / default device), not the
+process's backend, so a CPU host compiles the Pallas path for a TPU ahead of time. Both compute `reference.sparse_mla`:
 invalid slots (−1, ≥ the cache's slot count, or past a row's `topk_length`) are skipped; a row with no
 valid slot returns `out = 0` and `lse = +inf`; the order of a row's slots does not matter.
 """
@@ -14,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from dsa_hybrid.ops.latent_cache import LatentCache
+from dsa_hybrid.ops.target import resolve_backend
 
 Backend = Literal["auto", "xla", "pallas_tpu"]
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -68,7 +71,7 @@ def sparse_mla(
             interpret=interpret,
         )  # fmt: skip
         return merge_splits(out.reshape(T, num_splits, *out.shape[1:]), lse.reshape(T, num_splits, -1))
-    if _resolve_backend(backend, interpret) == "xla":
+    if _resolve_backend(backend, interpret, q, cache, slots) == "xla":
         return _sparse_mla_xla(q, cache, slots, topk_length, scale, d_v)
     from dsa_hybrid.ops.tpu import sparse_mla as sparse_attention_tpu
 
@@ -181,7 +184,7 @@ def prefix_mla(
         )
     if lengths.shape != (T,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise ValueError(f"lengths: expected integers of shape [{T}], got {lengths.dtype} {list(lengths.shape)}")
-    if _resolve_backend(backend, interpret) == "pallas_tpu":
+    if _resolve_backend(backend, interpret, q, cache, block_tables) == "pallas_tpu":
         from dsa_hybrid.ops.tpu import sparse_mla as sparse_attention_tpu
 
         return sparse_attention_tpu.prefix_mla_tpu(
@@ -195,19 +198,10 @@ def prefix_mla(
     return attend(q, cache.rows(slots), valid, scale, d_v)
 
 
-def _resolve_backend(backend: str, interpret: Any) -> str:
-    """ "xla" or "pallas_tpu" for a `backend` argument ("auto": Pallas on a TPU); the Pallas kernels need
-    a TPU unless `interpret` asks for the simulator."""
-    if backend == "auto":
-        backend = "pallas_tpu" if jax.default_backend() == "tpu" else "xla"
-    if backend not in ("xla", "pallas_tpu"):
-        raise ValueError(f"backend: expected 'auto', 'xla' or 'pallas_tpu', got {backend!r}")
-    if backend == "pallas_tpu" and jax.default_backend() != "tpu" and interpret is False:
-        raise RuntimeError(
-            f"backend='pallas_tpu' needs a TPU (JAX backend is {jax.default_backend()!r}); "
-            "pass interpret=True to simulate the kernel, or use backend='xla'"
-        )
-    return backend
+def _resolve_backend(backend: str, interpret: Any, *args: Any) -> str:
+    """ "xla" or "pallas_tpu" for a `backend` argument ("auto": Pallas when the *target* is a TPU, see
+    `ops.target`); the Pallas kernels need a TPU target unless `interpret` asks for the simulator."""
+    return resolve_backend(backend, *args, interpret=interpret)
 
 
 def dense_mla(

@@ -41,7 +41,13 @@ def _no_races() -> bool:
 
 @pytest.mark.parametrize(
     ("kind", "q_dtype", "latent", "rope", "heads"),
-    [("bf16", np.float32, 64, 32, 4), ("fp8", np.float32, 128, 64, 2), ("bf16", "bfloat16", 512, 64, 8)],
+    [
+        ("bf16", np.float32, 64, 32, 4),
+        ("fp8", np.float32, 128, 64, 2),
+        ("bf16", "bfloat16", 512, 64, 8),
+        ("fp8", "bfloat16", 512, 64, 16),  # the deployed widths: four byte planes, one tile each
+        ("fp8", np.float32, 1024, 64, 2),  # byte planes spanning two tiles
+    ],
 )
 def test_kernel_matches_the_reference(kind: str, q_dtype, latent: int, rope: int, heads: int) -> None:
     rng = np.random.default_rng(0)

@@ -1,22 +1,30 @@
 """The Pallas TPU kernel of `sparse_mla` (dsa.md §3): each query token attends over its own K latent rows.
 
-Per grid step the kernel takes `tokens_per_step` query tokens. For each token it walks the token's K
-slots in chunks of `chunk`: the chunk's rows are gathered from the paged cache in HBM by one DMA per row
-into a VMEM buffer (two buffers: the next chunk's DMAs fly while this one is computed), FP8 rows are
-dequantized in VMEM, and an online softmax in float32 accumulates `[h, d_v]`. Slot addresses stream
-through SMEM one step at a time (a whole prefill's slots would not fit). Invalid slots (−1, out of range,
-past `topk_length`) become −1 in the wrapper; the kernel still moves slot 0's row for them (so every
-chunk waits on the same number of bytes) and masks them out of the softmax. A row with no valid slot
-gives `out = 0`, `lse = +inf`.
+Per grid step the kernel takes `tokens_per_step` query tokens. For each token it walks its valid slots
+in chunks of `chunk` rows: each row is gathered from the paged cache in HBM by one DMA of its 32-bit
+cache row (`LatentCache`'s layout: the token's whole record in one row of `[pages, page, words]`, a
+single aligned DMA at a dynamic row offset, which Mosaic accepts for 32-bit arrays on every chip) into
+a double-buffered VMEM buffer — the next chunk's DMAs (also across tokens) fly while this one is
+computed —, decoded in VMEM into lane-aligned column blocks (bf16 halves by shift and mask, FP8 codes
+by byte plane, exactly, times their tile scale), and an online softmax in float32 accumulates
+`[h, d_v]` on the MXU (`[h, width] × [width, chunk]`, then `[h, chunk] × [chunk, d_v]`).
+
+Invalid entries (−1, out of range, past `topk_length`) are given distinct in-range slots by the
+wrapper (no DMA reads out of range or hammers one address) and masked out of the softmax by a mask
+block laid out `[tokens, chunks, 1, chunk]`, so the kernel indexes it on leading dimensions only. The
+end of each token's last valid entry comes through scalar prefetch: the chunks after it are neither
+fetched nor computed (a token with no valid entry costs nothing and returns `out = 0`, `lse = +inf`).
 
 `prefix_mla_tpu` is the dense-prefix fast path of the same kernel: when a row selects every visible
 token (dsa.md §5, `p_t + 1 ≤ K`), its rows are whole pages of its block table, so each chunk is one page
-moved by a single DMA instead of `page_size` row DMAs.
+moved by a single DMA, and only the pages below the row's length are fetched.
 
-TPU layout notes (not checked by interpret mode): the cache arrays are `[pages, page_size, 1, width]`,
-so a row's DMA offsets fall on the untiled leading dimensions only; the VMEM buffers are
-`[2, chunk, 1, width]` for the same reason. `chunk` and `tokens_per_step` should be multiples of 8.
-`tpu/validate.py` compiles and checks the kernel on a real chip.
+What Mosaic requires and this kernel keeps (checked by `tpu/compile.py` for v5e, v6e, v5p, TPU7x):
+dynamic indices only on untiled leading dimensions of VMEM blocks (`q_ref[t]`, `out_ref[t]`,
+`lse_ref[t]` with `lse` laid out `[T, 1, h]`); DMA offsets on a tiled dimension only for 32-bit rows;
+lane slices and concatenations on multiples of 128; block shapes full or (8, 128)-divisible.
+The queries are rearranged once per call into the kernel's column order (`RowLayout.kernel_columns`),
+with zeros against the FP8 scale lanes and the alignment padding.
 """
 
 from __future__ import annotations
@@ -26,10 +34,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from dsa_hybrid.ops.latent_cache import FP8_TILE, LatentCache
+from dsa_hybrid.ops.latent_cache import FP8_TILE, LANES, LatentCache, RowLayout
+from dsa_hybrid.ops.target import tpu_chip
+from dsa_hybrid.ops.tpu import block_sizes
 
 
 def _round_up(x: int, m: int) -> int:
@@ -44,21 +55,31 @@ def sparse_mla_tpu(
     *,
     scale: float,
     d_v: int,
-    tokens_per_step: int = 8,
-    chunk: int = 128,
+    tokens_per_step: int | None = None,
+    chunk: int | None = None,
     interpret: Any = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """`sparse_mla` on the Pallas TPU kernel (arguments as there). `interpret`: False on a TPU, or
-    `pltpu.InterpretParams(...)` / True to run the kernel in TPU interpret mode on any backend."""
+    """`sparse_mla` on the Pallas TPU kernel (arguments as there). `interpret`: False on a TPU target, or
+    `pltpu.InterpretParams(...)` / True to run the kernel in TPU interpret mode on any backend.
+    `tokens_per_step` / `chunk` override the chip's entries in `block_sizes.SPARSE_MLA`."""
     from dsa_hybrid.ops.sparse_mla import valid_mask
 
-    K = slots.shape[1]
-    kc = min(chunk, _round_up(K, 8))
-    s = jnp.where(valid_mask(cache, slots, topk_length), slots, -1).astype(jnp.int32)
-    s = jnp.pad(s, ((0, 0), (0, _round_up(K, kc) - K)), constant_values=-1)
+    chip = None if interpret is not False else tpu_chip()
+    blocks = block_sizes.sparse_mla_blocks(chip)
+    T, K = slots.shape
+    kc = min(chunk or blocks.chunk, _round_up(K, 8))
+    Kp = _round_up(K, kc)
+    valid = jnp.pad(valid_mask(cache, slots, topk_length), ((0, 0), (0, Kp - K)))
+    # Invalid entries fetch distinct in-range slots (no DMA out of range, none hammering one address)
+    # and are masked; the chunks after a token's last valid entry are not fetched at all.
+    fill = (jnp.arange(T, dtype=jnp.int32)[:, None] * Kp + jnp.arange(Kp, dtype=jnp.int32)[None, :]) % cache.num_slots
+    addr = jnp.where(valid, jnp.pad(slots.astype(jnp.int32), ((0, 0), (0, Kp - K))), fill)
+    last = jnp.max(jnp.where(valid, jnp.arange(1, Kp + 1, dtype=jnp.int32)[None, :], 0), axis=1)
+    mask = valid.astype(jnp.int32).reshape(T, Kp // kc, 1, kc)
     return _attention_call(
-        q, cache, s, s, mode="rows", kc=kc, scale=scale, d_v=d_v, tb=tokens_per_step, interpret=interpret
-    )
+        q, cache, addr, last, mask, mode="rows", kc=kc, scale=scale, d_v=d_v, chip=chip,
+        tb=tokens_per_step or blocks.tokens_per_step, interpret=interpret,
+    )  # fmt: skip
 
 
 def prefix_mla_tpu(
@@ -69,207 +90,339 @@ def prefix_mla_tpu(
     *,
     scale: float,
     d_v: int,
-    tokens_per_step: int = 8,
+    tokens_per_step: int | None = None,
     interpret: Any = False,
 ) -> tuple[jax.Array, jax.Array]:
     """`prefix_mla` on the Pallas TPU kernel: one page DMA per chunk (arguments as there)."""
-    S, P = cache.page_size, block_tables.shape[1]
-    pages = jnp.clip(block_tables, 0, cache.num_pages - 1).astype(jnp.int32)  # padding pages: masked
-    positions = jnp.arange(P * S, dtype=jnp.int32)[None, :]
-    mask = jnp.where((positions < lengths[:, None]) & (jnp.repeat(block_tables, S, axis=1) >= 0), positions, -1)
+    chip = None if interpret is not False else tpu_chip()
+    tb = tokens_per_step or block_sizes.sparse_mla_blocks(chip).tokens_per_step
     return _attention_call(
-        q, cache, pages, mask, mode="pages", kc=S, scale=scale, d_v=d_v, tb=tokens_per_step, interpret=interpret
-    )
+        q, cache, block_tables.astype(jnp.int32), lengths.astype(jnp.int32), None, mode="pages", kc=cache.page_size,
+        scale=scale, d_v=d_v, chip=chip, tb=tb, interpret=interpret,
+    )  # fmt: skip
+
+
+def kernel_plan(cache: LatentCache, d_v: int) -> tuple[RowLayout, np.ndarray, int, int]:
+    """`(layout, kernel column of each natural column, decoded width Wk, value width Wv)`."""
+    lay = cache.layout
+    cols = lay.kernel_columns()
+    wk = lay.kernel_width
+    wv = min(_round_up(int(cols[:d_v].max()) + 1, LANES), wk)
+    return lay, cols, wk, wv
+
+
+def vmem_need(lay: RowLayout, h: int, tb: int, kc: int, wk: int, wv: int, q_itemsize: int, mask_chunks: int = 0) -> int:
+    """VMEM bytes of one launch: double-buffered q / out / lse (/ mask) blocks, the row buffers, the
+    softmax state, and the decoded chunk with its logits (Mosaic's temporaries, counted twice)."""
+    t = block_sizes.tile_bytes
+    blocks = 2 * (tb * t((h, wk), q_itemsize) + tb * t((h, wv), 4) + tb * t((1, h), 4))
+    blocks += 2 * tb * mask_chunks * t((1, kc), 4)
+    scratch = t((2 * kc, lay.row_words), 4) + t((h, wv), 4) + 2 * t((h, 1), 4)
+    temps = 2 * (t((kc, wk), 4) + 2 * t((h, kc), 4) + t((h, wv), 4))
+    return blocks + scratch + temps
 
 
 def _attention_call(
     q: jax.Array,
     cache: LatentCache,
     addr: jax.Array,
-    mask: jax.Array,
+    limit: jax.Array,
+    mask: jax.Array | None,
     *,
     mode: str,
     kc: int,
     scale: float,
     d_v: int,
+    chip: str | None,
     tb: int,
     interpret: Any,
 ) -> tuple[jax.Array, jax.Array]:
-    """Run the kernel. `addr` int32 `[T, n]`: slots (mode "rows", `n = chunks · kc`) or pages (mode
-    "pages", `n = chunks`), streamed through SMEM; `mask` int32 `[T, chunks · kc]`, ≥ 0 where an entry
-    attends."""
+    """Run the kernel. `addr` int32 `[T, n]`: slots (mode "rows", `n = chunks · kc`, all in range) or
+    block tables (mode "pages", −1 padded), streamed through SMEM per grid step; `limit` int32 `[T]`, in
+    SMEM for the whole call: the end of the last valid entry (rows) or the length (pages); `mask` (rows)
+    int32 `[T, chunks, 1, kc]`, nonzero where an entry attends (its tile-row is indexed on leading
+    dimensions only)."""
     T, h, W = q.shape
-    n_chunks = mask.shape[1] // kc
-    Tp = _round_up(max(T, 1), tb)
-    addr = jnp.pad(addr, ((0, Tp - T), (0, 0)), constant_values=-1 if mode == "rows" else 0)
-    mask = jnp.pad(mask, ((0, Tp - T), (0, 0)), constant_values=-1)
-    qp = jnp.pad(q, ((0, Tp - T), (0, 0), (0, 0)))
+    lay, cols, wk, wv = kernel_plan(cache, d_v)
     compute = jnp.bfloat16 if q.dtype == jnp.bfloat16 else jnp.float32
-    parts = _cache_parts(cache)
-    kernel = functools.partial(
-        _kernel,
-        n_parts=len(parts),
-        mode=mode,
-        kind=cache.kind,
-        latent_dim=cache.latent_dim,
-        page_size=cache.page_size,
-        tb=tb,
-        kc=kc,
-        n_chunks=n_chunks,
-        scale=scale,
-        d_v=d_v,
-        compute=compute,
+    tb = max(1, min(tb, T))
+    cap = block_sizes.capacity(chip)
+    nm = 0 if mask is None else mask.shape[1]
+    isz = jnp.dtype(compute).itemsize
+    while tb > 1 and vmem_need(lay, h, tb, kc, wk, wv, isz, nm) + block_sizes.VMEM_MARGIN > cap:
+        tb //= 2
+    need = vmem_need(lay, h, tb, kc, wk, wv, isz, nm)
+    limit_bytes = block_sizes.vmem_limit(chip, need, cap)
+    Tp = _round_up(max(T, 1), tb)
+    addr = jnp.pad(addr, ((0, Tp - T), (0, 0)))
+    limit = jnp.pad(limit, (0, Tp - T))
+    qk = jnp.pad(_to_kernel_columns(q.astype(compute), cols, wk), ((0, Tp - T), (0, 0), (0, 0)))
+    extra_in, extra_args = [], []
+    if mask is not None:
+        mask = jnp.pad(mask, ((0, Tp - T), (0, 0), (0, 0), (0, 0)))
+        extra_in = [pl.BlockSpec((tb, *mask.shape[1:]), lambda i, lim: (i, 0, 0, 0))]
+        extra_args = [mask]
+    block_sizes.record(f"sparse_mla_{mode}", chip, need, limit_bytes, tokens_per_step=tb, chunk=kc)
+    # What the kernel moves and multiplies at most (every slot valid), for XLA's cost analysis.
+    entries = Tp * addr.shape[1] * (kc if mode == "pages" else 1)
+    cost = pl.CostEstimate(
+        flops=2 * entries * h * (wk + wv),
+        transcendentals=entries * h,
+        bytes_accessed=entries * 4 * lay.row_words + qk.size * qk.dtype.itemsize + Tp * h * (wv + 1) * 4,
     )
-    step = lambda i: (i, 0)  # noqa: E731
+    kernel = functools.partial(
+        _kernel, lay=lay, mode=mode, page_size=cache.page_size, tb=tb, kc=kc, n_addr=addr.shape[1],
+        scale=scale, wv=wv, compute=compute,
+    )  # fmt: skip
     out, lse = pl.pallas_call(
         kernel,
-        grid=(Tp // tb,),
-        in_specs=[
-            pl.BlockSpec((tb, addr.shape[1]), step, memory_space=pltpu.SMEM),  # addresses of the DMAs
-            pl.BlockSpec((tb, mask.shape[1]), step),  # the mask, as a vector
-            pl.BlockSpec((tb, h, W), lambda i: (i, 0, 0)),
-            *[pl.BlockSpec(memory_space=pl.ANY) for _ in parts],
-        ],
-        out_specs=[
-            pl.BlockSpec((tb, h, d_v), lambda i: (i, 0, 0)),
-            pl.BlockSpec((tb, h), step),
-        ],
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(Tp // tb,),
+            in_specs=[
+                pl.BlockSpec((tb, addr.shape[1]), lambda i, lim: (i, 0), memory_space=pltpu.SMEM),
+                pl.BlockSpec((tb, h, wk), lambda i, lim: (i, 0, 0)),
+                *extra_in,
+                pl.BlockSpec(memory_space=pl.ANY),
+            ],
+            out_specs=[
+                pl.BlockSpec((tb, h, wv), lambda i, lim: (i, 0, 0)),
+                pl.BlockSpec((tb, 1, h), lambda i, lim: (i, 0, 0)),
+            ],
+            scratch_shapes=[
+                pltpu.VMEM((2, kc, lay.row_words), cache.data.dtype),
+                pltpu.SemaphoreType.DMA((2,)),
+                pltpu.VMEM((h, wv), jnp.float32),
+                pltpu.VMEM((h, 1), jnp.float32),
+                pltpu.VMEM((h, 1), jnp.float32),
+            ],
+        ),
         out_shape=[
-            jax.ShapeDtypeStruct((Tp, h, d_v), jnp.float32),
-            jax.ShapeDtypeStruct((Tp, h), jnp.float32),
-        ],
-        scratch_shapes=[
-            *[pltpu.VMEM((2, kc, 1, p.shape[-1]), p.dtype) for p in parts],
-            pltpu.SemaphoreType.DMA((len(parts), 2)),
+            jax.ShapeDtypeStruct((Tp, h, wv), jnp.float32),
+            jax.ShapeDtypeStruct((Tp, 1, h), jnp.float32),
         ],
         # Grid steps share no state (each starts and drains its own DMAs): megacore may split them.
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",), vmem_limit_bytes=limit_bytes),
         interpret=interpret,
-    )(addr, mask, qp, *parts)
-    return out[:T], lse[:T]
+        cost_estimate=cost,
+        name=f"sparse_mla_{mode}_{lay.kind}",
+    )(limit, addr, qk, *extra_args, cache.data)
+    return _from_kernel_columns(out[:T], cols[:d_v]), lse[:T, 0]
 
 
-def _cache_parts(cache: LatentCache) -> list[jax.Array]:
-    parts = [cache.c_kv, cache.scales, cache.k_pe] if cache.kind == "fp8" else [cache.kv]
-    assert all(p is not None for p in parts)
-    return parts  # type: ignore[return-value]
+def _runs(cols: np.ndarray) -> list[tuple[int, int, int]]:
+    """`(natural start, kernel start, length)` of the runs where consecutive columns stay consecutive."""
+    runs, start = [], 0
+    for i in range(1, len(cols) + 1):
+        if i == len(cols) or cols[i] != cols[i - 1] + 1:
+            runs.append((start, int(cols[start]), i - start))
+            start = i
+    return runs
+
+
+def _to_kernel_columns(q: jax.Array, cols: np.ndarray, wk: int) -> jax.Array:
+    """`q` `[..., W]` moved to the kernel's column order `[..., wk]`, zeros elsewhere (slices and pads)."""
+    if np.array_equal(cols, np.arange(wk)):
+        return q
+    parts, at = [], 0
+    for nat, ker, n in _runs(cols):
+        if ker > at:
+            parts.append(jnp.zeros((*q.shape[:-1], ker - at), q.dtype))
+        parts.append(q[..., nat : nat + n])
+        at = ker + n
+    if wk > at:
+        parts.append(jnp.zeros((*q.shape[:-1], wk - at), q.dtype))
+    return jnp.concatenate(parts, axis=-1)
+
+
+def _from_kernel_columns(out: jax.Array, cols: np.ndarray) -> jax.Array:
+    """The natural columns `cols` (kernel positions of columns 0 … d_v−1) of a kernel output."""
+    return jnp.concatenate([out[..., ker : ker + n] for _, ker, n in _runs(cols)], axis=-1)
+
+
+def _e4m3_to_f32(code: jax.Array) -> jax.Array:
+    """Exact float32 value of e4m3fn codes (int32 in [0, 255]; dsa.md §4), without FP8 hardware:
+    `(8 + m) · 2^(e − 10)` for normals, `m · 2^−9` for subnormals; the power of two is built from its
+    exponent bits (never a float32 subnormal)."""
+    mag = code & 0x7F
+    e = jax.lax.shift_right_logical(mag, 3)
+    m = mag & 7
+    mant = jnp.where(e == 0, m, m + 8).astype(jnp.float32)
+    pw = jax.lax.bitcast_convert_type(jax.lax.shift_left(jnp.maximum(e, 1) + 117, 23), jnp.float32)
+    v = mant * pw
+    return jnp.where(code >= 128, -v, v)
+
+
+def decode_chunk(lay: RowLayout, x: jax.Array) -> jax.Array:
+    """float32 `[rows, kernel_width]` of cache rows `x` `[rows, row_words]`, in the kernel's column order:
+    `[plane 0 | … | tail]` (bf16: low halves, high halves, k_pe; FP8: four byte planes times their tile
+    scales, then the scales and k_pe). Every block is 128-lane aligned."""
+    if lay.kind == "f32":
+        return x.astype(jnp.float32)
+    xi = jax.lax.bitcast_convert_type(x, jnp.int32)
+    A = lay.main_words
+    main, tail_bits = xi[:, :A], xi[:, A:]
+    tail = jax.lax.bitcast_convert_type(tail_bits, jnp.float32)
+    if lay.kind == "bf16":
+        lo = jax.lax.bitcast_convert_type(jax.lax.shift_left(main, 16), jnp.float32)
+        hi = jax.lax.bitcast_convert_type(main & jnp.int32(-65536), jnp.float32)
+        return jnp.concatenate([lo, hi, tail], axis=1)
+    per = lay.latent_dim // 4
+    lane = jax.lax.broadcasted_iota(jnp.int32, (1, A), 1)
+    planes = []
+    for j in range(4):
+        code = jax.lax.shift_right_logical(main, 8 * j) & 0xFF
+        first, last = (j * per) // FP8_TILE, (j * per + per - 1) // FP8_TILE
+        if first == last:
+            sc = tail[:, first : first + 1]
+        else:  # a plane spanning several tiles (latent_dim > 512)
+            tile = (j * per + lane) // FP8_TILE
+            sc = sum(jnp.where(tile == k, tail[:, k : k + 1], 0.0) for k in range(first, last + 1))
+        planes.append(_e4m3_to_f32(code) * sc)
+    return jnp.concatenate([*planes, tail], axis=1)
 
 
 def _kernel(
-    addr_smem: Any,
-    mask_vmem: Any,
+    limit_ref: Any,
+    addr_ref: Any,
     q_ref: Any,
     *refs: Any,
-    n_parts: int,
+    lay: RowLayout,
     mode: str,
-    kind: str,
-    latent_dim: int,
     page_size: int,
     tb: int,
     kc: int,
-    n_chunks: int,
+    n_addr: int,
     scale: float,
-    d_v: int,
+    wv: int,
     compute: Any,
 ) -> None:
-    hbm = refs[:n_parts]
-    out_ref, lse_ref = refs[n_parts : n_parts + 2]
-    bufs = refs[n_parts + 2 : 2 * n_parts + 2]
-    sems = refs[2 * n_parts + 2]
+    mask_ref = refs[0] if mode == "rows" else None
+    _kernel_body(
+        limit_ref, addr_ref, q_ref, mask_ref, *refs[1 if mode == "rows" else 0 :], lay=lay, mode=mode,
+        page_size=page_size, tb=tb, kc=kc, n_addr=n_addr, scale=scale, wv=wv, compute=compute,
+    )  # fmt: skip
+
+
+def _kernel_body(
+    limit_ref: Any,
+    addr_ref: Any,
+    q_ref: Any,
+    mask_ref: Any,
+    data_hbm: Any,
+    out_ref: Any,
+    lse_ref: Any,
+    buf: Any,
+    sems: Any,
+    acc_ref: Any,
+    m_ref: Any,
+    l_ref: Any,
+    *,
+    lay: RowLayout,
+    mode: str,
+    page_size: int,
+    tb: int,
+    kc: int,
+    n_addr: int,
+    scale: float,
+    wv: int,
+    compute: Any,
+) -> None:
+    i = pl.program_id(0)
     h = q_ref.shape[1]
-    total = tb * n_chunks
+    precision = jax.lax.Precision.HIGHEST if compute == jnp.float32 else None
 
-    def row_copies(it: jax.Array, j: jax.Array, b: jax.Array) -> list[Any]:
-        """Mode "rows": the DMAs bringing row `j` of flat iteration `it` (token it // n_chunks, chunk
-        it % n_chunks) into buffer slot `b`, one per cache part."""
-        t, c = it // n_chunks, it % n_chunks
-        slot = jnp.maximum(addr_smem[t, c * kc + j], 0)  # invalid rows fetch slot 0, masked later
-        page, off = slot // page_size, slot % page_size
-        return [
-            pltpu.make_async_copy(src.at[page, off], buf.at[b, j], sems.at[p, b])
-            for p, (src, buf) in enumerate(zip(hbm, bufs, strict=True))
-        ]
+    def n_chunks(t: jax.Array) -> jax.Array:
+        lim = limit_ref[i * tb + t]
+        n = (lim + kc - 1) // kc
+        return jnp.minimum(n, n_addr) if mode == "pages" else n
 
-    def page_copies(it: jax.Array, b: jax.Array) -> list[Any]:
-        """Mode "pages": the DMAs bringing the whole page of chunk `it` into buffer slot `b`."""
-        page = addr_smem[it // n_chunks, it % n_chunks]
-        return [
-            pltpu.make_async_copy(src.at[page], buf.at[b], sems.at[p, b])
-            for p, (src, buf) in enumerate(zip(hbm, bufs, strict=True))
-        ]
+    def live(t: jax.Array, c: jax.Array) -> jax.Array:
+        """bool `[1, kc]`: the entries of chunk `c` of token `t` that attend."""
+        if mode == "rows":
+            return mask_ref[t, c] != 0
+        lim = jnp.where(addr_ref[t, c] >= 0, limit_ref[i * tb + t] - c * kc, 0)  # a prefix of the page
+        return jax.lax.broadcasted_iota(jnp.int32, (1, kc), 1) < lim
 
-    def for_each_copy(it: jax.Array, b: jax.Array, action: str) -> None:
+    def issue(t: jax.Array, c: jax.Array, b: jax.Array) -> None:
         if mode == "pages":
-            for cp in page_copies(it, b):
-                getattr(cp, action)()
+            page = jnp.maximum(addr_ref[t, c], 0)
+            pltpu.make_async_copy(data_hbm.at[page], buf.at[b], sems.at[b]).start()
             return
 
-        def body(j: jax.Array, carry: None) -> None:
-            for cp in row_copies(it, j, b):
-                getattr(cp, action)()
+        def row(j: jax.Array, carry: int) -> int:
+            slot = addr_ref[t, c * kc + j]
+            page = slot // page_size
+            off = slot - page * page_size
+            pltpu.make_async_copy(data_hbm.at[page, pl.ds(off, 1)], buf.at[b, pl.ds(j, 1)], sems.at[b]).start()
+            return carry
 
-        jax.lax.fori_loop(0, kc, body, None)
+        jax.lax.fori_loop(0, kc, row, 0, unroll=min(kc, 8))
 
-    def start(it: jax.Array, b: jax.Array) -> None:
-        for_each_copy(it, b, "start")
+    def wait(b: jax.Array) -> None:
+        # The semaphore counts bytes: one wait on a descriptor of the whole slot covers its kc row DMAs.
+        pltpu.make_async_copy(buf.at[b], buf.at[b], sems.at[b]).wait()
 
-    def wait(it: jax.Array, b: jax.Array) -> None:
-        for_each_copy(it, b, "wait")
-
-    def rows_of(b: jax.Array) -> jax.Array:
-        """The chunk in buffer slot `b` as `[kc, width]` in the compute dtype (FP8 dequantized)."""
-        if kind != "fp8":
-            return bufs[0][b].reshape(kc, -1).astype(compute)
-        codes = bufs[0][b].reshape(kc, latent_dim).astype(jnp.float32)
-        tile_scales = bufs[1][b].reshape(kc, latent_dim // FP8_TILE)
-        c_kv = (codes.reshape(kc, -1, FP8_TILE) * tile_scales[:, :, None]).reshape(kc, latent_dim)
-        k_pe = bufs[2][b].reshape(kc, -1).astype(jnp.float32)
-        return jnp.concatenate([c_kv, k_pe], axis=1).astype(compute)
-
-    start(jnp.int32(0), jnp.int32(0))
-
-    def step(it: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
-        m, denom, acc = carry
-        b = it % 2
-        t, c = it // n_chunks, it % n_chunks
-
-        @pl.when(it + 1 < total)
-        def _() -> None:
-            start(it + 1, 1 - b)
-
-        wait(it, b)
-        first = c == 0  # a new token: reset the running softmax
-        m = jnp.where(first, -jnp.inf, m)
-        denom = jnp.where(first, 0.0, denom)
-        acc = jnp.where(first, 0.0, acc)
-
-        rows = rows_of(b)
-        qt = q_ref[t].astype(compute)  # [h, width]
-        logits = jax.lax.dot_general(qt, rows, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        valid = mask_vmem[pl.ds(t, 1), pl.ds(c * kc, kc)] >= 0  # [1, kc]
-        logits = jnp.where(valid, logits * scale, -jnp.inf)
-        m_new = jnp.maximum(m, logits.max(axis=1, keepdims=True))
+    def attend(t: jax.Array, c: jax.Array, b: jax.Array) -> None:
+        rows = decode_chunk(lay, buf[b]).astype(compute)  # [kc, Wk]
+        logits = jax.lax.dot_general(
+            q_ref[t], rows, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32, precision=precision
+        )  # [h, kc]
+        logits = jnp.where(live(t, c), logits * scale, -jnp.inf)
+        m_prev = m_ref[...]
+        m_new = jnp.maximum(m_prev, logits.max(axis=1, keepdims=True))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = jnp.exp(m - m_safe)
+        alpha = jnp.exp(m_prev - m_safe)
         p = jnp.exp(logits - m_safe)
-        denom = alpha * denom + p.sum(axis=1, keepdims=True)
+        l_ref[...] = alpha * l_ref[...] + p.sum(axis=1, keepdims=True)
         pv = jax.lax.dot_general(
-            p.astype(compute), rows[:, :d_v], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
-        )
-        acc = alpha * acc + pv
+            p.astype(compute), rows[:, :wv], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32,
+            precision=precision,
+        )  # fmt: skip
+        acc_ref[...] = alpha * acc_ref[...] + pv
+        m_ref[...] = m_new
 
-        @pl.when(c == n_chunks - 1)
+    def finish(t: jax.Array) -> None:
+        denom = l_ref[...]
+        empty = denom == 0.0
+        safe = jnp.where(empty, 1.0, denom)
+        out_ref[t] = jnp.where(empty, 0.0, acc_ref[...] / safe)
+        m = m_ref[...]
+        lse = jnp.where(empty, jnp.inf, jnp.where(m == -jnp.inf, 0.0, m) + jnp.log(safe))  # [h, 1]
+        eye = jax.lax.broadcasted_iota(jnp.int32, (h, h), 0) == jax.lax.broadcasted_iota(jnp.int32, (h, h), 1)
+        lse_ref[t] = jnp.sum(jnp.where(eye, lse, 0.0), axis=0, keepdims=True)  # [1, h]: lse as a row
+
+    def token(t: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        b, prefetched = carry
+        nc = n_chunks(t)
+        has_next = t + 1 < tb
+        next_nc = jnp.where(has_next, n_chunks(jnp.minimum(t + 1, tb - 1)), 0)
+
+        @pl.when((nc > 0) & (prefetched == 0))
         def _() -> None:
-            empty = denom == 0.0
-            safe = jnp.where(empty, 1.0, denom)
-            out_ref[t] = jnp.where(empty, 0.0, acc / safe)
-            lse_ref[pl.ds(t, 1), :] = jnp.where(empty, jnp.inf, m_safe + jnp.log(safe)).reshape(1, h)
+            issue(t, 0, b)
 
-        return m_new, denom, acc
+        m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-    init = (
-        jnp.full((h, 1), -jnp.inf, jnp.float32),
-        jnp.zeros((h, 1), jnp.float32),
-        jnp.zeros((h, d_v), jnp.float32),
-    )
-    jax.lax.fori_loop(0, total, step, init)
+        def chunk(c: jax.Array, b: jax.Array) -> jax.Array:
+            nb = 1 - b
+
+            @pl.when(c + 1 < nc)
+            def _() -> None:
+                issue(t, c + 1, nb)
+
+            @pl.when((c + 1 == nc) & (next_nc > 0))
+            def _() -> None:
+                issue(t + 1, 0, nb)  # the next token's first chunk flies during this one
+
+            wait(b)
+            attend(t, c, b)
+            return nb
+
+        b = jax.lax.fori_loop(0, nc, chunk, b)
+        finish(t)
+        return b, ((nc > 0) & (next_nc > 0)).astype(jnp.int32)
+
+    jax.lax.fori_loop(0, tb, token, (jnp.int32(0), jnp.int32(0)))

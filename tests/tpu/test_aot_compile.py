@@ -1,0 +1,73 @@
+"""Every Pallas kernel compiles with the real TPU compiler (libtpu, ahead of time, no TPU needed) for v5e,
+v6e, v5p and TPU7x, through the public API with backend "auto" under a TPU default device
+(`tpu/compile.py`'s CI set: DeepSeek-V3.2 and GLM-5 shapes, decode and prefill chunks, bf16 and FP8
+caches, full heads and tensor-parallel splits).
+
+Without libtpu the tests skip, unless `DSA_HYBRID_REQUIRE_TPU_COMPILE=1` (CI sets it): then they fail,
+so a CI image that lost the compiler cannot pass silently. Install it with
+`pip install "dsa_hybrid[tpu-compile]"`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from dsa_hybrid.ops.tpu import block_sizes
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("dsa_tpu_compile", ROOT / "tpu" / "compile.py")
+assert _spec is not None and _spec.loader is not None
+aot = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = aot  # dataclasses look their module up while the file runs
+_spec.loader.exec_module(aot)
+
+REQUIRED = os.environ.get("DSA_HYBRID_REQUIRE_TPU_COMPILE") == "1"
+
+
+@pytest.fixture
+def tpu_compiler() -> None:
+    if aot.have_libtpu():
+        return
+    message = 'libtpu is not installed (pip install "dsa_hybrid[tpu-compile]")'
+    if REQUIRED:
+        pytest.fail(f"{message}, and DSA_HYBRID_REQUIRE_TPU_COMPILE=1 requires the TPU compile check")
+    pytest.skip(message)
+
+
+@pytest.mark.parametrize("chip", list(aot.CHIPS))
+@pytest.mark.parametrize("case", aot.ci_cases(), ids=lambda c: f"{c.kernel}-{c.shape.replace(' ', '-')}")
+def test_kernel_compiles_for_the_chip(tpu_compiler, case, chip: str) -> None:
+    result = aot.compile_case(case, chip)
+    assert result.ok, f"{case.kernel} {case.shape} on {chip}: {result.error}"
+    expected = {"sparse_mla": "sparse_mla_rows", "prefix_mla": "sparse_mla_pages", "indexer": "indexer_scores"}
+    assert any(k.startswith(expected[case.kernel]) for k in result.kernels), result.kernels
+    if case.kernel == "indexer":
+        assert "topk_threshold" in result.kernels  # the exact device top-k runs on the TPU too
+    # The kernel's own VMEM accounting fits the chip's default scoped VMEM (or asks for a limit).
+    assert 0 < result.vmem <= (result.vmem_limit or block_sizes.SCOPED_VMEM_DEFAULT[chip])
+
+
+def test_cache_layouts_allocate_their_row_size_and_are_not_copied(tpu_compiler) -> None:
+    """In a compiled kernel program each cache grows by exactly its row size per token (no tile padding
+    beyond the documented row, no layout copy of the cache: temporaries do not grow with it)."""
+    from dsa_hybrid.ops.latent_cache import LatentCache
+
+    want = {
+        "latent bf16": LatentCache.create(1, kind="bf16").allocated_bytes_per_token,
+        "latent fp8": LatentCache.create(1, kind="fp8").allocated_bytes_per_token,
+        "indexer fp8": 132,
+    }
+    assert want["latent bf16"] == 1536 and want["latent fp8"] == 1024
+    for label, allocated, temporaries, _ in aot.bytes_per_token("v6e"):
+        assert allocated == want[label], label
+        assert abs(temporaries) < 16, label  # a copy of the cache would add its whole size per token
+
+
+def test_the_dsa_layer_picks_the_pallas_kernels_for_a_tpu_target(tpu_compiler) -> None:
+    kernels = aot.layer_kernels("v5e")
+    assert "sparse_mla_rows_fp8" in kernels and "sparse_mla_pages_fp8" in kernels, kernels
