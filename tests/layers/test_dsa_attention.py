@@ -179,6 +179,47 @@ def test_host_placement_selects_and_attends_like_the_device(chunks: tuple[int, .
     np.testing.assert_allclose(np.concatenate(outs), dev_out, rtol=1e-5, atol=1e-6)
 
 
+def test_host_placement_through_the_callers_block_tables() -> None:
+    """`dsa_attention_host` without `seq_ids`: the host cache is paged like the device caches (the same
+    block tables and slots, pages of 16 scattered over the pool) and holds no sequence; selection and
+    output are the sequence-addressed path's, and both indexer caches hold the same bytes at every slot."""
+    from dsa_hybrid import IndexerKeyCache
+    from dsa_hybrid.layers.dsa_attention import dsa_attention_host
+
+    cfg = DSAConfig.tiny()
+    p = DSAParams.random(cfg, seed=1)
+    x = np.random.default_rng(2).standard_normal((40, cfg.hidden_size))
+    dev_out, dev_topk = run_in_chunks(p, cfg, x, (9, 1, 30), "fp8")
+    S, n_pages = 16, 3
+    pages = np.random.default_rng(41).permutation(n_pages + 3)[:n_pages].astype(np.int32)
+    caches = DSACaches.create(cfg, n_pages + 3, S)
+    host = IndexerKeyCache(num_blocks=n_pages + 3, block_size=S, head_dim=cfg.index_head_dim)
+    outs, tops, start = [], [], 0
+    for n in (9, 1, 30):
+        pos = np.arange(start, start + n, dtype=np.int32)
+        out, caches, topk = dsa_attention_host(
+            p, cfg, jnp.asarray(x[start : start + n], jnp.float32), jnp.asarray(pos),
+            jnp.asarray(pages[pos // S] * S + pos % S), jnp.asarray(np.tile(pages, (n, 1))), caches,
+            host, backend="xla", threads=1,
+        )  # fmt: skip
+        outs.append(np.asarray(out))
+        tops.append(topk)
+        start += n
+    assert host.sequence_ids() == [] and host.num_free_blocks == n_pages + 3  # its own pool is unused
+    every = np.arange(40)
+    slots = pages[every // S] * S + every % S
+    buf = np.asarray(host.pages())
+    host_codes = buf[:, : S * cfg.index_head_dim].reshape(-1, S, cfg.index_head_dim)[slots // S, slots % S]
+    host_scales = np.ascontiguousarray(buf[:, S * cfg.index_head_dim :]).view(np.float32).reshape(-1, S)
+    host_scales = host_scales[slots // S, slots % S]
+    np.testing.assert_array_equal(
+        np.asarray(caches.index.codes).view(np.uint8).reshape(-1, cfg.index_head_dim)[slots], host_codes
+    )
+    np.testing.assert_array_equal(np.asarray(caches.index.scales).reshape(-1)[slots], host_scales)
+    np.testing.assert_array_equal(np.concatenate(tops), dev_topk)
+    np.testing.assert_allclose(np.concatenate(outs), dev_out, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_layer_inputs_get_named_errors() -> None:
     cfg = DSAConfig.tiny()
     p = DSAParams.random(cfg, seed=1)

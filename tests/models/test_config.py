@@ -150,3 +150,25 @@ def test_tiny_presets_keep_the_model_structure():
         )
     with pytest.raises(ValueError, match="unknown model_type"):
         DSAConfig.tiny("llama")
+
+
+def test_eos_token_ids_from_config_json_round_trip():
+    """`eos_token_id`: an int or a list in config.json, a tuple in DSAConfig (empty when absent), written
+    back as the repositories write it."""
+    assert DSAConfig.from_hf_config(V32_HF).eos_token_id == ()
+    one = DSAConfig.from_hf_config({**V32_HF, "eos_token_id": 1})
+    several = DSAConfig.from_hf_config({**GLM5_HF, "eos_token_id": [154820, 154827, 154829]})
+    assert one.eos_token_id == (1,) and several.eos_token_id == (154820, 154827, 154829)
+    assert one.to_hf_config()["eos_token_id"] == 1 and several.to_hf_config()["eos_token_id"] == [
+        154820,
+        154827,
+        154829,
+    ]
+    for c in (one, several):
+        assert DSAConfig.from_hf_config(c.to_hf_config()) == c
+    assert "eos_token_id" not in DSAConfig.from_hf_config(V32_HF).to_hf_config()
+    assert DSAConfig.tiny().replace(eos_token_id=7).eos_token_id == (7,)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        DSAConfig.from_hf_config({**V32_HF, "eos_token_id": "</s>"})
+    with pytest.raises(ValueError, match="eos_token_id"):
+        DSAConfig.tiny().replace(eos_token_id=[-1])

@@ -1,4 +1,5 @@
-"""`sampling.sample` (greedy, temperature, top-k, top-p) and `paging.PagePool`'s reference counts."""
+"""`sampling.sample` (greedy, temperature, top-k, top-p) and `SamplingParams` (stop conditions included).
+The block pool's tests moved to test_kv_manager.py (the engine uses the Rust `BlockPool` now)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsa_hybrid.serving.kv_manager import PagePool, PoolExhausted
 from dsa_hybrid.serving.sampling import SamplingParams, sample
 
 LOGITS = np.log(np.array([0.05, 0.4, 0.1, 0.3, 0.15]))
@@ -46,19 +46,12 @@ def test_bad_sampling_params(kw: dict) -> None:
         SamplingParams(**kw)
 
 
-def test_page_pool_counts_holders() -> None:
-    pool = PagePool(3)
-    a = pool.take(2)
-    assert a == [0, 1] and pool.num_free == 1
-    pool.share(a[:1])
-    pool.release(a)  # page 0 is still held once
-    assert pool.refcount(0) == 1 and pool.num_free == 2
-    with pytest.raises(PoolExhausted):
-        pool.take(3)
-    assert pool.num_free == 2  # nothing was taken
-    with pytest.raises(ValueError, match="not held"):
-        pool.release([1])
-    with pytest.raises(ValueError, match="free"):
-        pool.share([2])
-    pool.release([0])
-    assert sorted(pool.free_pages) == [0, 1, 2]
+def test_stop_conditions_are_stored_as_tuples_and_checked() -> None:
+    sp = SamplingParams(stop_token_ids=[3, 4], stop=[[1, 2], (7,)])
+    assert sp.stop_token_ids == (3, 4) and sp.stop == ((1, 2), (7,))
+    assert isinstance(hash(sp), int)  # still hashable
+    assert not sp.ignore_eos
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        SamplingParams(stop_token_ids=[-1])
+    with pytest.raises(ValueError, match="stop"):
+        SamplingParams(stop=[[]])

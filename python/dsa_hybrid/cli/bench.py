@@ -149,14 +149,15 @@ def bench_sparse_mla(t: Table, lengths: list[int]) -> list[tuple[int, float, flo
 
 
 def bench_layer_placement(t: Table, lengths: list[int], cfg_name: str) -> None:
-    import jax
 
     from dsa_hybrid.layers.dsa_attention import DSAParams
     from dsa_hybrid.models.config import DSAConfig
     from dsa_hybrid.serving.placement import PlacementCosts, time_layer
 
     cfg = DSAConfig.deepseek_v32() if cfg_name == "deepseek_v32" else DSAConfig.small()
-    kind = "f32" if jax.default_backend() == "cpu" else "bf16"  # the engine's default latent cache
+    from dsa_hybrid.ops.target import target_device
+
+    kind = "f32" if target_device().platform == "cpu" else "bf16"  # the engine's default latent cache
     t.title(f"one DSA layer decode step ({cfg_name} widths, {kind} latent cache), indexer on the host vs the device")
     t.header("L", "device ms", "host ms", "host / device", "auto picks", "right?")
     params = DSAParams.random(cfg, seed=0, std=0.01)

@@ -292,8 +292,9 @@ def dsa_attention(
     index = caches.index
     if shared_topk is None:
         index = index.write(slots, proj.k_idx)
-        on_tpu = backend == "pallas_tpu" or (backend == "auto" and jax.default_backend() == "tpu")
-        idx_backend = "pallas_tpu" if on_tpu and isinstance(index, IndexerPages) else "xla"
+        # "auto" follows the target device (ops.target): Pallas for FP8 pages on a TPU target, also when
+        # a CPU host compiles for a TPU ahead of time; exact float32 keys are always scored by XLA.
+        idx_backend = backend if isinstance(index, IndexerPages) else "xla"
         # Keys scored per scan step: at most 4096, fewer for big batches, so the gathered keys of one
         # step (rows × keys × D floats) stay near 256 MiB however long the prefill chunk.
         T, S, D = x.shape[0], index.page_size, index.head_dim
@@ -350,13 +351,14 @@ def host_select(
     codes: jax.Array,
     scales: jax.Array,
     proj: Projections,
-    positions: np.ndarray,
+    positions: np.ndarray | jax.Array,
     k: int,
     threads: int | None = None,
 ) -> np.ndarray:
     """Append the new rows' quantized keys to the Rust `IndexerKeyCache` (each sequence's rows in order)
     and select each row's top-`k` positions on the host (SIMD, threads, GIL released). Blocks only on
-    this call's own projections, so the device can run other work meanwhile. int32 `[T, k]`."""
+    this call's own projections, so the device can run other work meanwhile. int32 `[T, k]`.
+    The cache keeps its own sequences here; `host_select_paged` addresses it by the caller's tables."""
     seq_ids = np.asarray(seq_ids, np.int64)
     codes_np, scales_np = np.asarray(codes), np.asarray(scales)
     for sid in dict.fromkeys(seq_ids.tolist()):  # each sequence once, in order of first appearance
@@ -364,6 +366,37 @@ def host_select(
         host_cache.append_quantized(sid, codes_np[rows], scales_np[rows])
     return host_cache.select(
         seq_ids, np.asarray(proj.q_idx), np.asarray(proj.w_idx), np.asarray(positions), k, threads=threads
+    )
+
+
+def host_select_paged(
+    host_cache: Any,
+    block_tables: np.ndarray,
+    slots: np.ndarray,
+    codes: jax.Array,
+    scales: jax.Array,
+    proj: Projections,
+    positions: np.ndarray | jax.Array,
+    k: int,
+    threads: int | None = None,
+) -> np.ndarray:
+    """`host_select` on a host cache addressed by the caller's block tables, as the device caches are:
+    the new rows' quantized keys are written at their `slots` (int32 `[T]`, −1 skipped:
+    `IndexerKeyCache.write_slots`), then each row selects its top-`k` positions among `0 ..
+    positions[t]` through its `block_tables` row (int32 `[T, W]`, −1 padded: `select_paged`). The cache
+    holds no sequences; a fork or a preemption is the caller's table alone. Only the first `T` rows of
+    `codes`, `scales` and `proj` are used (padding rows past them are ignored). int32 `[T, k]`."""
+    slots = np.ascontiguousarray(slots, np.int32)
+    n = slots.shape[0]
+    codes_np = np.asarray(codes)[:n]  # e4m3fn codes as their bytes (the host cache's uint8)
+    host_cache.write_slots(slots, codes_np.view(np.uint8), np.asarray(scales)[:n])
+    return host_cache.select_paged(
+        np.ascontiguousarray(block_tables, np.int32),
+        np.asarray(positions),
+        np.asarray(proj.q_idx)[:n],
+        np.asarray(proj.w_idx)[:n],
+        k,
+        threads=threads,
     )
 
 
@@ -376,7 +409,7 @@ def dsa_attention_host(
     block_tables: jax.Array,
     caches: DSACaches,
     host_cache: Any,
-    seq_ids: np.ndarray,
+    seq_ids: np.ndarray | None = None,
     *,
     shared_topk: jax.Array | None = None,
     backend: str = "auto",
@@ -384,13 +417,16 @@ def dsa_attention_host(
 ) -> tuple[jax.Array, DSACaches, np.ndarray]:
     """`dsa_attention` with the indexer on the host: the device computes the projections and quantizes
     the new indexer keys (writing them to `caches.index` too), only the FP8 keys, the queries and the head
-    weights come to the host, the Rust `IndexerKeyCache` appends the keys and selects (`select`, GIL
-    released, SIMD, threads), and only the `[T, K]` positions go back to the device for attention.
+    weights come to the host, the Rust `IndexerKeyCache` stores the keys and selects (GIL released, SIMD,
+    threads), and only the `[T, K]` positions go back to the device for attention.
 
     `caches.index` must be FP8 `IndexerPages`: afterwards it holds the same bytes for the new rows as
-    `host_cache`, so a later step may select on either side. `host_cache` holds the indexer keys of the
-    sequences `seq_ids` (int `[T]`, each row's sequence; a sequence's rows in order, continuing its
-    cache: row `t` is at position `length(seq) + its rank among the call's rows of that sequence`).
+    `host_cache`, so a later step may select on either side. Two ways to address `host_cache`:
+    - `seq_ids` given (int `[T]`, each row's sequence): the cache holds the keys of its own sequences
+      (`add_sequence`, its own block tables); a sequence's rows come in order, continuing its cache: row
+      `t` is at position `length(seq) + its rank among the call's rows of that sequence` (`host_select`).
+    - `seq_ids` None: the cache is paged like the device caches, through this call's `slots` and
+      `block_tables` (`write_slots`, `select_paged`; `host_select_paged`), and holds no sequences.
     Not jit-able as a whole (the two device halves are). Returns `(out, caches, topk)` as
     `dsa_attention` does (`topk` a numpy array)."""
     x, positions, slots, block_tables = (jnp.asarray(a) for a in (x, positions, slots, block_tables))
@@ -402,7 +438,13 @@ def dsa_attention_host(
         if not isinstance(caches.index, IndexerPages):
             raise TypeError("dsa_attention_host needs FP8 IndexerPages (the host cache is FP8)")
         proj, codes, scales, index = project_write_keys_jit(params, cfg, x, positions, slots, caches.index)
-        topk = host_select(host_cache, seq_ids, codes, scales, proj, positions, cfg.index_topk, threads)
+        if seq_ids is None:
+            topk = host_select_paged(
+                host_cache, np.asarray(block_tables), np.asarray(slots), codes, scales, proj,
+                np.asarray(positions), cfg.index_topk, threads,
+            )  # fmt: skip
+        else:
+            topk = host_select(host_cache, seq_ids, codes, scales, proj, positions, cfg.index_topk, threads)
     prefix_ok = jnp.asarray(positions) if shared_topk is None else None
     out, latent = attend_jit(
         params, cfg, proj, slots, block_tables, caches.latent, jnp.asarray(topk), backend, prefix_ok

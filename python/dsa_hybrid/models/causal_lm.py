@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,7 @@ from dsa_hybrid.layers.dsa_attention import DSACaches, DSAParams, dsa_attention,
 from dsa_hybrid.models.checkpoint import load_layer_params as load_layer_params_from
 from dsa_hybrid.models.checkpoint import load_tensors
 from dsa_hybrid.models.config import DSAConfig
+from dsa_hybrid.ops.indexer import IndexerPages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +151,8 @@ def forward(
     """Logits `[T, vocab]` of `T` new tokens (ids `[T]`; rows described as in `dsa_attention`) and the
     updated caches. GLM-5-style `"shared"` layers reuse the previous full layer's selection."""
     x = embed(params, tokens)
-    new_caches, topk = [], None
+    new_caches: list[DSACaches] = []
+    topk: jax.Array | None = None
     for i, (blk, cache) in enumerate(zip(params.blocks, caches, strict=True)):
         shared = topk if cfg.layer_indexer_type(i) == "shared" else None
         h, cache, topk = dsa_attention(
@@ -207,8 +210,12 @@ def split_rows(seq_ids: np.ndarray, parts: int) -> list[slice]:
     sequence must be contiguous). At most `parts` ranges, fewer when there are fewer sequences."""
     seq_ids = np.asarray(seq_ids)
     T = seq_ids.size
-    starts = [0] + [t for t in range(1, T) if seq_ids[t] != seq_ids[t - 1]]  # where each sequence begins
-    cuts = sorted({min(starts, key=lambda s, want=T * j // parts: abs(s - want)) for j in range(1, parts)} - {0})
+    starts = [0, *(np.flatnonzero(seq_ids[1:] != seq_ids[:-1]) + 1).tolist()]  # where each sequence begins
+
+    def nearest_start(want: int) -> int:
+        return min(starts, key=lambda s: abs(s - want))
+
+    cuts = sorted({nearest_start(T * j // parts) for j in range(1, parts)} - {0})
     bounds = [0, *cuts, T]
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
 
@@ -228,9 +235,12 @@ def forward_host(
     micro_batches: int = 1,
 ) -> tuple[jax.Array, tuple[DSACaches, ...]]:
     """`forward` with every layer's indexer on the host: `host_caches` holds one `IndexerKeyCache` per
-    layer, with the rows' sequences (`seq_ids` int `[T]`) in it (see `dsa_attention_host`); the device
-    FP8 `IndexerPages` in `caches` are written with the same bytes. The caches passed in are consumed
-    (updated in place); use the ones returned. Returns `(logits [T, vocab], caches)`.
+    layer (None for a layer that runs no indexer), paged like the device caches: each layer's new keys
+    are written at the rows' `slots` and every row selects through its `block_tables` row
+    (`dsa_attention.host_select_paged`; the host caches hold no sequences). The device FP8
+    `IndexerPages` in `caches` are written with the same bytes. `seq_ids` int `[T]` names each row's
+    sequence (a sequence's rows contiguous), only to split the rows into micro-batches. The caches passed
+    in are consumed (updated in place); use the ones returned. Returns `(logits [T, vocab], caches)`.
 
     With `micro_batches` > 1 the rows are split into that many groups of whole sequences and pipelined:
     while the host selects for one group, the device computes the other's projections, attention and
@@ -251,7 +261,7 @@ def forward_host(
     slot = [padded(slots, g, -1) for g in groups]
     table = [padded(block_tables, g, -1) for g in groups]
     xs = [embed(params, padded(tokens, g, 0)) for g in groups]
-    caches = list(caches)
+    layer_caches = list(caches)
     topk: list[jax.Array | None] = [None] * len(groups)
 
     def dispatch_projection(i: int, g: int) -> tuple:
@@ -260,9 +270,9 @@ def forward_host(
         if cfg.layer_indexer_type(i) == "shared":
             return layer_mod.project_jit(blk.attn, cfg, h, pos[g]), None, None
         proj, codes, scales, index = layer_mod.project_write_keys_donated(
-            blk.attn, cfg, h, pos[g], slot[g], caches[i].index
+            blk.attn, cfg, h, pos[g], slot[g], layer_caches[i].index
         )
-        caches[i] = dataclasses.replace(caches[i], index=index)
+        layer_caches[i] = dataclasses.replace(layer_caches[i], index=index)
         return proj, codes, scales
 
     # Group g's layer i+1 projections are dispatched right after its layer i attention, so the device
@@ -274,34 +284,30 @@ def forward_host(
             proj, codes, scales = pending[g]
             if not shared:
                 n = rows.stop - rows.start
-                sel = layer_mod.host_select(
-                    host_caches[i], seq_ids[rows], codes[:n], scales[:n], _rows(proj, n), positions[rows],
+                sel = layer_mod.host_select_paged(
+                    host_caches[i], block_tables[rows], slots[rows], codes, scales, proj, positions[rows],
                     cfg.index_topk, threads,
                 )  # fmt: skip
                 topk[g] = jnp.asarray(np.pad(sel, ((0, proj.q_abs.shape[0] - n), (0, 0)), constant_values=-1))
             out, latent = layer_mod.attend_donated(
-                blk.attn, cfg, proj, slot[g], table[g], caches[i].latent, topk[g], backend,
+                blk.attn, cfg, proj, slot[g], table[g], layer_caches[i].latent, topk[g], backend,
                 None if shared else pos[g],
             )  # fmt: skip
-            caches[i] = dataclasses.replace(caches[i], latent=latent)
+            layer_caches[i] = dataclasses.replace(layer_caches[i], latent=latent)
             xs[g] = residual_mlp(blk, cfg, xs[g], out)
             if i + 1 < len(params.blocks):
                 pending[g] = dispatch_projection(i + 1, g)
     logits = [lm_head(params, cfg, x)[: g.stop - g.start] for x, g in zip(xs, groups, strict=True)]
-    return (logits[0] if len(logits) == 1 else jnp.concatenate(logits)), tuple(caches)
-
-
-def _rows(proj, n: int):
-    """The first `n` rows of the indexer's projections (what the host needs)."""
-    return dataclasses.replace(proj, q_idx=proj.q_idx[:n], w_idx=proj.w_idx[:n])
+    return (logits[0] if len(logits) == 1 else jnp.concatenate(logits)), tuple(layer_caches)
 
 
 @jax.jit
 def new_index_rows(caches: tuple[DSACaches, ...], slots: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The FP8 codes `[layers, T, D]` and scales `[layers, T]` at `slots` of every layer's device
     `IndexerPages` (layers without an indexer included, unused): what a device step wrote, for the host
-    caches to append so that both stay identical."""
+    caches to store at the same slots (`IndexerKeyCache.write_slots`) so that both stay identical."""
     safe = jnp.maximum(slots, 0)
-    codes = jnp.stack([c.index.codes.reshape(-1, c.index.head_dim)[safe] for c in caches])
-    scales = jnp.stack([c.index.scales.reshape(-1)[safe] for c in caches])
+    pages = [cast(IndexerPages, c.index) for c in caches]  # the FP8 device pages (what the host mirrors)
+    codes = jnp.stack([p.codes.reshape(-1, p.head_dim)[safe] for p in pages])
+    scales = jnp.stack([p.scales.reshape(-1)[safe] for p in pages])
     return codes, scales

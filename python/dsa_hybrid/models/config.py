@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import operator
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -73,8 +74,21 @@ class DSAConfig:
     # Per layer "full" (runs the indexer) or "shared" (reuses the previous full
     # layer's top-k, GLM-5). Empty means every layer is "full".
     indexer_types: tuple[IndexerType, ...] = field(default=())
+    # Token ids that end a generation (config.json `eos_token_id`: an int or a list). Stored as a tuple
+    # (an int, a list or None are accepted); empty means the model has none. Serving stops a request at
+    # any of them (finish reason "eos"); the layer and the model ignore it.
+    eos_token_id: tuple[int, ...] = field(default=())
 
     def __post_init__(self) -> None:
+        eos: Any = self.eos_token_id  # as given: an int, a sequence of ints or None
+        try:
+            ids = () if eos is None else (operator.index(eos),) if not hasattr(eos, "__iter__") else eos
+            ids = tuple(operator.index(t) for t in ids)
+        except TypeError:
+            ids = (-1,)
+        if any(t < 0 for t in ids):
+            raise ValueError(f"DSAConfig.eos_token_id must be a token id >= 0 or a sequence of them, got {eos!r}")
+        object.__setattr__(self, "eos_token_id", ids)
         positive = (
             "hidden_size num_attention_heads q_lora_rank kv_lora_rank qk_rope_head_dim "
             "v_head_dim index_n_heads index_head_dim index_topk"
@@ -333,6 +347,7 @@ class DSAConfig:
             first_k_dense_replace=int(d.get("first_k_dense_replace", 0)),
             max_position_embeddings=int(d.get("max_position_embeddings", 0)),
             indexer_types=indexer_types,
+            eos_token_id=_parse_eos(d.get("eos_token_id"), model_type),
         )
 
     def to_hf_config(self) -> dict[str, Any]:
@@ -366,6 +381,8 @@ class DSAConfig:
         }
         if self.indexer_types:
             d["indexer_types"] = list(self.indexer_types)
+        if self.eos_token_id:  # one id as an int, several as a list (as the model repositories write it)
+            d["eos_token_id"] = self.eos_token_id[0] if len(self.eos_token_id) == 1 else list(self.eos_token_id)
         return d
 
 
@@ -380,6 +397,15 @@ def _load_json(path_or_dict: str | os.PathLike[str] | dict[str, Any]) -> dict[st
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return d
+
+
+def _parse_eos(value: Any, model_type: str) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    ids = [value] if isinstance(value, int) else value
+    if not isinstance(ids, list) or any(not isinstance(t, int) or isinstance(t, bool) for t in ids):
+        raise ValueError(f"config.json ({model_type}): eos_token_id must be an int or a list of ints, got {value!r}")
+    return tuple(ids)
 
 
 def _parse_yarn(scaling: dict[str, Any] | None, model_type: str) -> YarnScaling | None:

@@ -1,3 +1,11 @@
-"""Serving: `serving.engine` (`Engine`), with the pieces it is built from — the scheduler that picks each
-step's batch, the KV manager that owns pages and shared prefixes, the runner that executes a step on the
-device or the host, the placement cost model (`PlacementCosts`) and sampling (`SamplingParams`)."""
+"""Serving: `serving.engine.Engine` (the facade: add_request, step, generate, abort, stats, cache_bytes) and
+the parts it is built from, each usable and tested alone:
+
+- `serving.scheduler`: `Scheduler` decides each step (admission, token budget, chunked prefill, preemption,
+  stop conditions) and returns a plain `SchedulerOutput`; `Request`, `RequestOutput`.
+- `serving.kv_manager`: `KVManager` owns the pages and prefixes (the Rust `BlockPool`, one block table per
+  request, `PrefixIndex`).
+- `serving.runner`: `ModelRunner` executes a step on the device or with the indexer on the host (batch
+  assembly, placement, forward, host caches, sampling).
+- `serving.placement`: the placement cost model (`PlacementCosts`); `serving.sampling`: `SamplingParams`.
+"""

@@ -1,80 +1,40 @@
-"""The engine's page bookkeeping: a reference-counted page pool and an index of computed prefixes.
+"""`KVManager`: the engine's pages and prefixes — one block pool, one block table per request.
 
-Both caches of every layer (latent rows, indexer keys) are paged alike, so one page id stands for the
-same token positions in all of them. A page can be held by several requests at once (prefix sharing):
-it returns to the pool when the last holder lets go. Shared pages are never written: a request only
-writes positions at or after its `computed` count, and it adopts only whole pages before that count.
+Every cache of every layer (latent rows, device indexer pages, host indexer cache) is paged alike, so one
+block id stands for the same token positions in all of them and a request's block table addresses all
+of them at once. The blocks come from the Rust `BlockPool` (`dsa_hybrid.host.BlockPool`: free list and
+reference counts, the one allocator of the package). A block can be held by several requests at once
+(prefix sharing): it returns to the pool when the last holder lets go. Shared blocks are never written: a
+request only writes positions at or after its `computed` count, and it adopts only whole blocks below it.
 
-`PrefixIndex` finds, for a request, the longest run of whole pages some other live request has already
-computed for the same leading tokens. The key of page `i` is a hash chained over pages `0..i` (as in
-vLLM's prefix caching), so one lookup matches a whole prefix; a hit is confirmed on the tokens
-themselves, so a hash collision can never hand out the wrong pages.
+`PrefixIndex` finds, for a request, the longest run of whole blocks some other live request has already
+computed for the same leading tokens. The key of block `i` is a hash chained over blocks `0..i` (as in
+vLLM's prefix caching), so one lookup matches a whole prefix; a hit is confirmed on the tokens themselves,
+so a hash collision can never hand out the wrong blocks.
+
+The interface the scheduler uses (`serving.scheduler`): `blocks_needed` / `allocate` (all or nothing),
+`adopt_prefix`, `mark_computed`, `free`; the runner reads `block_table`. Nothing here touches a cache's
+bytes: a fork or a preemption is one operation on one table.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Protocol
 
+import numpy as np
 
-class PoolExhausted(RuntimeError):
-    """No free page is left."""
+from dsa_hybrid.host import BlockPool
 
-
-class PagePool:
-    """`num_pages` pages with reference counts; `take` hands out a free page, `release` drops a hold."""
-
-    def __init__(self, num_pages: int) -> None:
-        if num_pages < 1:
-            raise ValueError(f"num_pages must be >= 1, got {num_pages}")
-        self.num_pages = num_pages
-        self._free = list(range(num_pages - 1, -1, -1))  # popped from the end: page 0 first
-        self._refs = [0] * num_pages
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    @property
-    def free_pages(self) -> list[int]:
-        return list(self._free)
-
-    def refcount(self, page: int) -> int:
-        return self._refs[page]
-
-    def take(self, n: int) -> list[int]:
-        """`n` free pages, each now held once. PoolExhausted (and nothing taken) if fewer are free."""
-        if n > len(self._free):
-            raise PoolExhausted(f"{n} pages wanted, {len(self._free)} free")
-        pages = [self._free.pop() for _ in range(n)]
-        for p in pages:
-            self._refs[p] = 1
-        return pages
-
-    def share(self, pages: Sequence[int]) -> list[int]:
-        """One more hold on each of `pages` (all held already)."""
-        for p in pages:
-            if self._refs[p] < 1:
-                raise ValueError(f"page {p} is free: only held pages can be shared")
-            self._refs[p] += 1
-        return list(pages)
-
-    def release(self, pages: Sequence[int]) -> None:
-        """Drop one hold on each of `pages`; pages nobody holds go back to the pool."""
-        for p in reversed(pages):
-            if self._refs[p] < 1:
-                raise ValueError(f"page {p} is not held")
-            self._refs[p] -= 1
-            if self._refs[p] == 0:
-                self._free.append(p)
+logger = logging.getLogger(__name__)
 
 
 class Holder(Protocol):
-    """What the index needs from a request."""
+    """What the prefix index and the KV manager need from a request."""
 
     id: int
-    pages: list[int]
-    computed: int
+    computed: int  # tokens whose keys and latents are in the caches
 
     @property
     def tokens(self) -> list[int]: ...
@@ -135,3 +95,91 @@ class PrefixIndex:
                 if donor.id != r.id and donor.computed >= m * S and donor.tokens[: m * S] == r.tokens[: m * S]:
                     return donor, m
         return None
+
+
+class KVManager:
+    """The block pool, each request's block table and the prefix index.
+
+    Args:
+        num_blocks: blocks in the pool (every cache of every layer has this many pages).
+        block_size: tokens per block.
+        prefix_sharing: let a request adopt another live request's computed blocks for equal leading tokens.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, *, prefix_sharing: bool = True) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks} and {block_size}")
+        self.pool = BlockPool(num_blocks)
+        self.block_size = block_size
+        self.prefix = PrefixIndex(block_size) if prefix_sharing else None
+        self._tables: dict[int, list[int]] = {}  # request id → its blocks, in position order
+
+    # ----- state -------------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return self.pool.num_free
+
+    def block_table(self, request_id: int) -> list[int]:
+        """A copy of the request's block table (empty when it holds no blocks)."""
+        return list(self._tables.get(request_id, ()))
+
+    def block_tables(self) -> dict[int, list[int]]:
+        """A copy of every non-empty block table, by request id."""
+        return {rid: list(t) for rid, t in self._tables.items() if t}
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ----- allocation --------------------------------------------------------------------------
+    def blocks_needed(self, request_id: int, num_tokens: int) -> int:
+        """Blocks the request still lacks to hold positions `< num_tokens`."""
+        return max(0, self.blocks_for(num_tokens) - len(self._tables.get(request_id, ())))
+
+    def allocate(self, request_id: int, num_tokens: int) -> bool:
+        """Extend the request's table to hold positions `< num_tokens`. All or nothing: False (and nothing
+        changed) when the pool has fewer free blocks than needed."""
+        need = self.blocks_needed(request_id, num_tokens)
+        if need > self.pool.num_free:
+            return False
+        if need:
+            self._tables.setdefault(request_id, []).extend(self.pool.allocate(need).tolist())
+        return True
+
+    def free(self, r: Holder) -> None:
+        """Give back every block `r` holds and drop it from the prefix index (finished, aborted, preempted)."""
+        table = self._tables.pop(r.id, [])
+        if table:
+            self.pool.release(np.asarray(table, np.int32))
+        if self.prefix is not None:
+            self.prefix.forget(r)
+
+    # ----- prefixes ----------------------------------------------------------------------------
+    def mark_computed(self, r: Holder) -> None:
+        """`r.computed` grew: its whole computed blocks become adoptable by others."""
+        if self.prefix is not None:
+            self.prefix.register(r)
+
+    def adopt_prefix(self, r: Holder) -> int | None:
+        """Replace `r`'s leading blocks by those of another live request that has computed more of the same
+        leading tokens (the longest run of whole blocks, below `r`'s last token). Returns the number of
+        tokens `r` now has computed (set `r.computed` to it, then call `mark_computed`), or None when no
+        block can be gained. The adopted blocks gain a holder; `r`'s own blocks lose one."""
+        if self.prefix is None:
+            return None
+        match = self.prefix.longest_match(r)
+        if match is None:
+            return None
+        donor, m = match
+        shared = self._tables[donor.id][:m]
+        self.pool.retain(np.asarray(shared, np.int32))  # before the release: no block passes through free
+        own = self._tables.pop(r.id, [])
+        if own:
+            self.pool.release(np.asarray(own, np.int32))
+        self.prefix.forget(r)
+        self._tables[r.id] = shared
+        logger.debug("request %d adopts %d blocks of request %d", r.id, m, donor.id)
+        return m * self.block_size

@@ -12,6 +12,7 @@ few context lengths and row counts, and fits each placement as `fixed + per_key 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ from dsa_hybrid.layers import dsa_attention as layer_mod
 from dsa_hybrid.layers.dsa_attention import DSACaches, DSAParams, dsa_attention
 from dsa_hybrid.models.causal_lm import padded_rows
 from dsa_hybrid.models.config import DSAConfig
+from dsa_hybrid.ops.indexer import quantize_keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +75,7 @@ class PlacementCosts:
         return PlacementCosts(*_fit(host_work, host_s), *_fit(dev_work, dev_s))
 
 
-def _fit(work: list[float], secs: list[float]) -> tuple[float, float]:
+def _fit(work: Sequence[float], secs: Sequence[float]) -> tuple[float, float]:
     a = np.vstack([np.ones(len(work)), work]).T
     fixed, slope = np.linalg.lstsq(a, np.asarray(secs), rcond=None)[0]
     if slope < 0:  # noise on a flat curve: no measurable per-key cost
@@ -111,16 +113,18 @@ def time_layer(cfg, params, S, L, T, where, threads, repeats, latent_kind="bf16"
             return out
 
         return best_time(on_device, repeats)
+    # As the engine's host caches are: paged through the block tables, no sequences of their own.
     host = IndexerKeyCache(n_pages, S, cfg.index_head_dim)
-    host.add_sequence(0)
-    host.append(0, keys)
-    seq_ids, pos_np = np.zeros(T, np.int64), np.asarray(pos)
+    key_codes, key_scales = quantize_keys(jnp.asarray(keys))
+    host.write_slots(np.arange(before, dtype=np.int32), np.asarray(key_codes).view(np.uint8), np.asarray(key_scales))
+    pos_np, tables_np = np.asarray(pos), np.asarray(tables)
 
     def on_host():
-        host.truncate(0, before)  # undo the previous call's append
-        c = state["caches"]
+        c = state["caches"]  # each call writes the same T rows again (the slots of positions before .. L-1)
         proj, codes, scales, index = layer_mod.project_write_keys_donated(params, cfg, x, pos, pos, c.index)
-        topk = layer_mod.host_select(host, seq_ids, codes, scales, proj, pos_np, cfg.index_topk, threads)
+        topk = layer_mod.host_select_paged(
+            host, tables_np, pos_np, codes, scales, proj, pos_np, cfg.index_topk, threads
+        )
         out, latent = layer_mod.attend_donated(params, cfg, proj, pos, tables, c.latent, jnp.asarray(topk), "xla", pos)
         state["caches"] = DSACaches(latent, index)
         return out
