@@ -7,7 +7,9 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-/// The SIMD-relevant features of the running CPU, as `(name, present)` pairs.
+/// The SIMD-relevant features of the running CPU, as `(name, present)` pairs, detected at run
+/// time by `std::arch`. On aarch64 the names are Linux's (`/proc/cpuinfo`): `asimddp` is the dot
+/// product extension (Rust's `dotprod`). Only `neon` picks a kernel; the rest are reported.
 pub fn features() -> Vec<(&'static str, bool)> {
     #[cfg(target_arch = "x86_64")]
     {
@@ -22,7 +24,16 @@ pub fn features() -> Vec<(&'static str, bool)> {
     }
     #[cfg(target_arch = "aarch64")]
     {
-        vec![("neon", std::arch::is_aarch64_feature_detected!("neon"))]
+        use std::arch::is_aarch64_feature_detected as has;
+        vec![
+            ("neon", has!("neon")),
+            ("asimddp", has!("dotprod")),
+            ("fp16", has!("fp16")),
+            ("bf16", has!("bf16")),
+            ("i8mm", has!("i8mm")),
+            ("sve", has!("sve")),
+            ("sve2", has!("sve2")),
+        ]
     }
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
@@ -154,5 +165,57 @@ mod tests {
         }
         assert!(Isa::available().contains(&Isa::Scalar));
         assert!(best().supported());
+        assert_eq!(Isa::from_name("sve"), None);
+    }
+
+    /// What each architecture reports, and that its native path is the one it finds.
+    #[test]
+    fn features_name_the_native_simd_of_each_architecture() {
+        let f = features();
+        println!("features: {f:?}, widest path: {}", best().name()); // shown with --nocapture
+        let has = |name: &str| f.iter().find(|(n, _)| *n == name).map(|(_, p)| *p);
+        #[cfg(target_arch = "x86_64")]
+        {
+            for name in ["sse4.2", "avx2", "fma", "f16c", "avx512f", "avx512bw"] {
+                assert!(has(name).is_some(), "{name} missing from {f:?}");
+            }
+            if Isa::Avx2.supported() {
+                assert_eq!(has("avx2"), Some(true));
+            }
+            if Isa::Avx512.supported() {
+                assert_eq!((has("avx512f"), has("avx512bw")), (Some(true), Some(true)));
+            }
+            assert!(!Isa::Neon.supported());
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            for name in ["neon", "asimddp", "fp16", "bf16", "i8mm", "sve", "sve2"] {
+                assert!(has(name).is_some(), "{name} missing from {f:?}");
+            }
+            // Every aarch64 Linux CPU has NEON (Advanced SIMD is mandatory in ARMv8-A).
+            assert_eq!(has("neon"), Some(true));
+            assert!(Isa::Neon.supported() && best() == Isa::Neon);
+            assert!(!Isa::Avx2.supported() && !Isa::Avx512.supported());
+        }
+        let _ = has;
+    }
+
+    /// `set_active` on every architecture: "scalar" and the native path pin, a path the CPU lacks is
+    /// refused naming it, and `None` restores the widest. (The kernels' tests pass their `Isa`
+    /// explicitly, so pinning here does not disturb them.)
+    #[test]
+    fn the_simd_path_can_be_pinned_and_restored() {
+        let native = best();
+        assert_eq!(set_active(Some(Isa::Scalar)), Ok(Isa::Scalar));
+        assert_eq!(active(), Isa::Scalar);
+        assert_eq!(simd_path(), "scalar");
+        assert_eq!(set_active(Some(native)), Ok(native));
+        assert_eq!(active(), native);
+        for isa in Isa::ALL.into_iter().filter(|i| !i.supported()) {
+            let err = set_active(Some(isa)).unwrap_err();
+            assert!(err.contains(isa.name()), "{err}");
+            assert_eq!(active(), native, "a refused path changes nothing");
+        }
+        assert_eq!(set_active(None), Ok(native));
     }
 }

@@ -110,10 +110,35 @@ pub fn pow2_scale(amax: f64) -> f32 {
     exp2i(k) as f32
 }
 
-/// Quantize one vector with its own power-of-two scale; returns the scale.
-/// `out.len()` must equal `v.len()`.
-pub fn quantize(v: &[f64], out: &mut [u8]) -> f32 {
-    assert_eq!(v.len(), out.len(), "quantize: length mismatch");
+/// `quantize` was given an output of another length than its input (nothing was written).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LengthMismatch {
+    pub values: usize,
+    pub codes: usize,
+}
+
+impl std::fmt::Display for LengthMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "quantize: {} values for {} codes",
+            self.values, self.codes
+        )
+    }
+}
+
+impl std::error::Error for LengthMismatch {}
+
+/// Quantize one vector with its own power-of-two scale; returns the scale
+/// (infinite when the vector is beyond float32's range: callers check).
+/// `out.len()` must equal `v.len()` (an error otherwise, nothing written).
+pub fn quantize(v: &[f64], out: &mut [u8]) -> Result<f32, LengthMismatch> {
+    if v.len() != out.len() {
+        return Err(LengthMismatch {
+            values: v.len(),
+            codes: out.len(),
+        });
+    }
     let amax = v.iter().fold(0.0f64, |m, x| m.max(x.abs()));
     let scale = pow2_scale(amax);
     // `x / s` exactly: s is a power of two, so its inverse is exact and the product rounds alike.
@@ -121,7 +146,7 @@ pub fn quantize(v: &[f64], out: &mut [u8]) -> f32 {
     for (o, x) in out.iter_mut().zip(v) {
         *o = encode((x * inv).clamp(-E4M3_MAX, E4M3_MAX));
     }
-    scale
+    Ok(scale)
 }
 
 #[cfg(test)]
@@ -257,7 +282,7 @@ mod tests {
             .map(|i| ((i * 37 % 101) as f64 - 50.0) * 0.731)
             .collect();
         let mut out = vec![0u8; 128];
-        let s = f64::from(quantize(&v, &mut out));
+        let s = f64::from(quantize(&v, &mut out).unwrap());
         for (x, c) in v.iter().zip(&out) {
             let y = f64::from(DECODE_TABLE[*c as usize]) * s;
             // e4m3 has 3 mantissa bits: relative error <= 2^-4 for normals,

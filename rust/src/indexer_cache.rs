@@ -22,6 +22,7 @@
 use std::collections::HashMap;
 
 use crate::fp8;
+use crate::mem::{self, AllocError};
 use crate::pool::{BlockPool, PoolError};
 use crate::quant::{self, QuantError};
 
@@ -92,6 +93,25 @@ pub enum CacheError {
         block: i64,
         num_blocks: usize,
     },
+    /// Entry `index` of the positions is past the last position an int32 can name.
+    PositionTooLarge {
+        index: usize,
+        position: i64,
+    },
+    /// A buffer the call needs (`what`: its output, a row of scores) cannot be had; `arg` is
+    /// the argument whose value sized it.
+    Alloc {
+        arg: &'static str,
+        what: &'static str,
+        err: AllocError,
+    },
+}
+
+impl CacheError {
+    /// `Alloc` for the buffer `what`, sized by argument `arg`.
+    pub fn alloc(arg: &'static str, what: &'static str) -> impl FnOnce(AllocError) -> CacheError {
+        move |err| CacheError::Alloc { arg, what, err }
+    }
 }
 
 impl std::fmt::Display for CacheError {
@@ -169,6 +189,12 @@ impl std::fmt::Display for CacheError {
                 f,
                 "row {row} needs page {page} of its block table, block {block}, outside [0, {num_blocks})"
             ),
+            CacheError::PositionTooLarge { index, position } => write!(
+                f,
+                "position {position} (entry {index}) is past {}, the last an int32 position can name",
+                i32::MAX
+            ),
+            CacheError::Alloc { what, err, .. } => write!(f, "{what}: {err}"),
         }
     }
 }
@@ -181,6 +207,11 @@ impl From<PoolError> for CacheError {
             PoolError::Exhausted { wanted, free } => CacheError::PoolExhausted {
                 needed: wanted,
                 free,
+            },
+            PoolError::Alloc(err) => CacheError::Alloc {
+                arg: "num_blocks",
+                what: "the block pool's bookkeeping",
+                err,
             },
             e => CacheError::Pool(e),
         }
@@ -238,7 +269,16 @@ impl IndexerKeyCache {
                 "head_dim must be a power of two, got {head_dim}"
             )));
         }
-        // Slots travel as int32, and the buffer must be addressable.
+        // Slots travel as int32, and the buffer and each page must be addressable.
+        let page_fits = head_dim
+            .checked_add(4)
+            .and_then(|w| w.checked_mul(block_size))
+            .is_some_and(|bytes| bytes <= isize::MAX as usize);
+        if !page_fits {
+            return Err(CacheError::Config(format!(
+                "block_size {block_size} × (head_dim {head_dim} + 4) bytes per page is too large"
+            )));
+        }
         let fits = num_blocks
             .checked_mul(block_size)
             .filter(|slots| *slots <= 1 << 31)
@@ -358,8 +398,10 @@ impl IndexerKeyCache {
         }
         let n = keys.len() / d;
         self.check_room(id, n)?; // before the quantization work, and so before any change
-        let mut codes = vec![0u8; n * d];
-        let mut scales = vec![0f32; n];
+        let mut codes =
+            mem::try_filled(keys.len(), 0u8).map_err(CacheError::alloc("keys", "the FP8 codes"))?;
+        let mut scales =
+            mem::try_filled(n, 0f32).map_err(CacheError::alloc("keys", "the FP8 scales"))?;
         quant::quantize_rows(keys, d, true, &mut codes, &mut scales).map_err(CacheError::Quant)?;
         self.append_quantized(pages, id, &codes, &scales)
     }
@@ -387,11 +429,10 @@ impl IndexerKeyCache {
     ) -> Result<(), CacheError> {
         let (d, bs) = (self.head_dim, self.block_size);
         let n = scales.len();
-        if codes.len() != n * d {
+        if n.checked_mul(d) != Some(codes.len()) {
             return Err(CacheError::Shape(format!(
-                "fp8 codes: {} bytes for {n} scales, expected {}",
+                "fp8 codes: {} bytes for {n} scales of {d} codes each",
                 codes.len(),
-                n * d
             )));
         }
         self.check_buffer(pages.len())?;
@@ -513,7 +554,19 @@ impl IndexerKeyCache {
         scales: &mut [f32],
     ) -> Result<(), CacheError> {
         self.check_buffer(pages.len())?;
-        let mut slots = vec![0i32; positions.len()];
+        if positions.len().checked_mul(self.head_dim) != Some(codes.len())
+            || scales.len() != positions.len()
+        {
+            return Err(CacheError::Shape(format!(
+                "gather: {} code bytes and {} scales for {} positions of {}",
+                codes.len(),
+                scales.len(),
+                positions.len(),
+                self.head_dim
+            )));
+        }
+        let mut slots = mem::try_filled(positions.len(), 0i32)
+            .map_err(CacheError::alloc("positions", "the slots"))?;
         self.slots_into(id, positions, &mut slots)?;
         if let Some(index) = slots.iter().position(|s| *s < 0) {
             return Err(CacheError::Position {
@@ -536,7 +589,8 @@ impl IndexerKeyCache {
 
     fn read_slot<'a>(&self, pages: &'a [u8], slot: usize) -> (&'a [u8], f32) {
         let (code_range, s) = slot_bytes(self.head_dim, self.block_size, slot);
-        let scale = f32::from_le_bytes(pages[s..s + 4].try_into().expect("4 bytes"));
+        let b = &pages[s..s + 4];
+        let scale = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
         (&pages[code_range], scale)
     }
 
@@ -553,12 +607,12 @@ impl IndexerKeyCache {
     ) -> Result<(), CacheError> {
         let (d, bs) = (self.head_dim, self.block_size);
         let n = slots.len();
-        if scales.len() != n || codes.len() != n * d {
+        if scales.len() != n || n.checked_mul(d) != Some(codes.len()) {
             return Err(CacheError::Shape(format!(
                 "fp8 codes: {} bytes and {} scales for {n} slots, expected {} and {n}",
                 codes.len(),
                 scales.len(),
-                n * d
+                n as u128 * d as u128
             )));
         }
         self.check_buffer(pages.len())?;
@@ -623,16 +677,21 @@ impl IndexerKeyCache {
 
     /// All keys of `id` dequantized (`length × head_dim`, in the Hadamard-rotated basis).
     pub fn dequantize(&self, pages: &[u8], id: SeqId) -> Result<Vec<f32>, CacheError> {
-        let len = self.seq(id)?.len;
-        let positions: Vec<i64> = (0..len as i64).collect();
-        let mut codes = vec![0u8; len * self.head_dim];
-        let mut scales = vec![0f32; len];
-        self.gather(pages, id, &positions, &mut codes, &mut scales)?;
-        Ok(codes
-            .chunks_exact(self.head_dim)
-            .zip(&scales)
-            .flat_map(|(row, s)| row.iter().map(move |c| fp8::DECODE_TABLE[*c as usize] * s))
-            .collect())
+        self.check_buffer(pages.len())?;
+        let seq = self.seq(id)?;
+        let (d, bs) = (self.head_dim, self.block_size);
+        let mut out = mem::try_matrix(seq.len, d, 0f32).map_err(CacheError::alloc(
+            "seq_id",
+            "the [length, head_dim] float32 keys",
+        ))?;
+        for (pos, row) in out.chunks_exact_mut(d).enumerate() {
+            let (codes, scale) =
+                self.read_slot(pages, seq.blocks[pos / bs] as usize * bs + pos % bs);
+            for (o, c) in row.iter_mut().zip(codes) {
+                *o = fp8::DECODE_TABLE[*c as usize] * scale;
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -891,5 +950,34 @@ mod tests {
         assert!(IndexerKeyCache::new(2, 1 << 62, 128).is_err());
         assert!(IndexerKeyCache::new(2, 16, 1 << 62).is_err());
         assert!(IndexerKeyCache::new(0, 16, 128).is_ok());
+        // No pages, but a page size past memory: refused too (page_bytes must be addressable).
+        assert!(IndexerKeyCache::new(0, 16, 1 << 62).is_err());
+        assert!(IndexerKeyCache::new(0, 1 << 62, 16).is_err());
+    }
+
+    #[test]
+    fn buffers_of_other_sizes_are_errors_not_panics() {
+        let (mut c, mut pages) = cache(2);
+        c.add_sequence(1).unwrap();
+        c.append(&mut pages, 1, &keys(3, 128, 1)).unwrap();
+        let mut short = vec![0u8; 10];
+        assert!(matches!(
+            c.append(&mut short, 1, &keys(1, 128, 1)),
+            Err(CacheError::Shape(_))
+        ));
+        assert!(matches!(c.dequantize(&short, 1), Err(CacheError::Shape(_))));
+        let (mut codes, mut scales) = (vec![0u8; 128], vec![0f32; 2]);
+        assert!(matches!(
+            c.gather(&pages, 1, &[0, 1], &mut codes, &mut scales),
+            Err(CacheError::Shape(_))
+        ));
+        // Codes that are not `head_dim` per scale: a shape error.
+        assert!(matches!(
+            c.append_quantized(&mut pages, 1, &[], &vec![1.0; 3][..]),
+            Err(CacheError::Shape(_))
+        ));
+        assert_eq!(c.length(1).unwrap(), 3);
+        let d = c.dequantize(&pages, 1).unwrap();
+        assert_eq!(d.len(), 3 * 128);
     }
 }

@@ -9,6 +9,7 @@ pub mod cpu;
 pub mod fp8;
 pub mod hadamard;
 pub mod indexer_cache;
+pub mod mem;
 pub mod par;
 pub mod pool;
 pub mod quant;
@@ -43,11 +44,17 @@ fn core_module(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()>
     m.add_function(wrap_pyfunction!(py::quant::fp8_quantize_rows, m)?)?;
     m.add_function(wrap_pyfunction!(py::quant::fp8_decode_table, m)?)?;
     m.add_function(wrap_pyfunction!(py::topk::topk_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(py::test_panic, m)?)?;
     m.add_class::<py::cache::PyIndexerKeyCache>()?;
+    m.add_class::<py::cache::PageBuffer>()?;
     m.add_class::<py::pool::PyBlockPool>()?;
     m.add(
         "CacheFullError",
         m.py().get_type::<py::errors::CacheFullError>(),
+    )?;
+    m.add(
+        "InternalError",
+        m.py().get_type::<py::errors::InternalError>(),
     )?;
     Ok(())
 }

@@ -1,9 +1,10 @@
 //! The core's parallelism: rayon thread pools, one per requested thread count, built on first use and
 //! kept, so a call costs a wake-up of parked workers rather than spawning threads.
 //!
-//! Convention of every `threads` argument: 0 = one worker per core (rayon's default count, which
-//! `RAYON_NUM_THREADS` overrides), 1 = the calling thread alone (no pool is touched), n = a pool of n
-//! workers. Callers keep tiny work on the calling thread before they ask for a pool at all.
+//! Convention of every `threads` argument: 0 = one worker per core (or `RAYON_NUM_THREADS`, as rayon
+//! reads it), 1 = the calling thread alone (no pool is touched), n = a pool of n workers; never more
+//! than `MAX_THREADS` (1024), whatever is asked. Callers keep tiny work on the calling thread before
+//! they ask for a pool at all.
 
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -12,6 +13,10 @@ use rayon::{ThreadPool, ThreadPoolBuilder};
 
 /// Pools kept at once; a call asking for yet another count gets a pool built for that call alone.
 const MAX_KEPT_POOLS: usize = 8;
+
+/// The most workers one call may ask for (the bindings refuse more; `Workers::new` clamps to it,
+/// so no count, however absurd, makes the OS spawn threads until it gives up).
+pub const MAX_THREADS: usize = 1024;
 
 /// Workers for one call: a kept pool, or none (the calling thread).
 pub struct Workers {
@@ -26,19 +31,42 @@ fn kept() -> &'static Kept {
     POOLS.get_or_init(|| Mutex::new(Vec::new()))
 }
 
+/// What `threads = 0` means: `RAYON_NUM_THREADS` if it is set to a count, else one worker per
+/// core; at most `MAX_THREADS` either way (an absurd variable must not spawn a million threads).
+fn default_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .min(MAX_THREADS)
+}
+
 fn build(threads: usize) -> Option<Arc<ThreadPool>> {
+    let threads = if threads == 0 {
+        default_threads()
+    } else {
+        threads
+    };
     ThreadPoolBuilder::new()
-        .num_threads(threads) // 0: rayon's default, one per core
+        .num_threads(threads)
         .thread_name(|i| format!("dsa-hybrid-{i}"))
         .build()
         .ok()
         .map(Arc::new)
 }
 
+/// `threads` capped at `MAX_THREADS`.
+fn clamp(threads: usize) -> usize {
+    threads.min(MAX_THREADS)
+}
+
 impl Workers {
-    /// The workers for `threads` (0: one per core). If a pool cannot be built (the OS refuses
-    /// threads), the work runs on the calling thread: slower, never an error.
+    /// The workers for `threads` (0: one per core; at most `MAX_THREADS`, larger counts are clamped).
+    /// If a pool cannot be built (the OS refuses threads), the work runs on the calling thread:
+    /// slower, never an error.
     pub fn new(threads: usize) -> Workers {
+        let threads = clamp(threads);
         if threads == 1 {
             return Workers { pool: None };
         }
@@ -174,6 +202,10 @@ mod tests {
         assert_eq!(Workers::new(1).count(), 1);
         assert_eq!(Workers::current().count(), 1);
         assert!(Workers::new(0).count() >= 1);
+        // An absurd count is clamped, not spawned (not built here: 1024 threads is a lot for CI).
+        assert_eq!(clamp(usize::MAX), MAX_THREADS);
+        assert_eq!(clamp(3), 3);
+        assert!((1..=MAX_THREADS).contains(&default_threads()));
         // Work runs on the pool's threads.
         let name = a.run(|| std::thread::current().name().map(str::to_owned));
         assert!(name.unwrap().starts_with("dsa-hybrid-"));

@@ -8,6 +8,8 @@
 //! Every call checks everything before it changes anything: on error the pool
 //! is exactly as before.
 
+use crate::mem::{self, AllocError};
+
 /// The most blocks a pool may have: block ids travel as int32.
 pub const MAX_BLOCKS: usize = i32::MAX as usize;
 
@@ -31,6 +33,8 @@ pub enum PoolError {
     NotHeld { index: usize, block: u32 },
     /// Entry `index` would take a block past `MAX_REFCOUNT` holders.
     RefcountOverflow { index: usize, block: u32 },
+    /// The pool's bookkeeping (8 bytes per block) could not be allocated.
+    Alloc(AllocError),
 }
 
 impl std::fmt::Display for PoolError {
@@ -58,6 +62,7 @@ impl std::fmt::Display for PoolError {
                 f,
                 "block {block} (entry {index}) would have more than {MAX_REFCOUNT} holders"
             ),
+            PoolError::Alloc(e) => write!(f, "the pool's bookkeeping: {e}"),
         }
     }
 }
@@ -77,15 +82,23 @@ pub struct BlockPool {
 
 impl BlockPool {
     /// A pool of `num_blocks` free blocks (0 is allowed: a pool that never has room).
+    /// `Alloc` (not an abort) when the 8 bytes per block of bookkeeping cannot be allocated.
     pub fn new(num_blocks: usize) -> Result<Self, PoolError> {
         if num_blocks > MAX_BLOCKS {
             return Err(PoolError::TooManyBlocks { num_blocks });
         }
+        let refcount = mem::try_zeroed::<u32>(num_blocks).map_err(PoolError::Alloc)?;
+        let mut free = Vec::new();
+        free.try_reserve_exact(num_blocks).map_err(|_| {
+            PoolError::Alloc(AllocError {
+                bytes: mem::bytes_of::<u32>(num_blocks, 1),
+                over_limit: false,
+            })
+        })?;
         // Pop from the end: hand out low block ids first (easier to read in tests and dumps).
-        Ok(BlockPool {
-            refcount: vec![0; num_blocks],
-            free: (0..num_blocks as u32).rev().collect(),
-        })
+        // `num_blocks <= MAX_BLOCKS`, so every id fits in a u32.
+        free.extend((0..num_blocks as u32).rev());
+        Ok(BlockPool { refcount, free })
     }
 
     pub fn num_blocks(&self) -> usize {

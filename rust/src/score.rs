@@ -35,8 +35,49 @@ pub struct Query<'a> {
     pub d: usize,
 }
 
+/// `score_keys` was handed buffers whose sizes do not agree (a caller bug); nothing was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShapeError(pub String);
+
+impl std::fmt::Display for ShapeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "score_keys: {}", self.0)
+    }
+}
+
+impl std::error::Error for ShapeError {}
+
+/// The sizes `score_keys` relies on: `hp` a power of two in `[16, MAX_HEADS]`, `qt` `d × hp`,
+/// `hw` `hp`, `codes` `n × d`, `out` `n`.
+fn check_shapes(q: Query<'_>, codes: &[u8], n: usize, out: usize) -> Result<(), ShapeError> {
+    if !(q.hp >= 16 && q.hp.is_power_of_two() && q.hp <= MAX_HEADS) {
+        return Err(ShapeError(format!(
+            "padded heads {} is not a power of two in [16, {MAX_HEADS}]",
+            q.hp
+        )));
+    }
+    if q.d.checked_mul(q.hp) != Some(q.qt.len()) || q.hw.len() != q.hp {
+        return Err(ShapeError(format!(
+            "queries of {} and weights of {} values for {} heads of {}",
+            q.qt.len(),
+            q.hw.len(),
+            q.hp,
+            q.d
+        )));
+    }
+    if n.checked_mul(q.d) != Some(codes.len()) || out != n {
+        return Err(ShapeError(format!(
+            "{} code bytes and {out} outputs for {n} keys of {}",
+            codes.len(),
+            q.d
+        )));
+    }
+    Ok(())
+}
+
 /// Scores of `scales.len()` consecutive keys (`codes`: `n × d` e4m3fn bytes)
-/// into `out`. `scratch` is reused between calls.
+/// into `out`. `scratch` is reused between calls. Sizes that do not agree are
+/// an error (nothing written), checked before any kernel runs.
 pub fn score_keys(
     isa: Isa,
     q: Query<'_>,
@@ -44,16 +85,13 @@ pub fn score_keys(
     scales: &[f32],
     out: &mut [f32],
     scratch: &mut Vec<f32>,
-) {
-    let n = scales.len();
-    assert!(q.hp >= 16 && q.hp.is_power_of_two() && q.hp <= MAX_HEADS);
-    assert!(q.qt.len() == q.d * q.hp && q.hw.len() == q.hp);
-    assert!(codes.len() == n * q.d && out.len() == n);
+) -> Result<(), ShapeError> {
+    check_shapes(q, codes, scales.len(), out.len())?;
     let simd_width_ok = q.d.is_multiple_of(16);
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has the features (checked by `supported`) and the slice
-        // lengths the kernel relies on were asserted above.
+        // lengths the kernel relies on were checked above (`check_shapes`).
         Isa::Avx512 if simd_width_ok && isa.supported() => unsafe {
             x86::score_keys_avx512(q, codes, scales, out, scratch)
         },
@@ -69,6 +107,7 @@ pub fn score_keys(
         },
         _ => score_keys_scalar(q, codes, scales, out, scratch),
     }
+    Ok(())
 }
 
 /// The scalar twin: the definition, in the kernels' order of operations.
@@ -527,7 +566,7 @@ mod tests {
             d,
         };
         let mut out = vec![0.0; n];
-        score_keys(Isa::Scalar, q, &codes, &scales, &mut out, &mut Vec::new());
+        score_keys(Isa::Scalar, q, &codes, &scales, &mut out, &mut Vec::new()).unwrap();
         for s in 0..n {
             let want = f64_score(&qt, &hw, hp, d, &codes[s * d..(s + 1) * d], scales[s]);
             let mag: f64 = 1e-5 * (want.abs() + 1e-3 * f64::from(scales[s]));
@@ -558,8 +597,8 @@ mod tests {
                     d,
                 };
                 let (mut a, mut b) = (vec![0.0; n], vec![0.0; n]);
-                score_keys(isa, q, &codes, &scales, &mut a, &mut Vec::new());
-                score_keys(Isa::Scalar, q, &codes, &scales, &mut b, &mut Vec::new());
+                score_keys(isa, q, &codes, &scales, &mut a, &mut Vec::new()).unwrap();
+                score_keys(Isa::Scalar, q, &codes, &scales, &mut b, &mut Vec::new()).unwrap();
                 assert_eq!(a, b, "{isa:?} heads={heads} d={d} n={n}");
             }
         }
@@ -581,6 +620,126 @@ mod tests {
                 (1.0 + m / 1024.0) * 2f32.powi(e - 15)
             };
             assert_eq!(sign * v * 256.0, DECODE_TABLE[c as usize], "code {c:#x}");
+        }
+    }
+
+    /// Uniform in [-1, 1) from the LCG's 31 bits.
+    fn unit(next: &mut impl FnMut() -> u64) -> f32 {
+        next() as f32 / (1u64 << 30) as f32 - 1.0
+    }
+
+    /// A random problem in the layout the kernels read. `fp8_queries`: query values are e4m3
+    /// values (what `quantize_queries=True` makes); otherwise arbitrary float32 values across
+    /// magnitudes 2^-10 .. 2^10, as the rotated but unquantized queries (`quantize_queries=False`)
+    /// are. Head weights of both signs and zeros; scales 2^-14 .. 2^9; any non-NaN codes.
+    fn random_problem(
+        next: &mut impl FnMut() -> u64,
+        heads: usize,
+        d: usize,
+        n: usize,
+        fp8_queries: bool,
+    ) -> (Vec<f32>, Vec<f32>, Vec<u8>, Vec<f32>) {
+        let hp = padded_heads(heads);
+        let mut qt = vec![0.0f32; d * hp];
+        let mut hw = vec![0.0f32; hp];
+        for h in 0..heads {
+            for dd in 0..d {
+                qt[dd * hp + h] = if fp8_queries {
+                    let c = (next() % 256) as usize;
+                    if c & 0x7f == 0x7f {
+                        0.0
+                    } else {
+                        DECODE_TABLE[c]
+                    }
+                } else {
+                    unit(next) * 2f32.powi((next() % 21) as i32 - 10)
+                };
+            }
+            hw[h] = match next() % 8 {
+                0 => 0.0,
+                _ => unit(next) * 2f32.powi((next() % 9) as i32 - 4),
+            };
+        }
+        let codes = (0..n * d)
+            .map(|_| (next() % 256) as u8)
+            .map(|c| if c & 0x7f == 0x7f { c ^ 1 } else { c })
+            .collect();
+        let scales = (0..n)
+            .map(|_| 2f32.powi((next() % 24) as i32 - 14))
+            .collect();
+        (qt, hw, codes, scales)
+    }
+
+    /// Issue 19: every SIMD scoring kernel (AVX2, AVX-512 on x86-64; NEON on aarch64, run under
+    /// qemu in CI) against its scalar twin, bit for bit, on random shapes and values — with FP8
+    /// queries and with the unquantized float32 queries. Widths that are not a multiple of 16 take
+    /// the scalar route on every path, and are compared too.
+    #[test]
+    fn every_simd_scoring_kernel_equals_its_scalar_twin_on_random_problems() {
+        let mut next = lcg(0x005e_ed19);
+        let paths: Vec<Isa> = Isa::available()
+            .into_iter()
+            .filter(|i| *i != Isa::Scalar)
+            .collect();
+        // Under qemu-aarch64 too: the NEON kernels must be the ones compared, not skipped.
+        #[cfg(target_arch = "aarch64")]
+        assert!(paths.contains(&Isa::Neon), "{paths:?}");
+        let mut compared = 0;
+        for case in 0..240 {
+            let fp8_queries = case % 2 == 0;
+            let heads = match next() % 4 {
+                0 => 1 + (next() % 16) as usize,
+                1 => [16, 32, 64, 128, 256][(next() % 5) as usize],
+                _ => 1 + (next() % 100) as usize,
+            };
+            let d = [1usize, 2, 8, 16, 32, 64, 128, 256][(next() % 8) as usize];
+            let n = (next() % 40) as usize;
+            let (qt, hw, codes, scales) = random_problem(&mut next, heads, d, n, fp8_queries);
+            let q = Query {
+                qt: &qt,
+                hw: &hw,
+                hp: padded_heads(heads),
+                d,
+            };
+            let mut want = vec![0.0; n];
+            score_keys(Isa::Scalar, q, &codes, &scales, &mut want, &mut Vec::new()).unwrap();
+            for &isa in &paths {
+                let mut got = vec![f32::NAN; n];
+                // A reused scratch buffer, as the workers reuse theirs.
+                let mut scratch = vec![f32::NAN; (next() % 64) as usize];
+                score_keys(isa, q, &codes, &scales, &mut got, &mut scratch).unwrap();
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "{isa:?} fp8_queries={fp8_queries} heads={heads} d={d} n={n}"
+                );
+                compared += 1;
+            }
+        }
+        // Every compiled SIMD path of this CPU was exercised (none on a scalar-only machine).
+        assert_eq!(compared, 240 * paths.len());
+    }
+
+    #[test]
+    fn mismatched_buffers_are_an_error_not_a_panic() {
+        let (qt, hw, codes, scales) = problem(4, 16, 3, 1);
+        let q = Query {
+            qt: &qt,
+            hw: &hw,
+            hp: 16,
+            d: 16,
+        };
+        let mut out = vec![0.0; 3];
+        for isa in Isa::available() {
+            let mut s = Vec::new();
+            assert!(score_keys(isa, q, &codes[..40], &scales, &mut out, &mut s).is_err());
+            assert!(score_keys(isa, q, &codes, &scales, &mut out[..2], &mut s).is_err());
+            let bad = Query { hp: 24, ..q };
+            assert!(score_keys(isa, bad, &codes, &scales, &mut out, &mut s).is_err());
+            let short = Query { qt: &qt[..10], ..q };
+            assert!(score_keys(isa, short, &codes, &scales, &mut out, &mut s).is_err());
+            assert_eq!(out, [0.0; 3], "nothing written on error");
         }
     }
 }

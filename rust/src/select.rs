@@ -16,8 +16,8 @@ use crate::cpu::Isa;
 use crate::indexer_cache::{CacheError, IndexerKeyCache, PageGeometry, SeqId};
 use crate::par::{self, Workers};
 use crate::score::{self, padded_heads, Query, MAX_HEADS};
-use crate::topk::{self, topk_row};
-use crate::{fp8, hadamard};
+use crate::topk::{self, topk_row, MAX_K};
+use crate::{fp8, hadamard, mem};
 
 /// Batches below this many scoring FLOPs stay on the calling thread (waking workers would cost more).
 /// (The unit tests use tiny thresholds, so their small problems take every parallel path.)
@@ -107,13 +107,14 @@ impl<'a> Queries<'a> {
         self.d
     }
 
-    /// Scoring FLOPs of one key for one query row.
+    /// Scoring FLOPs of one key for one query row (saturating: only compared with thresholds).
     fn flops_per_key(&self) -> usize {
-        2 * self.hp * self.d
+        self.hp.saturating_mul(self.d).saturating_mul(2)
     }
 
     /// Query row `row` in the kernels' layout, built in `buf`.
-    fn prepare<'b>(&self, row: usize, buf: &'b mut QueryBuf) -> Query<'b> {
+    fn prepare<'b>(&self, row: usize, buf: &'b mut QueryBuf) -> Result<Query<'b>, CacheError> {
+        let shape = |e: String| CacheError::Shape(format!("q: {e}"));
         let (heads, hp, d) = (self.heads, self.hp, self.d);
         buf.qt.clear();
         buf.qt.resize(d * hp, 0.0);
@@ -127,9 +128,10 @@ impl<'a> Queries<'a> {
             for (b, x) in buf.rot.iter_mut().zip(&self.q[r * d..(r + 1) * d]) {
                 *b = f64::from(*x);
             }
-            hadamard::fwht(&mut buf.rot);
+            hadamard::fwht(&mut buf.rot).map_err(|e| shape(e.to_string()))?;
             let scale = if self.quantize {
-                let s = fp8::quantize(&buf.rot, &mut buf.codes);
+                let s =
+                    fp8::quantize(&buf.rot, &mut buf.codes).map_err(|e| shape(e.to_string()))?;
                 for (b, c) in buf.rot.iter_mut().zip(&buf.codes) {
                     *b = f64::from(fp8::DECODE_TABLE[*c as usize]);
                 }
@@ -142,12 +144,12 @@ impl<'a> Queries<'a> {
             }
             buf.hw[h] = (f64::from(self.w[r]) * inv_sqrt_d * scale) as f32;
         }
-        Query {
+        Ok(Query {
             qt: &buf.qt,
             hw: &buf.hw,
             hp,
             d,
-        }
+        })
     }
 }
 
@@ -266,6 +268,13 @@ pub fn paged_rows<'a>(
                     position: p,
                 });
             }
+            // Row `row` sees `p + 1` keys, ranked as int32 positions.
+            if p > i64::from(i32::MAX) {
+                return Err(CacheError::PositionTooLarge {
+                    index: row,
+                    position: p,
+                });
+            }
             let pages = p as usize / geom.block_size + 1;
             if pages > width {
                 return Err(CacheError::TableTooNarrow {
@@ -323,7 +332,7 @@ fn score_span(
     first: usize,
     out: &mut [f32],
     buf: &mut SpanBuf,
-) {
+) -> Result<(), CacheError> {
     let (bs, d, page_bytes) = (geom.block_size, geom.head_dim, geom.page_bytes());
     debug_assert!(first.is_multiple_of(bs));
     for (i, chunk) in out.chunks_mut(bs).enumerate() {
@@ -335,8 +344,10 @@ fn score_span(
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
         );
-        score::score_keys(isa, q, &page[..m * d], &buf.scales, chunk, &mut buf.kernel);
+        score::score_keys(isa, q, &page[..m * d], &buf.scales, chunk, &mut buf.kernel)
+            .map_err(|e| CacheError::Shape(e.to_string()))?;
     }
+    Ok(())
 }
 
 /// Scores of a whole row; a long one is split in spans over up to `threads` workers of the
@@ -351,11 +362,16 @@ fn score_row(
     out: &mut [f32],
     threads: usize,
     buf: &mut SpanBuf,
-) {
+) -> Result<(), CacheError> {
     let spans = if threads <= 1 {
         1
     } else {
-        (out.len() * 2 * q.hp * q.d / MIN_SPAN_FLOPS).clamp(1, threads)
+        let flops = out
+            .len()
+            .saturating_mul(q.hp)
+            .saturating_mul(q.d)
+            .saturating_mul(2);
+        (flops / MIN_SPAN_FLOPS).clamp(1, threads)
     };
     if spans == 1 {
         return score_span(isa, geom, pages, blocks, q, 0, out, buf);
@@ -364,9 +380,9 @@ fn score_row(
     let span = out.len().div_ceil(spans).div_ceil(bs) * bs;
     out.par_chunks_mut(span)
         .enumerate()
-        .for_each_init(SpanBuf::default, |b, (i, part)| {
+        .try_for_each_init(SpanBuf::default, |b, (i, part)| {
             score_span(isa, geom, pages, blocks, q, i * span, part, b)
-        });
+        })
 }
 
 /// The workers for a batch of `scored` rows totalling `flops`, and how many of them may split
@@ -392,9 +408,7 @@ pub fn select_rows(
     opts: SelectOptions,
 ) -> Result<Vec<i32>, CacheError> {
     let (k, bs, isa) = (opts.k, geom.block_size, opts.isa);
-    if k == 0 {
-        return Err(CacheError::Shape("k: must be at least 1".into()));
-    }
+    check_k(k)?;
     check_pages(geom, pages)?;
     if rows.len() != q.t {
         return Err(CacheError::Shape(format!(
@@ -405,9 +419,10 @@ pub fn select_rows(
     }
     let needs_scores = |r: &Row<'_>| r.visible > k || opts.by_score;
     let scored = rows.iter().filter(|r| needs_scores(r));
-    let flops = scored.clone().map(|r| r.visible).sum::<usize>() * q.flops_per_key();
+    let flops = visible_flops(scored.clone(), q);
     let (workers, threads, inner) = plan(opts.threads, scored.count(), flops);
-    let mut out = vec![-1i32; q.t * k];
+    let mut out = mem::try_matrix(q.t, k, -1i32)
+        .map_err(CacheError::alloc("k", "the [T, k] int32 output"))?;
     workers.run(|| {
         par::for_each_row_chunk(&mut out, k, threads, Work::default, |row0, chunk, w| {
             for (i, o) in chunk.chunks_mut(k).enumerate() {
@@ -425,8 +440,9 @@ pub fn select_rows(
                         span,
                         topk,
                     } = w;
-                    scores.resize(n, 0.0);
-                    let qr = q.prepare(r, query);
+                    mem::try_resize(scores, n, 0.0)
+                        .map_err(CacheError::alloc("positions", "a row of scores"))?;
+                    let qr = q.prepare(r, query)?;
                     score_row(
                         isa,
                         geom,
@@ -436,7 +452,7 @@ pub fn select_rows(
                         &mut scores[..n],
                         inner,
                         span,
-                    );
+                    )?;
                     topk_row(isa, &scores[..n], o, opts.by_score, topk)
                         .map_err(|_| CacheError::NonFiniteScore { row: r })?;
                 }
@@ -472,22 +488,45 @@ pub fn scores_rows(
         )));
     }
     let l = rows.iter().map(|r| r.visible).max().unwrap_or(0);
-    let flops = rows.iter().map(|r| r.visible).sum::<usize>() * q.flops_per_key();
+    let flops = visible_flops(rows.iter(), q);
     let (workers, threads, inner) = plan(threads, rows.len(), flops);
-    let mut out = vec![f32::NEG_INFINITY; q.t * l];
+    let mut out = mem::try_matrix(q.t, l, f32::NEG_INFINITY).map_err(CacheError::alloc(
+        "positions",
+        "the [T, max(positions) + 1] float32 scores",
+    ))?;
     workers.run(|| {
         par::for_each_row_chunk(&mut out, l, threads, Work::default, |row0, chunk, w| {
             for (i, o) in chunk.chunks_mut(l).enumerate() {
                 let r = row0 + i;
                 let row = rows[r];
-                let qr = q.prepare(r, &mut w.query);
+                let qr = q.prepare(r, &mut w.query)?;
                 let o = &mut o[..row.visible];
-                score_row(isa, geom, pages, row.blocks, qr, o, inner, &mut w.span);
+                score_row(isa, geom, pages, row.blocks, qr, o, inner, &mut w.span)?;
+                // As `select` refuses them: a NaN score (infinite products) is no score.
+                if o.iter().any(|x| x.is_nan()) {
+                    return Err(CacheError::NonFiniteScore { row: r });
+                }
             }
             Ok::<(), CacheError>(())
         })
     })?;
     Ok((out, l))
+}
+
+/// `k` in `[1, MAX_K]` (positions are int32).
+fn check_k(k: usize) -> Result<(), CacheError> {
+    if k == 0 || k > MAX_K {
+        return Err(CacheError::Shape(format!(
+            "k: must be in [1, {MAX_K}], got {k}"
+        )));
+    }
+    Ok(())
+}
+
+/// Scoring FLOPs of `rows` (saturating: only compared with thresholds).
+fn visible_flops<'r, 'a: 'r>(rows: impl Iterator<Item = &'r Row<'a>>, q: &Queries<'_>) -> usize {
+    rows.fold(0usize, |acc, r| acc.saturating_add(r.visible))
+        .saturating_mul(q.flops_per_key())
 }
 
 /// `select_rows` over the cache's sequences: row `t` is query `t` of sequence `seq_ids[t]` at
@@ -500,9 +539,7 @@ pub fn select(
     positions: &[i64],
     opts: SelectOptions,
 ) -> Result<Vec<i32>, CacheError> {
-    if opts.k == 0 {
-        return Err(CacheError::Shape("k: must be at least 1".into()));
-    }
+    check_k(opts.k)?;
     check_pages(cache.geometry(), pages)?;
     let rows = sequence_rows(cache, q, seq_ids, positions)?;
     select_rows(cache.geometry(), pages, q, &rows, opts)
@@ -518,9 +555,7 @@ pub fn select_paged(
     positions: &[i64],
     opts: SelectOptions,
 ) -> Result<Vec<i32>, CacheError> {
-    if opts.k == 0 {
-        return Err(CacheError::Shape("k: must be at least 1".into()));
-    }
+    check_k(opts.k)?;
     check_pages(geom, pages)?;
     let rows = paged_rows(geom, q, tables, width, positions)?;
     select_rows(geom, pages, q, &rows, opts)
@@ -787,5 +822,131 @@ mod tests {
             select_paged(geom, &pages, &q32, &good[..3], 3, &[3], opts),
             Err(CacheError::Shape(_))
         ));
+    }
+
+    /// Issue 19, end to end: on random caches (block sizes, widths, heads, lengths, forks), every
+    /// SIMD path's `scores` and `select` — FP8 queries and unquantized float32 queries, by position
+    /// and by score, as positions and as slots — equal the scalar path's, bit for bit.
+    #[test]
+    fn every_path_selects_and_scores_as_the_scalar_path_on_random_caches() {
+        let mut bits = crate::test_rng(0x0001_95e1);
+        let mut next = lcg(0x0001_95e2);
+        let paths: Vec<Isa> = Isa::available();
+        for _case in 0..8 {
+            let bs = [16usize, 32, 64][(bits() % 3) as usize];
+            let d = [16usize, 32, 64, 128][(bits() % 4) as usize];
+            let heads = 1 + (bits() % 40) as usize;
+            let mut cache = IndexerKeyCache::new(64, bs, d).unwrap();
+            let mut pages = vec![0u8; cache.buffer_bytes()];
+            let nseq = 1 + (bits() % 3) as i64;
+            for id in 0..nseq {
+                cache.add_sequence(id).unwrap();
+                let n = 1 + (bits() % 160) as usize;
+                let k: Vec<f32> = (0..n * d).map(|_| next() * 4.0).collect();
+                cache.append(&mut pages, id, &k).unwrap();
+            }
+            cache.fork(0, 99).unwrap();
+            let extra: Vec<f32> = (0..3 * d).map(|_| next()).collect();
+            cache.append(&mut pages, 99, &extra).unwrap();
+            let ids: Vec<i64> = (0..nseq).chain([99]).collect();
+            let t = 1 + (bits() % 4) as usize;
+            let seq_ids: Vec<i64> = (0..t).map(|_| ids[(bits() as usize) % ids.len()]).collect();
+            let positions: Vec<i64> = seq_ids
+                .iter()
+                .map(|id| (bits() as usize % cache.length(*id).unwrap()) as i64)
+                .collect();
+            let qv: Vec<f32> = (0..t * heads * d).map(|_| next() * 3.0).collect();
+            let wv: Vec<f32> = (0..t * heads).map(|_| next()).collect();
+            let k = 1 + (bits() % 200) as usize;
+            for quantize in [true, false] {
+                let q = Queries::new(&qv, &wv, t, heads, d, quantize).unwrap();
+                let base =
+                    scores(&cache, &pages, &q, &seq_ids, &positions, 1, Isa::Scalar).unwrap();
+                for &isa in &paths {
+                    let threads = 1 + (bits() % 3) as usize;
+                    let got = scores(&cache, &pages, &q, &seq_ids, &positions, threads, isa);
+                    let got = got.unwrap();
+                    let as_bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        (as_bits(&got.0), got.1),
+                        (as_bits(&base.0), base.1),
+                        "{isa:?} quantize={quantize} heads={heads} d={d} bs={bs}"
+                    );
+                    for (as_slots, by_score) in [(false, false), (true, true), (false, true)] {
+                        let opts = |isa| SelectOptions {
+                            k,
+                            as_slots,
+                            by_score,
+                            threads,
+                            isa,
+                        };
+                        let want =
+                            select(&cache, &pages, &q, &seq_ids, &positions, opts(Isa::Scalar));
+                        let got = select(&cache, &pages, &q, &seq_ids, &positions, opts(isa));
+                        assert_eq!(got, want, "{isa:?} quantize={quantize} k={k}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn absurd_k_positions_and_non_finite_scores_are_errors() {
+        let (cache, pages, _) = setup(&[40], 4, 16);
+        let geom = cache.geometry();
+        let q = Queries::new(&[0.5; 4 * 16], &[1.0; 4], 1, 4, 16, true).unwrap();
+        let opts = |k| SelectOptions {
+            k,
+            as_slots: false,
+            by_score: false,
+            threads: 1,
+            isa: Isa::Scalar,
+        };
+        for k in [0, MAX_K + 1, usize::MAX] {
+            assert!(matches!(
+                select(&cache, &pages, &q, &[0], &[3], opts(k)),
+                Err(CacheError::Shape(m)) if m.starts_with("k: ")
+            ));
+        }
+        // A position past int32 in a (wide enough) table: refused, not wrapped.
+        let tables = [0i32; 4];
+        assert_eq!(
+            select_paged(geom, &pages, &q, &tables, 4, &[1 << 31], opts(4)).unwrap_err(),
+            CacheError::PositionTooLarge {
+                index: 0,
+                position: 1 << 31
+            }
+        );
+        // An output past 2^40 bytes is refused before it is allocated.
+        let t = 1024;
+        let qv = vec![0.5; t * 4 * 16];
+        let wv = vec![1.0; t * 4];
+        let big = Queries::new(&qv, &wv, t, 4, 16, true).unwrap();
+        let ids = vec![0i64; t];
+        let pos = vec![3i64; t];
+        assert!(matches!(
+            select(&cache, &pages, &big, &ids, &pos, opts(MAX_K)),
+            Err(CacheError::Alloc { arg: "k", err, .. }) if err.over_limit
+        ));
+        // Weights so large that one head's term is +inf and another's −inf: a NaN score, refused
+        // by `scores` as by `select` (an inf score alone is a score).
+        let mut c = IndexerKeyCache::new(2, 16, 16).unwrap();
+        let mut p = vec![0u8; c.buffer_bytes()];
+        c.add_sequence(5).unwrap();
+        c.append_quantized(&mut p, 5, &[0x38u8; 16], &[1.0])
+            .unwrap();
+        let q = Queries::new(&[100.0; 2 * 16], &[f32::MAX, -f32::MAX], 1, 2, 16, false).unwrap();
+        assert_eq!(
+            scores(&c, &p, &q, &[5], &[0], 1, Isa::Scalar).unwrap_err(),
+            CacheError::NonFiniteScore { row: 0 }
+        );
+        let by_score = SelectOptions {
+            by_score: true,
+            ..opts(1)
+        };
+        assert_eq!(
+            select(&c, &p, &q, &[5], &[0], by_score).unwrap_err(),
+            CacheError::NonFiniteScore { row: 0 }
+        );
     }
 }

@@ -12,10 +12,49 @@
 //! exact by construction.
 
 use crate::cpu::Isa;
+use crate::mem::{self, AllocError};
 
 /// A visible score was NaN (a caller bug: dsa.md §5 says to refuse it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FoundNan;
+
+/// The longest row a top-k can rank: positions come back as int32 (and are kept as u32 inside).
+pub const MAX_ROW_LEN: usize = 1 << 31;
+
+/// The largest `k`: positions are int32, so no row can fill more than `i32::MAX` entries.
+pub const MAX_K: usize = i32::MAX as usize;
+
+/// Why `topk_rows` refused. Nothing is returned with one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopkError {
+    /// Row `row` holds a NaN among its visible scores.
+    Nan { row: usize },
+    /// `k` is outside `[1, MAX_K]`.
+    K { k: usize },
+    /// Rows of `len` positions: more than `MAX_ROW_LEN`.
+    RowTooLong { len: usize },
+    /// The sizes do not agree (`scores`, `lengths`), or a length is past the row.
+    Shape(String),
+    /// The `[t, k]` output cannot be had.
+    Alloc(AllocError),
+}
+
+impl std::fmt::Display for TopkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TopkError::Nan { row } => write!(f, "NaN in row {row} among its visible positions"),
+            TopkError::K { k } => write!(f, "must be in [1, {MAX_K}], got {k}"),
+            TopkError::RowTooLong { len } => write!(
+                f,
+                "rows of {len} positions are longer than the {MAX_ROW_LEN} an int32 position can index"
+            ),
+            TopkError::Shape(m) => f.write_str(m),
+            TopkError::Alloc(e) => write!(f, "the [T, k] int32 output: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for TopkError {}
 
 /// Order-preserving u32 key of a non-NaN f32: `a < b` ⇔ `key(a) < key(b)`,
 /// and −0.0 and +0.0 share a key (they are the same score).
@@ -70,7 +109,8 @@ const RADIX_BITS: u32 = 11;
 
 /// Top-`out.len()` positions of `row` into `out`: ascending by position, or,
 /// with `by_score`, by descending score (ties: lower position first); −1 pads
-/// the rest when the row is shorter than `out`.
+/// the rest when the row is shorter than `out`. The row must be at most
+/// `MAX_ROW_LEN` long (`topk_rows` checks; a longer one ranks only that prefix).
 pub fn topk_row(
     isa: Isa,
     row: &[f32],
@@ -78,6 +118,7 @@ pub fn topk_row(
     by_score: bool,
     sc: &mut Scratch,
 ) -> Result<(), FoundNan> {
+    let row = &row[..row.len().min(MAX_ROW_LEN)];
     let n = row.len();
     let kk = out.len().min(n);
     out[kk..].fill(-1);
@@ -122,7 +163,10 @@ pub fn topk_row(
 
 /// Top-`k` of each row of `scores` (`[t, l]`, row `r` visible up to
 /// `lengths[r]`) on up to `threads` threads (0: all cores): `[t, k]` positions,
-/// or the index of the first row holding a NaN among its visible scores.
+/// −1 padded (the work is bounded by the rows' lengths, however large `k` is).
+/// Everything is checked first; errors: `Nan` (the first row holding a NaN among
+/// its visible scores), `K`, `RowTooLong`, `Shape`, `Alloc` (an output past
+/// `mem::MAX_OUTPUT_BYTES` or one the allocator refuses).
 pub fn topk_rows(
     isa: Isa,
     scores: &[f32],
@@ -131,9 +175,26 @@ pub fn topk_rows(
     k: usize,
     by_score: bool,
     threads: usize,
-) -> Result<Vec<i32>, usize> {
+) -> Result<Vec<i32>, TopkError> {
     let t = lengths.len();
-    assert!(scores.len() == t * l && lengths.iter().all(|n| *n <= l) && k > 0);
+    if k == 0 || k > MAX_K {
+        return Err(TopkError::K { k });
+    }
+    if l > MAX_ROW_LEN {
+        return Err(TopkError::RowTooLong { len: l });
+    }
+    if t.checked_mul(l) != Some(scores.len()) {
+        return Err(TopkError::Shape(format!(
+            "scores: {} values are not {t} rows of {l}",
+            scores.len()
+        )));
+    }
+    if let Some((i, n)) = lengths.iter().enumerate().find(|(_, n)| **n > l) {
+        return Err(TopkError::Shape(format!(
+            "lengths: entry {i} is {n}, outside [0, {l}]"
+        )));
+    }
+    let mut out = mem::try_matrix(t, k, -1i32).map_err(TopkError::Alloc)?;
     // Waking the pool costs microseconds: small batches stay on the calling thread.
     let workers = if t * l < 1 << 16 {
         crate::par::Workers::current()
@@ -141,15 +202,14 @@ pub fn topk_rows(
         crate::par::Workers::new(threads)
     };
     let threads = workers.count();
-    let mut out = vec![-1i32; t * k];
     workers.run(|| {
         crate::par::for_each_row_chunk(&mut out, k, threads, Scratch::default, |row0, chunk, sc| {
             for (i, o) in chunk.chunks_mut(k).enumerate() {
                 let r = row0 + i;
                 topk_row(isa, &scores[r * l..r * l + lengths[r]], o, by_score, sc)
-                    .map_err(|_| r)?;
+                    .map_err(|_| TopkError::Nan { row: r })?;
             }
-            Ok::<(), usize>(())
+            Ok::<(), TopkError>(())
         })
     })?;
     Ok(out)
@@ -563,7 +623,7 @@ mod tests {
         scores[8 * l] = f32::NAN;
         assert_eq!(
             topk_rows(Isa::Scalar, &scores, l, &lengths, k, false, 2),
-            Err(6)
+            Err(TopkError::Nan { row: 6 })
         );
     }
 
@@ -605,5 +665,106 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A random row: values on a random grid (ties), signed zeros, infinities and NaNs mixed in.
+    fn random_row(next: &mut impl FnMut() -> u64, n: usize, nan: bool) -> Vec<f32> {
+        let levels = 1 + next() % 1000;
+        let mut row: Vec<f32> = (0..n)
+            .map(|_| match next() % 50 {
+                0 => f32::INFINITY,
+                1 => f32::NEG_INFINITY,
+                2 => -0.0,
+                _ => (next() % levels) as f32 - (levels / 2) as f32,
+            })
+            .collect();
+        if nan && n > 0 {
+            let at = (next() as usize) % n;
+            row[at] = f32::NAN;
+        }
+        row
+    }
+
+    /// Issue 19: every SIMD filter (AVX2, AVX-512; NEON under qemu) against its scalar twin on
+    /// random rows, lengths (every remainder of the vector loop) and thresholds (±inf, ±0, grid
+    /// values, NaN), and every path's whole top-k against the scalar path's.
+    #[test]
+    fn every_simd_filter_and_topk_equals_the_scalar_path_on_random_rows() {
+        let mut next = lcg(0x0019_f11e);
+        let paths: Vec<Isa> = Isa::available()
+            .into_iter()
+            .filter(|i| *i != Isa::Scalar)
+            .collect();
+        // Under qemu-aarch64 too: the NEON kernels must be the ones compared, not skipped.
+        #[cfg(target_arch = "aarch64")]
+        assert!(paths.contains(&Isa::Neon), "{paths:?}");
+        let mut sc = Scratch::default();
+        for case in 0..300 {
+            let n = match case % 3 {
+                0 => (next() % 70) as usize,
+                1 => (next() % 300) as usize,
+                _ => (next() % 5000) as usize,
+            };
+            let nan = next().is_multiple_of(4);
+            let row = random_row(&mut next, n, nan);
+            let thr = match next() % 6 {
+                0 => f32::INFINITY,
+                1 => f32::NEG_INFINITY,
+                2 => -0.0,
+                3 => f32::NAN,
+                _ => (next() % 1000) as f32 - 500.0,
+            };
+            let mut want = Vec::new();
+            let want_nan = filter_ge_scalar(&row, thr, &mut want, 0);
+            let k = 1 + (next() as usize) % (n + 3);
+            let by_score = next().is_multiple_of(2);
+            let mut want_top = vec![0i32; k];
+            let want_res = topk_row(Isa::Scalar, &row, &mut want_top, by_score, &mut sc);
+            for &isa in &paths {
+                let mut got = vec![7u32; (next() % 9) as usize]; // a used buffer is cleared
+                let got_nan = filter_ge(isa, &row, thr, &mut got);
+                assert_eq!(
+                    (got_nan, &got),
+                    (want_nan, &want),
+                    "{isa:?} n={n} thr={thr}"
+                );
+                let mut top = vec![0i32; k];
+                let res = topk_row(isa, &row, &mut top, by_score, &mut sc);
+                assert_eq!(res, want_res, "{isa:?} n={n} k={k}");
+                if res.is_ok() {
+                    assert_eq!(top, want_top, "{isa:?} n={n} k={k} by_score={by_score}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_sizes_are_errors_not_panics() {
+        let s = [1.0f32, 2.0, 3.0, 4.0];
+        let run = |l, lens: &[usize], k| topk_rows(Isa::Scalar, &s, l, lens, k, false, 1);
+        assert_eq!(run(2, &[2, 2], 0), Err(TopkError::K { k: 0 }));
+        assert_eq!(
+            run(2, &[2, 2], MAX_K + 1),
+            Err(TopkError::K { k: MAX_K + 1 })
+        );
+        assert!(matches!(run(3, &[2, 2], 1), Err(TopkError::Shape(_))));
+        assert!(matches!(run(2, &[2, 3], 1), Err(TopkError::Shape(_))));
+        assert!(matches!(
+            run(usize::MAX, &[0, 0], 1),
+            Err(TopkError::RowTooLong { .. })
+        ));
+        assert!(matches!(
+            topk_rows(Isa::Scalar, &[], MAX_ROW_LEN + 1, &[], 1, false, 1),
+            Err(TopkError::RowTooLong { .. })
+        ));
+        // An output past the 2^40-byte limit is refused before anything is allocated.
+        let lens = vec![0usize; 1024];
+        assert!(matches!(
+            topk_rows(Isa::Scalar, &[], 0, &lens, MAX_K, false, 1),
+            Err(TopkError::Alloc(e)) if e.over_limit
+        ));
+        // k far past the row: the work is the row's, the output is [t, k], −1 padded.
+        let got = topk_rows(Isa::Scalar, &s, 2, &[2, 1], 5, false, 1).unwrap();
+        assert_eq!(got, [0, 1, -1, -1, -1, 0, -1, -1, -1, -1]);
     }
 }

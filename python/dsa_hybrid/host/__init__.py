@@ -7,6 +7,9 @@
   addressed through its block tables (`write_slots`, `select_paged`, `scores_paged`, `copy_block`).
 - `topk`, `set_simd_path` (`host.selection`): stand-alone top-k of float32 rows; the SIMD path in use.
 - `cpu_features()`: what the core detected on this CPU.
+- `InternalError` (a `RuntimeError`): a panic in the Rust core (a bug), caught at the binding boundary;
+  the message names the call. No Rust panic reaches Python as pyo3's `PanicException` (a `BaseException`
+  that `except Exception` would not catch).
 
 The compiled extension is `dsa_hybrid._core` (typed in `_core.pyi`); these modules add argument checks
 and documentation. Nothing here imports JAX.
@@ -15,15 +18,24 @@ and documentation. Nothing here imports JAX.
 from __future__ import annotations
 
 from dsa_hybrid import _core
-from dsa_hybrid.host.cache import CacheFullError, IndexerKeyCache
+from dsa_hybrid.host.cache import CacheFullError, IndexerKeyCache, InternalError
 from dsa_hybrid.host.pool import BlockPool
 from dsa_hybrid.host.selection import set_simd_path, topk
 
 
 def cpu_features() -> dict[str, bool | str]:
-    """CPU features detected by the Rust core (`avx2`, `fma`, `f16c`, `avx512f`, `neon`, ...) and
-    `simd_path`, the SIMD path its kernels dispatch to on this machine."""
+    """CPU features detected by the Rust core and `simd_path`, the SIMD path its kernels dispatch to on this
+    machine. On x86-64: `sse4.2`, `avx2`, `fma`, `f16c`, `avx512f`, `avx512bw`; on aarch64: `neon`,
+    `asimddp` (dot product), `bf16`, `i8mm`, `fp16`, `sve`, `sve2` (reported only: the kernels use NEON)."""
     return dict(_core.cpu_features())
 
 
-__all__ = ["BlockPool", "CacheFullError", "IndexerKeyCache", "cpu_features", "set_simd_path", "topk"]
+__all__ = [
+    "BlockPool",
+    "CacheFullError",
+    "IndexerKeyCache",
+    "InternalError",
+    "cpu_features",
+    "set_simd_path",
+    "topk",
+]

@@ -8,8 +8,9 @@ partial page copies it first, `truncate` and `free` return pages to the pool.
 
 Thread safety: every method may be called from several Python threads. One mutex per cache serialises
 the calls that touch it; appends, gathers, dequantize and slots run with the GIL released, so other
-Python threads (and other caches) proceed meanwhile. The `pages()` view is live: read it while no
-append is running on another thread (or copy it) to see a consistent state.
+Python threads (and other caches) proceed meanwhile. The `pages()` view is live (zero-copy, read-only,
+and it cannot be made writeable or resized, so it cannot break the cache): read it while no append is
+running on another thread (or copy it) to see a consistent state.
 
 Selection: `select` scores every visible key of each query's sequence straight from the FP8 pages
 (dsa.md §4: `I[t, s] = Σ_j w[t, j] · ReLU(q[t, j] · k[s]) · D^-0.5`, queries Hadamard-rotated and quantized
@@ -29,15 +30,19 @@ Two ways to address the pages:
   engine's). `select` on a sequence is `select_paged` on its block table: one code path, same kernels,
   same tie rule, bit-identical results.
 
-Errors: `KeyError` for an unknown sequence id, `ValueError` for a duplicate id or a bad argument
-(shape, dtype, NaN/inf, non-contiguous), `IndexError` for a position outside `[0, length)` (or a slot,
-block or needed page outside the buffer), and `CacheFullError` when the pool lacks the blocks an append
-needs (its `wanted` and `free` attributes say how many). On any error nothing was changed.
+Errors (every message starts with the argument at fault): `KeyError` for an unknown sequence id,
+`TypeError` for a wrong type (a float or bool where an int belongs, a list where an array belongs, a
+dtype that is not accepted), `ValueError` for a duplicate id or a bad value (shape, NaN/inf, a negative
+count, `k` outside `[1, 2**31 - 1]`, `threads` outside `[1, 1024]`), `IndexError` for a position outside
+`[0, length)` (or a slot, block or needed page outside the buffer, or an id that does not fit the
+integer type it travels as), `CacheFullError` when the pool lacks the blocks an append needs (its
+`wanted` and `free` attributes say how many), and `MemoryError` for a result too large to allocate (or
+past 2**40 bytes, refused before any work). On any error nothing was changed. A panic in the Rust core
+(a bug) surfaces as `InternalError` (a `RuntimeError`), never as a `BaseException`.
 """
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import ml_dtypes
@@ -47,6 +52,7 @@ import numpy.typing as npt
 from dsa_hybrid import _core
 
 CacheFullError = _core.CacheFullError
+InternalError = _core.InternalError
 
 _KEY_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16))
 
@@ -58,7 +64,7 @@ def _float_array(name: str, x: Any, ndim: int) -> np.ndarray:
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {list(x.shape)}")
     if x.dtype not in _KEY_DTYPES:
         raise TypeError(f"{name}: expected float32 or bfloat16, got {x.dtype}")
-    return np.ascontiguousarray(x, dtype=np.float32)
+    return np.require(x.astype(np.float32, copy=False), requirements=("C", "A"))
 
 
 def _matrix(name: str, x: Any, width: int) -> np.ndarray:
@@ -71,31 +77,41 @@ def _matrix(name: str, x: Any, width: int) -> np.ndarray:
     return x
 
 
-def _int_array(name: str, x: Any, ndim: int) -> np.ndarray:
+def _ints(name: str, x: Any, ndim: int, dtype: type, out_of_range: type[Exception]) -> np.ndarray:
+    """`x` as a C-contiguous, aligned array of `dtype` (no copy when it already is one). Integers only
+    (TypeError for floats, bools, strings); `out_of_range` for entries `dtype` cannot hold, instead of
+    letting them wrap (a uint64 2**64 - 1 is not −1)."""
     a = np.asarray(x)
     if a.ndim != ndim:
         raise ValueError(f"{name}: expected {ndim} dimension(s), got shape {list(a.shape)}")
-    if a.size and not np.issubdtype(a.dtype, np.integer):
+    if a.dtype == dtype:
+        return np.require(a, requirements=("C", "A"))
+    if a.size == 0:
+        return np.zeros(a.shape, dtype)
+    if a.dtype == object:
+        values = a.ravel().tolist()
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in values):
+            raise TypeError(f"{name}: expected integers, got {sorted({type(v).__name__ for v in values})}")
+        lo, hi = min(values), max(values)
+    elif np.issubdtype(a.dtype, np.integer):
+        lo, hi = a.min(), a.max()
+    else:
         raise TypeError(f"{name}: expected integers, got {a.dtype}")
-    return np.ascontiguousarray(a, dtype=np.int64)
+    info = np.iinfo(dtype)
+    if lo < info.min or hi > info.max:
+        raise out_of_range(f"{name}: entries must fit in {np.dtype(dtype)}, got values in [{lo}, {hi}]")
+    return np.require(a.astype(dtype), requirements=("C", "A"))
 
 
-_INT32 = np.iinfo(np.int32)
+def _int_array(name: str, x: Any, ndim: int, out_of_range: type[Exception] = IndexError) -> np.ndarray:
+    """Positions / sequence ids as int64; `out_of_range` for entries past int64."""
+    return _ints(name, x, ndim, np.int64, out_of_range)
 
 
 def _int32_array(name: str, x: Any, ndim: int) -> np.ndarray:
     """Block ids / slots as C-contiguous int32 (no copy when they already are); IndexError for entries
     that int32 cannot hold (they are out of range of any cache)."""
-    a = np.asarray(x)
-    if a.ndim != ndim:
-        raise ValueError(f"{name}: expected {ndim} dimension(s), got shape {list(a.shape)}")
-    if a.dtype == np.int32:
-        return np.ascontiguousarray(a)
-    if a.size and not np.issubdtype(a.dtype, np.integer):
-        raise TypeError(f"{name}: expected integers, got {a.dtype}")
-    if a.size and (a.min() < _INT32.min or a.max() > _INT32.max):
-        raise IndexError(f"{name}: entries must fit in int32, got values in [{a.min()}, {a.max()}]")
-    return np.ascontiguousarray(a, dtype=np.int32)
+    return _ints(name, x, ndim, np.int32, IndexError)
 
 
 def _fp8_rows(fp8: Any, width: int) -> np.ndarray:
@@ -112,7 +128,7 @@ def _scales(scales: Any, n: int) -> np.ndarray:
     scales = np.asarray(scales)
     if scales.dtype != np.float32 or scales.shape != (n,):
         raise ValueError(f"scales: expected float32 [{n}], got {scales.dtype} {list(scales.shape)}")
-    return np.ascontiguousarray(scales)
+    return np.require(scales, requirements=("C", "A"))
 
 
 class IndexerKeyCache:
@@ -125,8 +141,6 @@ class IndexerKeyCache:
     """
 
     def __init__(self, num_blocks: int, block_size: int = 64, head_dim: int = 128) -> None:
-        if num_blocks < 0:
-            raise ValueError(f"num_blocks: must be >= 0, got {num_blocks}")
         self._c = _core.IndexerKeyCache(num_blocks, block_size, head_dim)
 
     # ----- sizes ------------------------------------------------------------------------------
@@ -185,9 +199,8 @@ class IndexerKeyCache:
         self._c.fork(parent, child)
 
     def truncate(self, seq_id: int, n: int) -> None:
-        """Keep the first `n` tokens (speculative-decoding rollback); emptied pages go back to the pool."""
-        if n < 0:
-            raise ValueError(f"n: must be >= 0, got {n}")
+        """Keep the first `n` tokens (speculative-decoding rollback); emptied pages go back to the pool.
+        ValueError for `n < 0` or `n > length`."""
         self._c.truncate(seq_id, n)
 
     def free(self, seq_id: int) -> None:
@@ -229,7 +242,7 @@ class IndexerKeyCache:
     def copy_block(self, src: int, dst: int) -> None:
         """Copy page `src`'s bytes (codes and scales) over page `dst`: the copy of a copy-on-write of a
         shared partial page. IndexError for a block outside `[0, num_blocks)`; `src == dst` does nothing."""
-        self._c.copy_block(operator.index(src), operator.index(dst))
+        self._c.copy_block(src, dst)
 
     # ----- reading ----------------------------------------------------------------------------
     def gather(self, seq_id: int, positions: Any) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
@@ -244,7 +257,7 @@ class IndexerKeyCache:
     def slots(self, seq_ids: Any, positions: Any) -> npt.NDArray[np.int32]:
         """Logical positions → slots `block · block_size + offset`, −1 staying −1.
         `seq_ids` int `[T]`, `positions` int `[T, K]` (row `t` belongs to `seq_ids[t]`) → int32 `[T, K]`."""
-        return self._c.slots(_int_array("seq_ids", seq_ids, 1), _int_array("positions", positions, 2))
+        return self._c.slots(_int_array("seq_ids", seq_ids, 1, KeyError), _int_array("positions", positions, 2))
 
     # ----- selection --------------------------------------------------------------------------
     def select(
@@ -279,17 +292,15 @@ class IndexerKeyCache:
         Returns int32 `[T, k]`, −1 padded; rows with `p_t + 1 ≤ k` select every visible key (no scoring).
         Ties go to the lowest position. Scores are accumulated in float32 from exact FP8 products.
         """
-        ids = _int_array("seq_ids", seq_ids, 1)
+        ids = _int_array("seq_ids", seq_ids, 1, KeyError)
         q = _float_array("q", q, 3)
         weights = _float_array("weights", weights, 2)
-        if k < 1:
-            raise ValueError(f"k: must be at least 1, got {k}")
         return self._c.select(
             ids,
             q,
             weights,
             _int_array("positions", positions, 1),
-            int(k),
+            k,
             as_slots=as_slots,
             quantize_queries=quantize_queries,
             sorted=sorted,
@@ -309,7 +320,7 @@ class IndexerKeyCache:
         """The indexer scores `select` ranks, float32 `[T, L]` with `L = max(positions) + 1`; entries past a
         row's own `p_t` are −inf. Arguments as in `select`. For tests and callers that want the scores."""
         return self._c.scores(
-            _int_array("seq_ids", seq_ids, 1),
+            _int_array("seq_ids", seq_ids, 1, KeyError),
             _float_array("q", q, 3),
             _float_array("weights", weights, 2),
             _int_array("positions", positions, 1),
@@ -348,14 +359,12 @@ class IndexerKeyCache:
         pos = _int_array("positions", positions, 1)
         q = _float_array("q", q, 3)
         weights = _float_array("weights", weights, 2)
-        if k < 1:
-            raise ValueError(f"k: must be at least 1, got {k}")
         return self._c.select_paged(
             tables,
             pos,
             q,
             weights,
-            int(k),
+            k,
             as_slots=as_slots,
             quantize_queries=quantize_queries,
             sorted=sorted,
@@ -384,8 +393,14 @@ class IndexerKeyCache:
         )
 
     def pages(self) -> npt.NDArray[np.uint8]:
-        """The page buffer itself, zero-copy and read-only: uint8 `[num_blocks, page_bytes]`
-        (`.reshape(num_blocks, block_size, 1, head_dim + 4)` does not apply: scales follow all codes)."""
+        """The page buffer itself: a zero-copy, read-only, live view, uint8 `[num_blocks, page_bytes]`
+        (`.reshape(num_blocks, block_size, 1, head_dim + 4)` does not apply: scales follow all codes).
+
+        The view cannot be used to break the cache: its base is the cache's `PageBuffer` (Rust-owned
+        bytes that are never moved or resized, kept alive as long as any view lives), so numpy refuses to
+        make it writeable (`view.flags.writeable = True` raises ValueError) and to resize it
+        (`view.resize(...)` raises ValueError: it does not own its data; `np.resize(view, ...)` returns
+        a new array). It is not a copy: later writes show through (copy it for a snapshot)."""
         return self._c.pages()
 
     def __repr__(self) -> str:

@@ -10,9 +10,11 @@ Order: a fresh pool hands out the lowest ids first; `release` takes its blocks i
 released and allocated again comes back in the same order (as the engine's former `PagePool` did).
 
 Every call checks everything before it changes anything: on error the pool is exactly as before.
-`CacheFullError` (with `wanted` and `free` attributes) when an allocation does not fit, `IndexError` for a
-block id outside `[0, num_blocks)`, `ValueError` for retaining or releasing a free block (counting each
-repeat of an id), `TypeError` for something that is not integers. Thread-safe: a mutex inside.
+`CacheFullError` (with `wanted` and `free` attributes) when an allocation does not fit (any `n`, however
+large), `IndexError` for a block id outside `[0, num_blocks)` (of any size: never wrapped), `ValueError`
+for retaining or releasing a free block (counting each repeat of an id) or a negative `n`, `TypeError`
+for something that is not integers (a float, a bool, a string, None, a nested sequence), `MemoryError`
+if a pool's bookkeeping (8 bytes per block) cannot be allocated. Thread-safe: a mutex inside.
 """
 
 from __future__ import annotations

@@ -33,28 +33,35 @@ def topk(
             True lists them by descending score (ties: lower position first), like `torch.topk`.
         threads: worker threads (default: one per core; small inputs use one).
 
-    Returns int32 `[T, k]`. Ties at the boundary go to the lowest position; −0.0 equals 0.0.
-    Raises ValueError for NaN among a row's visible scores, `k < 1`, or bad `lengths`.
+    Returns int32 `[T, k]`. Ties at the boundary go to the lowest position; −0.0 equals 0.0. The work is
+    bounded by the rows' lengths however large `k` is, but the output is `[T, k]`.
+    Raises ValueError for NaN among a row's visible scores, `k` outside `[1, 2**31 - 1]`, bad `lengths`,
+    `threads` outside `[1, 1024]`; TypeError for a `k` or `threads` that is not an int (a float is not
+    truncated); MemoryError (naming `k`) for an output past 2**40 bytes (refused before any work) or one
+    that cannot be allocated.
     """
     a = np.asarray(scores)
     if a.ndim != 2:
         raise ValueError(f"scores: expected shape [T, L], got {list(a.shape)}")
     if not np.issubdtype(a.dtype, np.floating):
         raise TypeError(f"scores: expected a float array, got {a.dtype}")
-    if k < 1:
-        raise ValueError(f"k: must be at least 1, got {k}")
     lens = None
     if lengths is not None:
         lens = np.asarray(lengths)
         if lens.ndim != 1 or (lens.size and not np.issubdtype(lens.dtype, np.integer)):
             raise ValueError(f"lengths: expected integers of shape [{a.shape[0]}], got {lens.dtype} {list(lens.shape)}")
-        lens = np.ascontiguousarray(lens, dtype=np.int64)
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    return _core.topk(a, int(k), lens, sorted=sorted, threads=threads)
+        if lens.size and (lens.min() < 0 or lens.max() > a.shape[1]):
+            # Checked before the cast: a uint64 2**64 - 1 must not arrive as −1.
+            i = int(np.argmax((lens < 0) | (lens > a.shape[1])))
+            raise ValueError(f"lengths: entry {i} is {lens[i]}, outside [0, {a.shape[1]}]")
+        lens = np.require(lens.astype(np.int64, copy=False), requirements=("C", "A"))
+    a = np.require(a.astype(np.float32, copy=False), requirements=("C", "A"))
+    return _core.topk(a, k, lens, sorted=sorted, threads=threads)
 
 
 def set_simd_path(name: str | None = None) -> str:
-    """Pin the Rust kernels to one SIMD path: "scalar", "avx2", "avx512" or "neon"; `None` restores the
-    widest the CPU has. Returns the path now in use; ValueError if this CPU cannot run it. The variable
+    """Pin the Rust kernels to one SIMD path: "scalar", "avx2", "avx512" (x86-64) or "neon" (aarch64);
+    `None` restores the widest the CPU has. Returns the path now in use; ValueError naming the path if it
+    is unknown or this CPU cannot run it, TypeError for a name that is not a str. The variable
     `DSA_HYBRID_SIMD` sets the starting choice. Results are identical on every path (tested)."""
     return _core.set_simd_path(name)

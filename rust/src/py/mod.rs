@@ -1,7 +1,14 @@
 //! The PyO3 bindings (feature `python`), split by concept. They only translate: check arguments
 //! and name the one at fault, borrow numpy buffers zero-copy, release the GIL for the real work,
-//! and map the core's errors to Python exceptions (`errors`). Nothing here panics on bad input.
+//! and map the core's errors to Python exceptions (`errors`).
+//!
+//! Two rules every entry point follows:
+//! - its body runs inside `guard`, so a Rust panic (a bug) becomes `InternalError` (a
+//!   `RuntimeError`) naming the call, never pyo3's `PanicException` (a `BaseException`);
+//! - its arguments arrive as plain Python objects and are converted here (`args`), so every
+//!   refusal is an ordinary exception whose message starts with the argument's name.
 
+pub mod args;
 pub mod cache;
 pub mod cpu;
 pub mod errors;
@@ -10,61 +17,82 @@ pub mod quant;
 mod select;
 pub mod topk;
 
-use numpy::AsSliceError;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
 use pyo3::exceptions::PyValueError;
-use pyo3::PyResult;
+use pyo3::prelude::*;
 
-/// The slice of a C-contiguous array, or ValueError naming `arg`.
-fn contiguous<'a, T>(arg: &str, r: Result<&'a [T], AsSliceError>) -> PyResult<&'a [T]> {
-    r.map_err(|_| PyValueError::new_err(format!("{arg}: must be a C-contiguous array")))
-}
+use errors::InternalError;
 
-/// `None` or a count ≥ 1 of worker threads, as the core's convention (0 = one per core).
-fn thread_count(threads: Option<usize>) -> PyResult<usize> {
-    match threads {
-        Some(0) => Err(PyValueError::new_err(
-            "threads: must be at least 1 (or None for one per core)",
-        )),
-        Some(n) => Ok(n),
-        None => Ok(0),
+/// Run the body of the entry point `call`, turning a panic into `InternalError("{call}: ...")`.
+///
+/// The panic payload's message is kept (the default hook has already printed it, with its
+/// location, to stderr). Shared state stays usable: every call checks before it changes
+/// anything, and the locks recover from poisoning.
+pub fn guard<T>(call: &str, f: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".to_owned());
+            Err(InternalError::new_err(format!(
+                "{call}: internal error (a bug in dsa_hybrid's Rust core, please report it): {msg}"
+            )))
+        }
     }
 }
 
 /// `v` as a numpy `[rows, cols]` array (no copy).
 fn array2<T: numpy::Element>(
-    py: pyo3::Python<'_>,
+    py: Python<'_>,
     rows: usize,
     cols: usize,
     v: Vec<T>,
-) -> PyResult<pyo3::Bound<'_, numpy::PyArray2<T>>> {
+) -> PyResult<Bound<'_, numpy::PyArray2<T>>> {
     use numpy::IntoPyArray;
     numpy::ndarray::Array2::from_shape_vec((rows, cols), v)
         .map(|a| a.into_pyarray(py))
         .map_err(|e| PyValueError::new_err(format!("output shape: {e}")))
 }
 
-/// Block ids or slots from any 1-D integer array or sequence: an int64 or int32 numpy array is
-/// read in place, anything else (a list, a range, other integer dtypes) converted element-wise.
-/// TypeError naming `arg` for non-integers.
-fn int_list(arg: &str, obj: &pyo3::Bound<'_, pyo3::PyAny>) -> PyResult<Vec<i64>> {
-    use numpy::PyReadonlyArray1;
-    use pyo3::types::{PyAnyMethods, PyString, PyTypeMethods};
-    if let Ok(a) = obj.extract::<PyReadonlyArray1<'_, i64>>() {
-        return Ok(a.as_array().to_vec());
-    }
-    if let Ok(a) = obj.extract::<PyReadonlyArray1<'_, i32>>() {
-        return Ok(a.as_array().iter().map(|b| i64::from(*b)).collect());
-    }
-    let bad = || {
-        pyo3::exceptions::PyTypeError::new_err(format!(
-            "{arg}: expected a 1-D sequence or array of integers, got {}",
-            obj.get_type()
-                .name()
-                .map_or_else(|_| "?".to_owned(), |n| n.to_string())
-        ))
-    };
-    if obj.is_instance_of::<PyString>() {
-        return Err(bad());
-    }
-    obj.extract::<Vec<i64>>().map_err(|_| bad())
+/// A test hook (`_core._test_panic`): panic on purpose, so the tests can see a panic become
+/// `InternalError` — on the calling thread ("direct"), with the GIL released ("detached") or in a
+/// worker thread of a pool ("worker").
+#[pyfunction]
+#[pyo3(name = "_test_panic")]
+pub fn test_panic(py: Python<'_>, mode: &Bound<'_, PyAny>) -> PyResult<()> {
+    guard("_test_panic", || {
+        let mode = args::string("mode", mode)?;
+        match mode.as_str() {
+            "direct" => panic!("test panic on the calling thread"),
+            "detached" => py.detach(|| panic!("test panic with the GIL released")),
+            "worker" => py.detach(|| {
+                let w = crate::par::Workers::new(2);
+                let mut out = vec![0u8; 4];
+                let _ = w.run(|| {
+                    crate::par::for_each_row_chunk(
+                        &mut out,
+                        1,
+                        2,
+                        || (),
+                        |row, _, _| -> Result<(), ()> {
+                            if row == 3 {
+                                panic!("test panic in a worker thread");
+                            }
+                            Ok(())
+                        },
+                    )
+                });
+            }),
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "mode: expected \"direct\", \"detached\" or \"worker\", got {other:?}"
+                )))
+            }
+        }
+        Ok(())
+    })
 }

@@ -1,30 +1,29 @@
 //! The bodies of `IndexerKeyCache.select` / `.scores` and their paged twins: argument checks, the
 //! queries borrowed zero-copy, one call of the core with the GIL released, errors named.
 
-use numpy::{
-    PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3, PyUntypedArrayMethods,
-};
-use pyo3::exceptions::PyValueError;
+use numpy::{Ix1, Ix2, Ix3, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyMemoryError, PyValueError};
 use pyo3::prelude::*;
 
+use super::args;
+use super::array2;
 use super::cache::PyIndexerKeyCache;
 use super::errors::select_err;
-use super::{array2, contiguous, thread_count};
-use crate::cpu;
 use crate::indexer_cache::CacheError;
 use crate::select::{self, Queries, SelectOptions};
+use crate::{cpu, mem};
 
-/// Where the rows' block tables come from.
-pub enum RowsArg<'a, 'py> {
+/// Where the rows' block tables come from, converted.
+pub enum RowsArg<'py> {
     /// The cache's own sequences: `seq_ids [T]`, `positions [T]`.
     Sequences {
-        seq_ids: &'a PyReadonlyArray1<'py, i64>,
-        positions: &'a PyReadonlyArray1<'py, i64>,
+        seq_ids: PyReadonlyArray1<'py, i64>,
+        positions: PyReadonlyArray1<'py, i64>,
     },
     /// External tables: `block_tables [T, W]` int32, `positions [T]`.
     Paged {
-        tables: &'a PyReadonlyArray2<'py, i32>,
-        positions: &'a PyReadonlyArray1<'py, i64>,
+        tables: PyReadonlyArray2<'py, i32>,
+        positions: PyReadonlyArray1<'py, i64>,
     },
 }
 
@@ -42,31 +41,31 @@ enum Rows<'a> {
     },
 }
 
-impl<'a, 'py> RowsArg<'a, 'py> {
-    pub fn sequences(
-        seq_ids: &'a PyReadonlyArray1<'py, i64>,
-        positions: &'a PyReadonlyArray1<'py, i64>,
-    ) -> Self {
-        RowsArg::Sequences { seq_ids, positions }
+impl<'py> RowsArg<'py> {
+    pub fn sequences(seq_ids: &Bound<'py, PyAny>, positions: &Bound<'py, PyAny>) -> PyResult<Self> {
+        Ok(RowsArg::Sequences {
+            seq_ids: args::array::<i64, Ix1>("seq_ids", seq_ids)?,
+            positions: args::array::<i64, Ix1>("positions", positions)?,
+        })
     }
 
-    pub fn paged(
-        tables: &'a PyReadonlyArray2<'py, i32>,
-        positions: &'a PyReadonlyArray1<'py, i64>,
-    ) -> Self {
-        RowsArg::Paged { tables, positions }
+    pub fn paged(tables: &Bound<'py, PyAny>, positions: &Bound<'py, PyAny>) -> PyResult<Self> {
+        Ok(RowsArg::Paged {
+            tables: args::array::<i32, Ix2>("block_tables", tables)?,
+            positions: args::array::<i64, Ix1>("positions", positions)?,
+        })
     }
 
     fn slices(&self) -> PyResult<Rows<'_>> {
         Ok(match self {
             RowsArg::Sequences { seq_ids, positions } => Rows::Sequences {
-                seq_ids: contiguous("seq_ids", seq_ids.as_slice())?,
-                positions: contiguous("positions", positions.as_slice())?,
+                seq_ids: args::slice("seq_ids", seq_ids)?,
+                positions: args::slice("positions", positions)?,
             },
             RowsArg::Paged { tables, positions } => Rows::Paged {
-                tables: contiguous("block_tables", tables.as_slice())?,
+                tables: args::slice("block_tables", tables)?,
                 width: tables.shape()[1],
-                positions: contiguous("positions", positions.as_slice())?,
+                positions: args::slice("positions", positions)?,
             },
         })
     }
@@ -84,27 +83,48 @@ pub struct Opts {
 
 impl Opts {
     pub fn new(
-        k: usize,
-        as_slots: bool,
-        quantize: bool,
-        sorted: bool,
-        threads: Option<usize>,
+        k: &Bound<'_, PyAny>,
+        as_slots: Option<&Bound<'_, PyAny>>,
+        quantize: Option<&Bound<'_, PyAny>>,
+        sorted: Option<&Bound<'_, PyAny>>,
+        threads: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         Ok(Opts {
-            k,
-            as_slots,
-            quantize,
-            sorted,
-            threads: thread_count(threads)?,
+            k: args::k(k)?,
+            as_slots: args::flag("as_slots", as_slots, false)?,
+            quantize: args::flag("quantize_queries", quantize, true)?,
+            sorted: args::flag("sorted", sorted, false)?,
+            threads: args::threads(threads)?,
+        })
+    }
+
+    pub fn for_scores(
+        quantize: Option<&Bound<'_, PyAny>>,
+        threads: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        Ok(Opts {
+            k: 1,
+            as_slots: false,
+            quantize: args::flag("quantize_queries", quantize, true)?,
+            sorted: false,
+            threads: args::threads(threads)?,
         })
     }
 }
 
-/// `q [T, H, D]` and `weights [T, H]` as slices, with their sizes.
-fn query_slices<'a>(
-    q: &'a PyReadonlyArray3<'_, f32>,
-    weights: &'a PyReadonlyArray2<'_, f32>,
-) -> PyResult<(&'a [f32], &'a [f32], [usize; 3])> {
+/// `q [T, H, D]` and `weights [T, H]` converted, with their sizes.
+type QueryArrays<'py> = (
+    numpy::PyReadonlyArray3<'py, f32>,
+    PyReadonlyArray2<'py, f32>,
+    [usize; 3],
+);
+
+fn query_arrays<'py>(
+    q: &Bound<'py, PyAny>,
+    weights: &Bound<'py, PyAny>,
+) -> PyResult<QueryArrays<'py>> {
+    let q = args::array::<f32, Ix3>("q", q)?;
+    let weights = args::array::<f32, Ix2>("weights", weights)?;
     let (t, h, d) = (q.shape()[0], q.shape()[1], q.shape()[2]);
     if weights.shape() != [t, h] {
         return Err(PyValueError::new_err(format!(
@@ -113,21 +133,23 @@ fn query_slices<'a>(
             weights.shape()
         )));
     }
-    let qs = contiguous("q", q.as_slice())?;
-    let ws = contiguous("weights", weights.as_slice())?;
-    Ok((qs, ws, [t, h, d]))
+    Ok((q, weights, [t, h, d]))
 }
 
 /// `select` (sequence rows) or `select_paged` (table rows): int32 `[T, k]`.
 pub fn select<'py>(
     cache: &PyIndexerKeyCache,
     py: Python<'py>,
-    rows: RowsArg<'_, 'py>,
-    q: &PyReadonlyArray3<'py, f32>,
-    weights: &PyReadonlyArray2<'py, f32>,
+    rows: RowsArg<'py>,
+    q: &Bound<'py, PyAny>,
+    weights: &Bound<'py, PyAny>,
     o: Opts,
 ) -> PyResult<Bound<'py, PyArray2<i32>>> {
-    let (qs, ws, [t, h, d]) = query_slices(q, weights)?;
+    let (q, weights, [t, h, d]) = query_arrays(q, weights)?;
+    // Refused before any work: an output past the limit (allocation failures come later).
+    mem::check_size::<i32>(t, o.k)
+        .map_err(|e| PyMemoryError::new_err(format!("k: the [{t}, {}] int32 output: {e}", o.k)))?;
+    let (qs, ws) = (args::slice("q", &q)?, args::slice("weights", &weights)?);
     let rows = rows.slices()?;
     let opts = SelectOptions {
         k: o.k,
@@ -166,12 +188,13 @@ pub fn select<'py>(
 pub fn scores<'py>(
     cache: &PyIndexerKeyCache,
     py: Python<'py>,
-    rows: RowsArg<'_, 'py>,
-    q: &PyReadonlyArray3<'py, f32>,
-    weights: &PyReadonlyArray2<'py, f32>,
+    rows: RowsArg<'py>,
+    q: &Bound<'py, PyAny>,
+    weights: &Bound<'py, PyAny>,
     o: Opts,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-    let (qs, ws, [t, h, d]) = query_slices(q, weights)?;
+    let (q, weights, [t, h, d]) = query_arrays(q, weights)?;
+    let (qs, ws) = (args::slice("q", &q)?, args::slice("weights", &weights)?);
     let rows = rows.slices()?;
     let isa = cpu::active();
     let (out, l) = cache
