@@ -26,7 +26,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from dsa_hybrid import _aliases, _core, reference
-from dsa_hybrid.host import BlockPool, CacheFullError, IndexerKeyCache, cpu_features, set_simd_path, topk
+from dsa_hybrid.host import (
+    BlockPool,
+    CacheFullError,
+    IndexerKeyCache,
+    InternalError,
+    cpu_features,
+    set_simd_path,
+    topk,
+)
 from dsa_hybrid.models.config import DSAConfig, YarnScaling
 
 __version__: str = _core.__version__
@@ -77,6 +85,7 @@ _aliases.install()
 
 __all__ = [
     "BlockPool",
+    "InternalError",
     "CacheFullError",
     "IndexerKeyCache",
     "LatentCache",

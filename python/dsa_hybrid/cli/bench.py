@@ -13,6 +13,7 @@ one thread before numpy and JAX load). `--quick` runs every row at small sizes (
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -75,15 +76,15 @@ def bench_topk(t: Table, lengths: list[int]) -> None:
     for L in lengths:
         rows = max(1, min(8, 2**20 // L))
         x = rng.standard_normal((rows, L)).astype(np.float32)
-        ours = best_time(lambda x=x: topk(x, 2048, threads=1))
+        ours = best_time(functools.partial(topk, x, 2048, threads=1))
         base = {
-            "numpy": best_time(lambda x=x: np.argpartition(-x, 2048, axis=1)[:, :2048]),
-            "jax": best_time(lambda x=x: jax_topk(x)),
+            "numpy": best_time(functools.partial(np.argpartition, -x, 2048, axis=1)),
+            "jax": best_time(functools.partial(jax_topk, x)),
         }
         if torch is not None:
             xt = torch.from_numpy(x)
-            base["torch"] = best_time(lambda xt=xt: torch.topk(xt, 2048, dim=1))
-        read = best_time(lambda x=x: x.max(axis=1))
+            base["torch"] = best_time(functools.partial(torch.topk, xt, 2048, dim=1))
+        read = best_time(functools.partial(np.max, x, axis=1))
         best = min(base.values())
         ms = {name: f"{s * 1e3:.2f}" for name, s in base.items()}
         t.row(L, rows, f"{ours * 1e3:.2f}", ms["numpy"], ms["jax"], ms.get("torch", "—"), f"{best / ours:.1f}×",
@@ -111,8 +112,8 @@ def bench_indexer(t: Table, lengths: list[int], peak: float) -> None:
             s = np.maximum(qf @ keys.T, 0).reshape(T, H, -1)
             return np.argpartition(-np.einsum("th,thl->tl", w, s), K, axis=1)[:, :K]
 
-        ours = best_time(lambda c=cache, q=q, w=w, ids=ids, pos=pos: c.select(ids, q, w, pos, K, threads=1))
-        scoring = best_time(lambda c=cache, q=q, w=w, ids=ids, pos=pos: c.scores(ids, q, w, pos, threads=1))
+        ours = best_time(functools.partial(cache.select, ids, q, w, pos, K, threads=1))
+        scoring = best_time(functools.partial(cache.scores, ids, q, w, pos, threads=1))
         base = best_time(numpy_path)
         gflops = 2 * T * H * D * L / scoring / 1e9
         t.row(
@@ -141,8 +142,8 @@ def bench_sparse_mla(t: Table, lengths: list[int]) -> list[tuple[int, float, flo
         )  # fmt: skip
         q = jnp.asarray(rng.standard_normal((1, 128, 576)) / 24, jnp.bfloat16)
         slots = jnp.asarray(np.sort(rng.choice(L, min(2048, L), replace=False))[None, :], jnp.int32)
-        t_dense = best_time(lambda q=q, c=cache, L=L: dense(q, c, jnp.array([L - 1])))
-        t_sparse = best_time(lambda q=q, c=cache, s=slots: sparse(q, c, s))
+        t_dense = best_time(functools.partial(dense, q, cache, jnp.array([L - 1])))
+        t_sparse = best_time(functools.partial(sparse, q, cache, slots))
         points.append((L, t_dense, t_sparse))
         t.row(L, f"{t_dense * 1e3:.2f}", f"{t_sparse * 1e3:.2f}", f"{t_dense / t_sparse:.1f}×")
     return points
@@ -253,8 +254,8 @@ def bench_end_to_end(t: Table, context: int, new_tokens: int) -> None:
     warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
     with torch.no_grad():
         past, ids = None, torch.tensor([prompt])
-        for s in range(0, context, 1024):
-            out = model(input_ids=ids[:, s : s + 1024], past_key_values=past, use_cache=True)
+        for start in range(0, context, 1024):
+            out = model(input_ids=ids[:, start : start + 1024], past_key_values=past, use_cache=True)
             past = out.past_key_values
         tok = out.logits[:, -1:].argmax(-1)
         t0 = time.perf_counter()
@@ -265,7 +266,7 @@ def bench_end_to_end(t: Table, context: int, new_tokens: int) -> None:
             hf_tokens.append(int(tok))
         hf_s = (time.perf_counter() - t0) / (new_tokens - 1)
 
-    row = {}
+    row: dict[str, tuple[float, list[int]]] = {}
     # transformers runs the exact indexer (float32 keys): "device, exact" is the same computation, so its
     # tokens must agree; the FP8 indexer (as deployed) may select differently near the top-k boundary.
     for placement, indexer in (("device", "exact"), ("device", "fp8"), ("host", "fp8"), ("auto", "fp8")):

@@ -26,8 +26,8 @@ import numpy as np
 
 from dsa_hybrid.models.config import DSAConfig
 from dsa_hybrid.ops.indexer import ExactIndexerKeys, IndexerPages, check_rows, quantize_keys, select_topk_device
-from dsa_hybrid.ops.latent_cache import LatentCache
-from dsa_hybrid.ops.sparse_mla import prefix_mla, sparse_mla
+from dsa_hybrid.ops.latent_cache import CacheKind, LatentCache
+from dsa_hybrid.ops.sparse_mla import Backend, prefix_mla, sparse_mla
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -133,12 +133,12 @@ class DSACaches:
 
     @staticmethod
     def create(
-        cfg: DSAConfig, num_pages: int, page_size: int = 64, *, latent_kind: str = "bf16", indexer: str = "fp8"
+        cfg: DSAConfig, num_pages: int, page_size: int = 64, *, latent_kind: CacheKind = "bf16", indexer: str = "fp8"
     ) -> DSACaches:
         """Empty caches; `latent_kind` "bf16" or "fp8", `indexer` "fp8" (deployed) or "exact"."""
         latent = LatentCache.create(
             num_pages, page_size, kind=latent_kind, latent_dim=cfg.kv_lora_rank, rope_dim=cfg.qk_rope_head_dim
-        )  # type: ignore[arg-type]
+        )
         if indexer == "fp8":
             index: IndexerPages | ExactIndexerKeys = IndexerPages.create(num_pages, page_size, cfg.index_head_dim)
         elif indexer == "exact":
@@ -227,7 +227,7 @@ def attend(
     block_tables: jax.Array,
     latent: LatentCache,
     topk: jax.Array,
-    backend: str = "auto",
+    backend: Backend = "auto",
     positions: jax.Array | None = None,
 ) -> tuple[jax.Array, LatentCache]:
     """Write the new latent rows, attend over the selected positions `topk` `[T, K]` (dsa.md §3), project out.
@@ -243,6 +243,7 @@ def attend(
         return sparse_mla(proj.q_abs, latent, sel_slots, scale=cfg.softmax_scale, d_v=r_kv, backend=backend)[0]
 
     def prefix() -> jax.Array:
+        assert positions is not None  # the branch exists only when positions are given
         lengths = (positions + 1).astype(jnp.int32)
         # Taken only when every row sees at most K tokens: the pages past K are never read, and leaving
         # them out bounds this branch's buffers (XLA sizes both branches of a cond) by K, not the table.
@@ -268,7 +269,7 @@ def dsa_attention(
     caches: DSACaches,
     *,
     shared_topk: jax.Array | None = None,
-    backend: str = "auto",
+    backend: Backend = "auto",
 ) -> tuple[jax.Array, DSACaches, jax.Array]:
     """One DSA attention layer over `T` new tokens, with the indexer on the device.
 
@@ -412,7 +413,7 @@ def dsa_attention_host(
     seq_ids: np.ndarray | None = None,
     *,
     shared_topk: jax.Array | None = None,
-    backend: str = "auto",
+    backend: Backend = "auto",
     threads: int | None = None,
 ) -> tuple[jax.Array, DSACaches, np.ndarray]:
     """`dsa_attention` with the indexer on the host: the device computes the projections and quantizes

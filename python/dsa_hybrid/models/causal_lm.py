@@ -24,6 +24,7 @@ from dsa_hybrid.models.checkpoint import load_layer_params as load_layer_params_
 from dsa_hybrid.models.checkpoint import load_tensors
 from dsa_hybrid.models.config import DSAConfig
 from dsa_hybrid.ops.indexer import IndexerPages
+from dsa_hybrid.ops.sparse_mla import Backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +147,7 @@ def forward(
     slots: jax.Array,
     block_tables: jax.Array,
     caches: tuple[DSACaches, ...],
-    backend: str = "auto",
+    backend: Backend = "auto",
 ) -> tuple[jax.Array, tuple[DSACaches, ...]]:
     """Logits `[T, vocab]` of `T` new tokens (ids `[T]`; rows described as in `dsa_attention`) and the
     updated caches. GLM-5-style `"shared"` layers reuse the previous full layer's selection."""
@@ -176,7 +177,7 @@ def generate_greedy(
     max_new_tokens: int,
     *,
     page_size: int = 16,
-    backend: str = "auto",
+    backend: Backend = "auto",
     **cache_kw,
 ) -> list[int]:
     """Greedy continuation of one sequence: one prefill call for the prompt, then one call per new token
@@ -230,7 +231,7 @@ def forward_host(
     caches: tuple[DSACaches, ...],
     host_caches: tuple,
     seq_ids: np.ndarray,
-    backend: str = "auto",
+    backend: Backend = "auto",
     threads: int | None = None,
     micro_batches: int = 1,
 ) -> tuple[jax.Array, tuple[DSACaches, ...]]:

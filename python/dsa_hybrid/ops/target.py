@@ -55,7 +55,7 @@ def target_device(*args: Any) -> Any:
         abstract = None
     if abstract is not None:
         return abstract
-    default = jax.config.jax_default_device
+    default = getattr(jax.config, "jax_default_device", None)  # not in jax's type stubs
     if isinstance(default, str):
         return jax.devices(default)[0]
     if default is not None:

@@ -37,6 +37,7 @@ import numpy as np
 from dsa_hybrid.host import BlockPool, IndexerKeyCache
 from dsa_hybrid.models.causal_lm import ModelParams
 from dsa_hybrid.models.config import DSAConfig
+from dsa_hybrid.ops.sparse_mla import Backend
 from dsa_hybrid.serving.kv_manager import KVManager
 from dsa_hybrid.serving.placement import PlacementCosts
 from dsa_hybrid.serving.runner import PLACEMENTS, ModelRunner
@@ -136,7 +137,7 @@ class Engine:
         max_model_len: int = 4096,
         latent_kind: str | None = None,
         indexer: str = "fp8",
-        backend: str = "auto",
+        backend: Backend = "auto",
         placement: str = "device",
         cost_model: PlacementCosts | None = None,
         host_threads: int | None = None,

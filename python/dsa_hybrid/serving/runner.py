@@ -41,6 +41,7 @@ from dsa_hybrid.models.causal_lm import (
     padded_rows,
 )
 from dsa_hybrid.models.config import DSAConfig
+from dsa_hybrid.ops.sparse_mla import Backend
 from dsa_hybrid.ops.target import target_device
 from dsa_hybrid.serving.placement import PlacementCosts
 from dsa_hybrid.serving.sampling import sample
@@ -119,7 +120,7 @@ class ModelRunner:
         max_tokens_per_step: int = 128,
         latent_kind: str | None = None,
         indexer: str = "fp8",
-        backend: str = "auto",
+        backend: Backend = "auto",
         placement: str = "device",
         cost_model: PlacementCosts | None = None,
         host_threads: int | None = None,

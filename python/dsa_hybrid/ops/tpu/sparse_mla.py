@@ -277,7 +277,9 @@ def decode_chunk(lay: RowLayout, x: jax.Array) -> jax.Array:
             sc = tail[:, first : first + 1]
         else:  # a plane spanning several tiles (latent_dim > 512)
             tile = (j * per + lane) // FP8_TILE
-            sc = sum(jnp.where(tile == k, tail[:, k : k + 1], 0.0) for k in range(first, last + 1))
+            sc = functools.reduce(
+                jnp.add, [jnp.where(tile == k, tail[:, k : k + 1], 0.0) for k in range(first, last + 1)]
+            )
         planes.append(_e4m3_to_f32(code) * sc)
     return jnp.concatenate([*planes, tail], axis=1)
 
@@ -344,7 +346,7 @@ def _kernel_body(
         lim = jnp.where(addr_ref[t, c] >= 0, limit_ref[i * tb + t] - c * kc, 0)  # a prefix of the page
         return jax.lax.broadcasted_iota(jnp.int32, (1, kc), 1) < lim
 
-    def issue(t: jax.Array, c: jax.Array, b: jax.Array) -> None:
+    def issue(t: jax.Array, c: jax.Array | int, b: jax.Array) -> None:
         if mode == "pages":
             page = jnp.maximum(addr_ref[t, c], 0)
             pltpu.make_async_copy(data_hbm.at[page], buf.at[b], sems.at[b]).start()
