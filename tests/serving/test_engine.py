@@ -155,9 +155,9 @@ def test_bad_requests(args, match: str) -> None:
         engine.abort(99)
 
 
-def test_host_placement_gives_the_device_tokens_and_frees_its_sequences() -> None:
+def test_host_placement_gives_the_device_tokens_under_preemption() -> None:
     """The indexer on the host (Rust, one IndexerKeyCache per layer) against the device (FP8 both ways);
-    a pool of 5 pages of 16 forces preemptions, whose host sequences must be freed and rebuilt."""
+    a pool of 5 pages of 16 forces preemptions, after which the recomputed rows rewrite the host pages."""
     kw = dict(num_pages=5, page_size=16, max_tokens_per_step=16, max_model_len=64, backend="xla")
     device = Engine(PARAMS, CFG, placement="device", **kw).generate(PROMPTS, MAX_NEW)
     host_engine = Engine(PARAMS, CFG, placement="host", host_threads=1, **kw)
@@ -201,7 +201,7 @@ def test_shared_prefixes_are_adopted_not_recomputed() -> None:
     assert len(shared.free_pages) == 24
 
 
-def test_host_placement_forks_shared_prefixes() -> None:
+def test_host_placement_reads_shared_prefixes_through_the_tables() -> None:
     """On the host the adopting request reads the donor's blocks through its own block table (no fork:
     the host caches are addressed by the engine's tables)."""
     kw = dict(num_pages=12, page_size=16, max_tokens_per_step=16, max_model_len=64, backend="xla")

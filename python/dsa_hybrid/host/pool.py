@@ -4,7 +4,8 @@ The serving engine takes blocks from one pool and keeps one block table per requ
 (latent rows, device indexer, host indexer), so a block id means the same token positions in all of them.
 The pool knows nothing of page layouts. A block held by several requests (a shared prefix) has a count
 above one and returns to the free list when its last holder releases it; copy-on-write of a shared
-partial page is the caller's job (`IndexerKeyCache.copy_block` and its twins copy the bytes).
+partial page is the caller's job (`IndexerKeyCache.copy_block` copies a page's bytes; the engine only
+ever shares whole computed pages, so it needs none).
 
 Order: a fresh pool hands out the lowest ids first; `release` takes its blocks in reverse order, so a run
 released and allocated again comes back in the same order (as the engine's former `PagePool` did).
