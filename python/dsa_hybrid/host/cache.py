@@ -7,8 +7,9 @@ block tables over a shared block pool with reference counts: `fork` shares pages
 partial page copies it first, `truncate` and `free` return pages to the pool.
 
 Thread safety: every method may be called from several Python threads. One read-write lock per cache:
-reads (select, scores, gather, slots) run concurrently, writes one at a time; appends, gathers, dequantize and slots run with the GIL released, so other
-Python threads (and other caches) proceed meanwhile. The `pages()` view is live (zero-copy, read-only,
+reads (select, scores, gather, slots) run concurrently, writes one at a time; appends, gathers,
+dequantize, slots and the selections run with the GIL released, so other Python threads (and other
+caches) proceed meanwhile. The `pages()` view is live (zero-copy, read-only,
 and it cannot be made writeable or resized, so it cannot break the cache): read it while no append is
 running on another thread (or copy it) to see a consistent state.
 
