@@ -7,9 +7,11 @@
 It runs the real TPU compiler (libtpu: `pip install "dsa_hybrid[tpu-compile]"`, the version jax's own
 `tpu` extra pins) against TPU topologies from `jax.experimental.topologies`, compiling each kernel
 through the public API exactly as a user would: `sparse_mla(..., backend="auto")`,
-`prefix_mla(..., backend="auto")` and `select_topk_device(..., backend="auto")` under
-`jax.default_device(<TPU device>)`, with `jax.ShapeDtypeStruct` arguments on that device. "auto" must
-choose the Pallas kernels for the TPU target (a compiled program without a Mosaic kernel is a failure).
+`prefix_mla(..., backend="auto")`, `select_topk_device(..., backend="auto")` (its chunk scan runs the
+`topk_select` kernel too) and the top-k select on its own, `ops.tpu.topk.topk_select(...)` (whose
+default `interpret=None` follows the target the same way), under `jax.default_device(<TPU device>)`,
+with `jax.ShapeDtypeStruct` arguments on that device. "auto" must choose the Pallas kernels for the TPU
+target (a compiled program without a Mosaic kernel is a failure).
 
 For each kernel × chip × shape the table prints whether it compiled (or the error's first line),
 the VMEM the kernel computes for its blocks and scratch (and the limit it asks for), the compiled
@@ -58,14 +60,17 @@ MODELS = {  # name: (MLA heads, indexer heads)
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    kernel: str  # "sparse_mla", "prefix_mla", "indexer"
+    kernel: str  # "sparse_mla", "prefix_mla", "indexer", "topk"
     model: str
-    heads: int  # MLA heads (sparse/prefix) or indexer heads
+    heads: int  # MLA heads (sparse/prefix) or indexer heads (0 for topk)
     tokens: int
     kind: str = ""  # latent cache format (sparse/prefix)
+    columns: int = 0  # scores per row (topk)
 
     @property
     def shape(self) -> str:
+        if self.kernel == "topk":
+            return f"k={K} T={self.tokens} L={self.columns}"
         what = f"h={self.heads}" if self.kernel != "indexer" else f"H_I={self.heads}"
         kind = f" {self.kind}" if self.kind else ""
         return f"{self.model} {what} T={self.tokens}{kind}"
@@ -83,11 +88,18 @@ def all_cases() -> list[Case]:
                     out.append(Case("prefix_mla", model, heads, T, kind))
         for T in (1, 13, 100):
             out.append(Case("indexer", model, hi, T))
+    for T in (1, 13, 64):  # the top-k select on its own: decode, a prefill chunk, a batch; contexts to 128K
+        for L in (4096, 32768, 131072):
+            out.append(_topk_case(T, L))
     return out
 
 
+def _topk_case(tokens: int, columns: int) -> Case:
+    return Case("topk", "", 0, tokens, columns=columns)
+
+
 def ci_cases() -> list[Case]:
-    """The representative subset CI compiles for every chip (a few minutes in all)."""
+    """The representative subset CI compiles for every chip (about a minute in all)."""
     return [
         Case("sparse_mla", "V3.2", 128, 1, "bf16"),
         Case("sparse_mla", "V3.2", 128, 1, "fp8"),
@@ -98,6 +110,9 @@ def ci_cases() -> list[Case]:
         Case("prefix_mla", "GLM-5", 8, 100, "bf16"),
         Case("indexer", "V3.2", 64, 1),
         Case("indexer", "GLM-5", 32, 13),
+        _topk_case(1, 4096),
+        _topk_case(13, 32768),
+        _topk_case(64, 131072),
     ]
 
 
@@ -134,8 +149,12 @@ def build(case: Case, dev: Any, pages: int = CONTEXT_PAGES) -> tuple[Any, tuple[
     from dsa_hybrid.ops.indexer import IndexerPages, select_topk_device
     from dsa_hybrid.ops.latent_cache import LatentCache
     from dsa_hybrid.ops.sparse_mla import prefix_mla, sparse_mla
+    from dsa_hybrid.ops.tpu.topk import topk_select
 
     T, h = case.tokens, case.heads
+    if case.kernel == "topk":  # interpret=None: the compiled kernel for the TPU target in context
+        fn = lambda s, n: topk_select(s, n, K, with_nan_flag=True)  # noqa: E731
+        return fn, (_spec(dev, (T, case.columns), jnp.float32), _spec(dev, (T,), jnp.int32))
     scale = 0.1352338
     if case.kernel == "indexer":
         index = _on(dev, jax.eval_shape(lambda: IndexerPages.create(pages, PAGE, 128)))
@@ -167,6 +186,7 @@ class Result:
     vmem_limit: int | None = None
     blocks: str = ""
     args_bytes: int = 0
+    out_bytes: int = 0
     temp_bytes: int = 0
     flops: float = 0.0
     bytes_accessed: float = 0.0
@@ -180,6 +200,8 @@ def roofline(case: Case, chip: str) -> tuple[float, float, float]:
     if case.kernel == "indexer":
         L = CONTEXT_PAGES * PAGE
         nbytes, flops = T * L * INDEXER_BYTES, 2 * T * case.heads * 128 * L
+    elif case.kernel == "topk":  # one read of the float32 scores (no MXU work to speak of)
+        nbytes, flops = T * case.columns * 4, 0
     else:  # K rows per token (a prefix path row at full length reads K positions too)
         nbytes, flops = T * K * FORMAT_BYTES[case.kind], 2 * T * case.heads * K * (576 + 512)
     return nbytes, flops, max(nbytes / bw, flops / peak)
@@ -215,6 +237,7 @@ def compile_case(case: Case, chip: str) -> Result:
         vmem_limit=max((x["vmem_limit"] or 0 for x in launches), default=0) or None,
         blocks="; ".join(_blocks(x) for x in {x["name"]: x for x in launches}.values()),
         args_bytes=int(mem.argument_size_in_bytes),
+        out_bytes=int(mem.output_size_in_bytes),
         temp_bytes=int(mem.temp_size_in_bytes),
         flops=float(cost.get("flops", 0.0)),
         bytes_accessed=float(cost.get("bytes accessed", 0.0)),
@@ -372,7 +395,7 @@ def probe_scoped_vmem(chip: str) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--chips", nargs="+", default=list(CHIPS), choices=list(CHIPS))
-    ap.add_argument("--kernels", nargs="+", default=["sparse_mla", "prefix_mla", "indexer"])
+    ap.add_argument("--kernels", nargs="+", default=["sparse_mla", "prefix_mla", "indexer", "topk"])
     ap.add_argument("--all", action="store_true", help="every listed shape, not only the CI set")
     ap.add_argument("--memory", action="store_true", help="also the allocated bytes per token of each cache format")
     ap.add_argument("--layer", action="store_true", help="also which kernels a compiled dsa_attention layer uses")

@@ -1,7 +1,8 @@
 """Every Pallas kernel compiles with the real TPU compiler (libtpu, ahead of time, no TPU needed) for v5e,
 v6e, v5p and TPU7x, through the public API with backend "auto" under a TPU default device
 (`tpu/compile.py`'s CI set: DeepSeek-V3.2 and GLM-5 shapes, decode and prefill chunks, bf16 and FP8
-caches, full heads and tensor-parallel splits).
+caches, full heads and tensor-parallel splits; the exact top-k select `ops.tpu.topk.topk_select` on its
+own at k = 2048 for 1 row × 4K, 13 × 32K and 64 × 128K scores).
 
 Without libtpu the tests skip, unless `DSA_HYBRID_REQUIRE_TPU_COMPILE=1` (CI sets it): then they fail,
 so a CI image that lost the compiler cannot pass silently. Install it with
@@ -44,10 +45,17 @@ def tpu_compiler() -> None:
 def test_kernel_compiles_for_the_chip(tpu_compiler, case, chip: str) -> None:
     result = aot.compile_case(case, chip)
     assert result.ok, f"{case.kernel} {case.shape} on {chip}: {result.error}"
-    expected = {"sparse_mla": "sparse_mla_rows", "prefix_mla": "sparse_mla_pages", "indexer": "indexer_scores"}
+    expected = {
+        "sparse_mla": "sparse_mla_rows",
+        "prefix_mla": "sparse_mla_pages",
+        "indexer": "indexer_scores",
+        "topk": "topk_select",
+    }
     assert any(k.startswith(expected[case.kernel]) for k in result.kernels), result.kernels
     if case.kernel == "indexer":
-        assert "topk_threshold" in result.kernels  # the exact device top-k runs on the TPU too
+        assert "topk_select" in result.kernels  # the chunk scan's exact top-k runs on the TPU too
+    if case.kernel == "topk":  # [T, k] int32 positions (and the NaN flags) come back from the device
+        assert result.out_bytes >= case.tokens * aot.K * 4
     # The kernel's own VMEM accounting fits the chip's default scoped VMEM (or asks for a limit).
     assert 0 < result.vmem <= (result.vmem_limit or block_sizes.SCOPED_VMEM_DEFAULT[chip])
 

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 import warnings
-from typing import TextIO
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -64,12 +64,13 @@ def bench_topk(t: Table, lengths: list[int]) -> None:
     t.title("host top-k, k = 2048, 1 thread (ratio: the fastest baseline's time / ours)")
     t.header("L", "rows", "ours ms", "numpy ms", "jax ms", "torch ms", "faster than best", "× one np.max read")
     jax_topk = jax.jit(lambda x: jax.lax.top_k(x, 2048)[1])
+    torch: Any = None  # an optional baseline
     try:
         import torch
 
         torch.set_num_threads(1)
     except ImportError:
-        torch = None
+        pass
     rng = np.random.default_rng(0)
     for L in lengths:
         rows = max(1, min(8, 2**20 // L))

@@ -10,14 +10,17 @@ unchanged (a view of the bytes), so the host and the device can take turns at in
 
 `select_topk_device` scores every visible key of each query row from those pages and keeps its top-k.
 It walks the keys in chunks with a running top-k, so a long prefill never holds a `[T, L]` score
-matrix, only `[rows, chunk]` at a time. On the XLA path the merge is a stable `lax.top_k` over
-`[running | chunk]` (equal scores keep the lower position, as dsa.md §5 asks). On the Pallas path
-(`backend="pallas_tpu"`, or "auto" on a TPU target) the chunk is scored by `ops.tpu.indexer` (one MXU
-matmul for all rows × heads of a block when they read the same pages) and merged by the exact radix
-threshold of `ops.tpu.topk` — no sort: the running entries are kept in ascending position, so the
-leftmost ties it keeps are the lowest positions, and the result comes out ascending. The scores are
-exact FP8 products accumulated in float32 (as on the host, in another order: rows may differ from the
-host's only among near-ties).
+matrix, only `[rows, chunk]` at a time. Each step merges `[running k | chunk]` with the exact top-k
+select of `ops.tpu.topk`, no sort: on the Pallas path (`backend="pallas_tpu"`, or "auto" on a TPU
+target, where the chunk is also scored by `ops.tpu.indexer`: one MXU matmul for all rows × heads of a
+block when they read the same pages) the kernel `topk_select`, on the XLA path its twin
+`topk_select_xla` (which replaced a stable `lax.top_k` and a final sort: the same set, and faster
+merges on CPU for decode rows). Both return the chosen columns ascending, ties to the lowest column.
+The running entries are kept in ascending position, so that is the lowest position (dsa.md §5) and
+the kept entries stay ascending; the unfilled (−inf) running entries are always the leftmost, so the
+end rotates them behind the positions as the −1 padding. The scores are exact FP8 products
+accumulated in float32 (as on the host, in another order: rows may differ from the host's only among
+near-ties).
 
 On a TPU the codes are read in place by the scoring kernel (uint8 pages, reinterpreted in VMEM; no
 converted copy of the cache), and both arrays compile to exactly 132 bytes per token: `[P, 64, 128]`
@@ -305,6 +308,7 @@ def select_topk_device(
         if backend == "pallas_tpu":
             from dsa_hybrid.ops.tpu.indexer import score_pages_tpu
 
+            assert isinstance(pages, IndexerPages)  # the Pallas scorer reads FP8 pages only
             u = score_pages_tpu(q8, head_w, pages.codes, safe, exact_in_bf16=quantize, interpret=interpret)
             scores = u * pages.scales[safe].reshape(T, -1)  # the key scale after the head sum, as the host
             return jnp.where(visible, scores + 0.0, -jnp.inf)
@@ -313,6 +317,10 @@ def select_topk_device(
         scores = jnp.einsum("th,thl->tl", head_w, jnp.maximum(dots, 0.0), precision=_HIGHEST) * sk
         return jnp.where(visible, scores + 0.0, -jnp.inf)  # + 0.0: −0.0 ties with +0.0
 
+    from dsa_hybrid.ops.tpu.topk import topk_select, topk_select_xla
+
+    width = jnp.full((T,), k + chunk_len, jnp.int32)  # every column of `[running | chunk]`
+
     def chunk_step(carry, c):
         best_val, best_pos = carry
         tab = jax.lax.dynamic_slice_in_dim(tables, c * pages_per_chunk, pages_per_chunk, axis=1)  # [T, ppc]
@@ -320,25 +328,20 @@ def select_topk_device(
         pos = c * chunk_len + jnp.arange(chunk_len, dtype=jnp.int32)
         vals = jnp.concatenate([best_val, scores], axis=1)
         cand = jnp.concatenate([best_pos, jnp.broadcast_to(pos, (T, chunk_len))], axis=1)
+        # The k best columns, ascending, ties to the lowest column. `cand` is nondecreasing along a row
+        # (the running entries: unfilled −1 first, then ascending positions; the chunk's positions are
+        # larger), so ties go to the lowest position and the kept entries stay in that order.
         if backend == "pallas_tpu":
-            # Exact radix threshold on the TPU; the running entries stay in ascending position (earlier,
-            # lower positions first), so the leftmost ties the kernel keeps are the lowest positions.
-            from dsa_hybrid.ops.tpu.topk import select_mask, topk_threshold
-
-            keep = select_mask(vals, topk_threshold(vals, k, interpret=interpret))
-            dest = jnp.where(keep, jnp.cumsum(keep, axis=1, dtype=jnp.int32) - 1, k)
-            rows = jnp.arange(T)[:, None]
-            top_val = jnp.full((T, k), -jnp.inf, jnp.float32).at[rows, dest].set(vals, mode="drop")
-            return (top_val, jnp.full((T, k), -1, jnp.int32).at[rows, dest].set(cand, mode="drop")), None
-        top_val, top_idx = jax.lax.top_k(vals, k)  # stable: equal scores keep the lower position
-        return (top_val, jnp.take_along_axis(cand, top_idx, axis=1)), None
+            cols = topk_select(vals, width, k, interpret=interpret)
+        else:
+            cols = topk_select_xla(vals, width, k)
+        return (jnp.take_along_axis(vals, cols, axis=1), jnp.take_along_axis(cand, cols, axis=1)), None
 
     init = (jnp.full((T, k), -jnp.inf, jnp.float32), jnp.full((T, k), -1, jnp.int32))
     (best_val, best_pos), _ = jax.lax.scan(chunk_step, init, jnp.arange(n_chunks))
     chosen = jnp.where(best_val > -jnp.inf, best_pos, -1)
-    if backend == "pallas_tpu":
-        return chosen  # already ascending, −1 padding last
-    # Ascending positions, −1 padding last.
-    big = jnp.iinfo(jnp.int32).max
-    ordered = jnp.sort(jnp.where(chosen < 0, big, chosen), axis=1)
-    return jnp.where(ordered == big, -1, ordered)
+    # Unfilled entries (−inf: fewer than k visible keys) are the leftmost ones (an unfilled running entry
+    # ties every invisible key of a chunk and sits in a lower column): rotate them to the end as the
+    # −1 padding. No sort: the rest is already ascending.
+    unfilled = jnp.sum(best_val == -jnp.inf, axis=1, dtype=jnp.int32)
+    return jnp.take_along_axis(chosen, (jnp.arange(k, dtype=jnp.int32)[None, :] + unfilled[:, None]) % k, axis=1)

@@ -1,5 +1,6 @@
-"""The Pallas TPU indexer scoring kernel (`ops.tpu.indexer`) in TPU interpret mode, against the XLA path and
-the host `IndexerKeyCache.select` on the same FP8 pages."""
+"""The Pallas TPU indexer path in TPU interpret mode: the scoring kernel (`ops.tpu.indexer`) and the running
+top-k merged by the `ops.tpu.topk.topk_select` kernel, against the XLA path and the host
+`IndexerKeyCache.select` on the same FP8 pages (the kernel's own oracle tests: `test_pallas_topk.py`)."""
 
 from __future__ import annotations
 
@@ -47,38 +48,37 @@ def test_pallas_kernel_in_interpret_mode_matches_the_xla_path(quantize_queries: 
     np.testing.assert_array_equal(np.asarray(got), host)
 
 
-def _strict():
+def test_pallas_chunk_scan_pads_short_rows_last_without_a_sort() -> None:
+    """Rows with fewer visible keys than k across several chunks: the running top-k's unfilled (−inf)
+    entries stay leftmost in every `topk_select` merge and end up as the −1 padding after the
+    positions; filled rows stay ascending. Against the XLA path and the host, bit for bit."""
     from jax.experimental.pallas import tpu as pltpu
 
-    return pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan")
-
-
-@pytest.mark.parametrize("k", [1, 7, 64, 200])
-def test_radix_threshold_selects_exactly_the_oracle_set_with_ties(k: int) -> None:
-    """The Pallas top-k threshold (interpret mode) against `reference.select_topk`: many exact ties
-    (scores drawn from a handful of values, ±0.0 mixed), −inf entries, negative scores, k = N."""
-    from jax.experimental.pallas import tpu as pltpu
-
-    from dsa_hybrid import reference as ref
-    from dsa_hybrid.ops.tpu.topk import select_mask, topk_threshold
-
-    rng = np.random.default_rng(k)
-    T, N = 11, 200
-    vals = rng.choice(np.array([-3.5, -1.0, -0.0, 0.0, 0.25, 2.0, 1e30, -1e-30], np.float32), (T, N))
-    vals[3] = rng.standard_normal(N).astype(np.float32)  # a row without ties
-    vals[4, 50:] = -np.inf  # fewer finite entries than k for large k
-    vals[5] = -np.inf  # nothing finite
+    rng = np.random.default_rng(2)
+    cache = dh.IndexerKeyCache(num_blocks=40, block_size=16, head_dim=32)
+    cache.add_sequence(3)
+    cache.append(3, rng.standard_normal((600, 32)).astype(np.float32))
+    dev = IndexerPages.from_host_pages(cache.pages(), 16, 32)
+    q = jnp.asarray(rng.standard_normal((4, 4, 32)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((4, 4)) / 2, jnp.float32)
+    pos = jnp.array([599, 30, 0, 300], jnp.int32)
+    tables = jnp.asarray(np.tile(cache.block_table(3), (4, 1)))
     try:
-        thr = topk_threshold(jnp.asarray(vals), k, rows_per_step=8, interpret=_strict())
+        got = np.asarray(
+            select_topk_device(
+                q, w, dev, tables, pos, 32, key_chunk=128, backend="pallas_tpu", interpret=pltpu.InterpretParams()
+            )
+        )
     finally:
         pltpu.reset_tpu_interpret_mode_state()
-    keep = np.asarray(select_mask(jnp.asarray(vals), thr))
-    finite = np.isfinite(vals)
-    want = ref.select_topk(np.where(finite, vals.astype(np.float64), -1e300), np.full(T, N - 1), k)
-    for t in range(T):
-        got_set = set(np.nonzero(keep[t])[0].tolist())
-        want_set = {int(p) for p in want[t] if p >= 0 and finite[t, p]}
-        assert got_set == want_set, t
+    np.testing.assert_array_equal(got[1], list(range(31)) + [-1])  # 31 visible keys, k = 32
+    np.testing.assert_array_equal(got[2], [0] + [-1] * 31)  # a row at position 0 sees one key
+    np.testing.assert_array_equal(got, np.asarray(select_topk_device(q, w, dev, tables, pos, 32, key_chunk=128)))
+    host = cache.select([3] * 4, np.asarray(q), np.asarray(w), np.asarray(pos), 32)
+    np.testing.assert_array_equal(got, host)
+    for row in got:
+        sel = row[row >= 0]
+        assert np.all(np.diff(sel) > 0) and np.all(row[sel.size :] == -1)
 
 
 def test_pallas_indexer_under_hypothesis_matches_host_and_oracle() -> None:

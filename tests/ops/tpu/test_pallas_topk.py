@@ -1,15 +1,15 @@
-"""The exact top-k select (`ops.tpu.topk_select`, dsa.md §5): the Pallas kernel in TPU interpret mode and its XLA twin,
-against `reference.select_topk` and the host `dsa_hybrid.topk`; and the kernel compiled ahead of time by the
-real TPU compiler for v5e, v6e, v5p and TPU7x (skipped without libtpu unless DSA_HYBRID_REQUIRE_TPU_COMPILE=1).
+"""The exact top-k select (`ops.tpu.topk`, dsa.md §5): the Pallas kernel `topk_select` in TPU interpret mode
+(race detection on, uninitialised memory NaN) and its XLA twin `topk_select_xla`, against
+`reference.select_topk` and the host `dsa_hybrid.topk`, and the launch's VMEM accounting. The real TPU
+compiler builds the kernel ahead of time for v5e, v6e, v5p and TPU7x in `tests/tpu/test_aot_compile.py`
+(`tpu/compile.py`'s CI set: k = 2048, 1 × 4K, 13 × 32K and 64 × 128K scores). Their use as the
+running top-k of `select_topk_device` is tested in `test_pallas_indexer.py` and `test_xla_indexer.py`.
 
 Interpret-mode calls are padded to a few fixed shapes (8 rows; 2048 or 3072 columns) so that hypothesis
 compiles the kernel a handful of times; the padding (junk scores: NaN, +inf, huge values) is invisible
 and must never be selected."""
 
 from __future__ import annotations
-
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 import dsa_hybrid as dh
 from dsa_hybrid import reference as ref
-from dsa_hybrid.ops.tpu.topk_select import order_keys, topk_select, topk_select_xla
+from dsa_hybrid.ops.tpu import block_sizes
+from dsa_hybrid.ops.tpu.topk import order_keys, topk_select, topk_select_xla, vmem_bytes
 
 KS = (1, 5, 64, 256, 2048)
 ROWS = 8  # interpret-mode calls: rows padded to this
@@ -140,6 +141,38 @@ def test_kernel_in_interpret_mode_matches_the_reference_and_the_host(problem) ->
     assert not nan.any()
 
 
+@pytest.mark.parametrize("k", [1, 7, 64, 200])
+def test_kernel_selects_exactly_the_oracle_set_with_ties(k: int) -> None:
+    """11 rows (not a whole vreg of rows) of 200 scores drawn from a handful of values (many exact ties,
+    ±0.0 mixed, 1e30, −1e-30), a row without ties, −inf entries (fewer finite scores than k for large
+    k), a row with nothing finite, k = N: the finite positions chosen are exactly the oracle's set over
+    the finite scores, and the whole selection (−inf picked by position when short) is the reference's
+    and the host's, bit for bit."""
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as state
+    from jax.experimental.pallas import tpu as pltpu
+
+    rng = np.random.default_rng(k)
+    T, N = 11, 200
+    vals = rng.choice(np.array([-3.5, -1.0, -0.0, 0.0, 0.25, 2.0, 1e30, -1e-30], np.float32), (T, N))
+    vals[3] = rng.standard_normal(N).astype(np.float32)  # a row without ties
+    vals[4, 50:] = -np.inf  # fewer finite entries than k for large k
+    vals[5] = -np.inf  # nothing finite
+    lengths = np.full(T, N, np.int32)
+    try:
+        got = np.asarray(topk_select(jnp.asarray(vals), jnp.asarray(lengths), k, interpret=_strict()))
+        assert state.races is not None and not state.races.races_found
+    finally:
+        pltpu.reset_tpu_interpret_mode_state()
+    finite = np.isfinite(vals)
+    want = ref.select_topk(np.where(finite, vals.astype(np.float64), -1e300), np.full(T, N - 1), k)
+    for t in range(T):
+        got_set = {int(p) for p in got[t] if p >= 0 and finite[t, p]}
+        want_set = {int(p) for p in want[t] if p >= 0 and finite[t, p]}
+        assert got_set == want_set, t
+    _check_against_oracles(vals, lengths, k, got)
+    np.testing.assert_array_equal(got, _xla(vals, lengths, k)[0])
+
+
 def _edge_rows(k: int) -> tuple[np.ndarray, np.ndarray]:
     """Eight rows of `_width(k)` columns: boundary ties, all-equal, ±0.0, ±inf, empty and short rows."""
     W = _width(k)
@@ -239,38 +272,27 @@ def test_xla_twin_is_a_stable_top_k() -> None:
     np.testing.assert_array_equal(cols, np.sort(np.asarray(want), axis=1))
 
 
-# ---------------------------------------------------------------------------------------------
-# The real TPU compiler (ahead of time, no TPU needed)
-# ---------------------------------------------------------------------------------------------
+def test_launch_records_its_vmem_and_asks_for_a_limit_only_when_needed() -> None:
+    """As every `ops.tpu` kernel: the launch records its VMEM need (`block_sizes.LAUNCHES`, the VMEM
+    column of `tpu/compile.py`), asks for `vmem_limit_bytes` only past the default scoped VMEM, and
+    refuses rows that cannot fit the chip's VMEM. Traced only (`jax.eval_shape`), nothing runs."""
 
-CHIPS = ("v5e:2x2", "v6e:2x2", "v5p:2x2x1", "tpu7x:2x2x1")
-
-
-def _need_libtpu() -> None:
-    if importlib.util.find_spec("libtpu") is None:
-        if os.environ.get("DSA_HYBRID_REQUIRE_TPU_COMPILE") == "1":
-            pytest.fail("libtpu is not installed and DSA_HYBRID_REQUIRE_TPU_COMPILE=1")
-        pytest.skip("libtpu is not installed (pip install 'jax[tpu]') to compile for TPUs")
-
-
-@pytest.mark.parametrize("chip", CHIPS)
-@pytest.mark.parametrize("T,L", [(1, 4096), (13, 32768), (64, 131072)])
-def test_kernel_compiles_for_real_tpus(chip: str, T: int, L: int) -> None:
-    _need_libtpu()
-    from jax.experimental import topologies
-    from jax.sharding import SingleDeviceSharding
-
-    dev = topologies.get_topology_desc(topology_name=chip, platform="tpu").devices[0]
-    where = SingleDeviceSharding(dev)
-    with jax.default_device(dev):
-        compiled = (
-            jax.jit(lambda s, n: topk_select(s, n, 2048, with_nan_flag=True))
-            .lower(
-                jax.ShapeDtypeStruct((T, L), jnp.float32, sharding=where),
-                jax.ShapeDtypeStruct((T,), jnp.int32, sharding=where),
-            )
-            .compile()
+    def launch(T: int, L: int, k: int) -> dict:
+        block_sizes.LAUNCHES.clear()
+        out = jax.eval_shape(
+            lambda s, n: topk_select(s, n, k, interpret=True),
+            jax.ShapeDtypeStruct((T, L), jnp.float32),
+            jax.ShapeDtypeStruct((T,), jnp.int32),
         )
-    assert "tpu_custom_call" in compiled.as_text()
-    out = compiled.memory_analysis().output_size_in_bytes
-    assert out >= T * 2048 * 4
+        assert out.shape == (T, k) and out.dtype == jnp.int32
+        (rec,) = [x for x in block_sizes.LAUNCHES if x["name"] == "topk_select"]
+        return rec
+
+    small = launch(13, 32768, 2048)
+    assert small["vmem_need"] == vmem_bytes(32768, 2048) and small["vmem_limit"] is None
+    assert small["width"] == 32768 and small["step_vregs"] == 8
+    assert 12 * 32768 <= small["vmem_need"] <= 12 * 32768 + (1 << 20)  # about 12 bytes per column
+    long = launch(1, 1 << 21, 2048)  # 2M columns: past the default scoped VMEM
+    assert long["vmem_need"] > 16 << 20 and long["vmem_limit"] >= long["vmem_need"]
+    with pytest.raises(ValueError, match="VMEM"):
+        launch(1, 1 << 23, 2048)  # 8M columns: more than a TensorCore's VMEM
