@@ -484,3 +484,87 @@ def indexer_kl_loss(attn_probs: np.ndarray, scores: np.ndarray, selected: np.nda
     has_mass = p > 0  # 0 · log 0 = 0, also where log_q = −inf
     terms = np.where(has_mass, p * (np.log(np.where(has_mass, p, 1.0)) - np.where(has_mass, log_q, 0.0)), 0.0)
     return float(terms.sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# MoE block (DeepSeek-V3 / V3.2 and GLM-5: transformers' `DeepseekV3MoE`, `GlmMoeDsaMoE`)
+# ---------------------------------------------------------------------------------------------
+
+
+def _topk_stable(x: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the `k` largest entries of each row, largest first; ties go to the lower index
+    (as `jax.lax.top_k`; torch leaves the order of ties unspecified)."""
+    return np.argsort(-x, axis=-1, kind="stable")[..., :k]
+
+
+def moe_route(
+    router_logits: np.ndarray,
+    e_score_correction_bias: np.ndarray,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    norm_topk_prob: bool,
+    routed_scaling_factor: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """transformers' `route_tokens_to_experts`: sigmoid scores; the correction bias is added for the
+    choice only; each group of `E / n_group` experts is scored by the sum of its top-2 biased scores;
+    only the `topk_group` best groups stay eligible; the `top_k` best eligible experts are chosen; their
+    weights are the unbiased scores, normalised to sum 1 if `norm_topk_prob` (+1e-20), times
+    `routed_scaling_factor`. Returns `(indices int [T, top_k], weights float64 [T, top_k])`."""
+    scores = 1.0 / (1.0 + np.exp(-_f64(router_logits)))
+    T, E = scores.shape
+    choice = scores + _f64(e_score_correction_bias)
+    grouped = choice.reshape(T, n_group, E // n_group)
+    group_scores = np.sort(grouped, axis=-1)[..., ::-1][..., :2].sum(axis=-1)
+    groups = _topk_stable(group_scores, topk_group)
+    group_mask = np.zeros((T, n_group), bool)
+    np.put_along_axis(group_mask, groups, True, axis=1)
+    expert_mask = np.repeat(group_mask, E // n_group, axis=1)
+    masked = np.where(expert_mask, choice, -np.inf)
+    idx = _topk_stable(masked, top_k)
+    weights = np.take_along_axis(scores, idx, axis=1)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
+    return idx, weights * routed_scaling_factor
+
+
+def swiglu_mlp(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
+    """`down(silu(gate(x)) · up(x))`, linear weights `[out, in]`."""
+    x = _f64(x)
+    g = x @ _f64(gate).T
+    return ((g / (1.0 + np.exp(-g))) * (x @ _f64(up).T)) @ _f64(down).T
+
+
+def moe_block(
+    x: np.ndarray,
+    router: np.ndarray,
+    e_score_correction_bias: np.ndarray,
+    experts_gate: np.ndarray,
+    experts_up: np.ndarray,
+    experts_down: np.ndarray,
+    shared_gate: np.ndarray | None,
+    shared_up: np.ndarray | None,
+    shared_down: np.ndarray | None,
+    *,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    norm_topk_prob: bool,
+    routed_scaling_factor: float,
+) -> np.ndarray:
+    """The MoE MLP of one token batch `x` `[T, d]`: router `[E, d]`, routed experts' SwiGLU weights
+    `experts_gate`/`experts_up` `[E, I, d]` and `experts_down` `[E, d, I]`, plus the shared experts'
+    SwiGLU (`[n_shared·I, d]`, ..., or None) applied to every token. Each token, one at a time:
+    `Σ_j w_j · expert_{e_j}(x) + shared(x)` with `(e, w) = moe_route(x @ router.T, ...)`."""
+    x = _f64(x)
+    idx, weights = moe_route(
+        x @ _f64(router).T, e_score_correction_bias, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor
+    )
+    out = np.zeros_like(x)
+    for t in range(x.shape[0]):
+        for e, w in zip(idx[t], weights[t], strict=True):
+            out[t] += w * swiglu_mlp(x[t : t + 1], experts_gate[e], experts_up[e], experts_down[e])[0]
+    if shared_gate is not None:
+        assert shared_up is not None and shared_down is not None
+        out += swiglu_mlp(x, shared_gate, shared_up, shared_down)
+    return out

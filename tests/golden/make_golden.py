@@ -9,6 +9,12 @@ so selection drops tokens), and writes `<model>/config.json`, `<model>/model.saf
 weights under their checkpoint names) and `<model>/io.npz` (inputs, outputs, top-k indices). Seeds are
 chosen so that no row's top-k depends on tie-breaking: the gap between the k-th and (k+1)-th indexer
 score (recomputed in float64) must exceed 1e-4 relative.
+
+`python tests/golden/make_golden.py moe` writes only the MoE language models (`<model>_moe_lm/`): tiny
+DeepseekV32ForCausalLM (group-limited routing that drops groups) and GlmMoeDsaForCausalLM (with "shared"
+indexer layers), their first layer dense and the others MoE, a random `e_score_correction_bias`; the
+checkpoint is written with one tensor per expert (`mlp.experts.{e}.{gate,up,down}_proj.weight`), as the
+released checkpoints are; `io.npz` holds the prompt, the prompt's logits and 12 greedy tokens.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from dsa_hybrid import DSAConfig  # noqa: E402
 from dsa_hybrid import reference as ref  # noqa: E402
 from dsa_hybrid.models.checkpoint import write_safetensors  # noqa: E402
 
+LM_CLASSES = {"deepseek_v32": v32.DeepseekV32ForCausalLM, "glm_moe_dsa": glm.GlmMoeDsaForCausalLM}
 MODELS = {
     "deepseek_v32": (v32.DeepseekV32Config, v32.DeepseekV32Attention, v32.DeepseekV32RotaryEmbedding),
     "glm_moe_dsa": (glm.GlmMoeDsaConfig, glm.GlmMoeDsaAttention, glm.GlmMoeDsaRotaryEmbedding),
@@ -142,7 +149,77 @@ def generate_lm(seed: int) -> bool:
     return True
 
 
+def moe_tiny(model_type: str) -> DSAConfig:
+    cfg = DSAConfig.tiny(model_type).replace(index_n_heads=8, first_k_dense_replace=1)
+    if model_type == "glm_moe_dsa":
+        return cfg.replace(num_hidden_layers=4, indexer_types=("full", "shared", "full", "shared"))
+    return cfg.replace(num_hidden_layers=3)  # 8 experts in 4 groups of 2, 2 groups kept, 2 experts per token
+
+
+def per_expert(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """transformers' fused expert tensors (`experts.gate_up_proj [E, 2I, d]`, `experts.down_proj`) split
+    into the released checkpoints' per-expert names."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith("mlp.experts.gate_up_proj"):
+            p, inter = k.removesuffix("gate_up_proj"), v.shape[1] // 2
+            for e in range(v.shape[0]):
+                out[f"{p}{e}.gate_proj.weight"], out[f"{p}{e}.up_proj.weight"] = v[e, :inter], v[e, inter:]
+        elif k.endswith("mlp.experts.down_proj"):
+            p = k.removesuffix("down_proj")
+            for e in range(v.shape[0]):
+                out[f"{p}{e}.down_proj.weight"] = v[e]
+        else:
+            out[k] = v
+    return out
+
+
+def generate_moe_lm(model_type: str, seed: int) -> bool:
+    cfg = moe_tiny(model_type)
+    hf = cfg.to_hf_config()
+    hf.pop("model_type")
+    hf_cfg = MODELS[model_type][0](**hf)
+    hf_cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = LM_CLASSES[model_type](hf_cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(
+                1.0 + 0.1 * torch.randn_like(p)
+                if "norm" in name and name.endswith("weight")
+                else 0.1 * torch.randn_like(p)
+            )
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.05 * torch.randn_like(b))
+    prompt = torch.randint(0, cfg.vocab_size, (1, 30))
+    with torch.no_grad():
+        logits = model(prompt, use_cache=False).logits[0]
+        cached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True, output_scores=True,
+                                return_dict_in_generate=True)  # fmt: skip
+        uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)
+    new = cached.sequences[0, 30:]
+    if not torch.equal(new, uncached[0, 30:]):
+        return False
+    margins = [float((s[0].topk(2).values[0] - s[0].topk(2).values[1]) / s[0].abs().max()) for s in cached.scores]
+    if min(margins) < 1e-3:
+        return False
+    d = HERE / f"{model_type}_moe_lm"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(json.dumps(hf_cfg.to_dict() | {"model_type": model_type}, indent=1, default=str))
+    state = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    write_safetensors(d / "model.safetensors", per_expert(state))
+    np.savez_compressed(d / "io.npz", prompt=prompt[0].numpy(), logits=logits.numpy(), generated=new.numpy(), seed=seed)
+    print(f"{model_type}_moe_lm: seed {seed}, smallest top-logit margin {min(margins):.2e}")
+    return True
+
+
 def main() -> None:
+    if sys.argv[1:] == ["moe"]:
+        for model_type in LM_CLASSES:
+            if not any(generate_moe_lm(model_type, seed) for seed in range(20)):
+                raise SystemExit(f"{model_type}_moe_lm: no seed whose greedy generation is free of ties")
+        return
     if not any(generate_lm(seed) for seed in range(20)):
         raise SystemExit("deepseek_v32_lm: no seed whose greedy generation is free of ties")
     for model_type in MODELS:

@@ -28,9 +28,10 @@ def test_greedy_generation_matches_transformers(page_size: int) -> None:
     assert got == io["generated"].tolist()
 
 
-def test_moe_checkpoints_are_refused_clearly() -> None:
+def test_moe_layer_without_its_tensors_names_the_missing_one() -> None:
     cfg = DSAConfig.from_hf_config(GOLDEN / "config.json").replace(first_k_dense_replace=1)
-    with pytest.raises(NotImplementedError, match="MoE layers: not supported yet"):
+    assert cfg.layer_mlp_type(1) == "sparse"
+    with pytest.raises(KeyError, match=r"model\.layers\.1\.mlp\.gate\.weight"):
         ModelParams.from_checkpoint(GOLDEN, cfg)
 
 

@@ -39,6 +39,13 @@ V32_HF = {
     "first_k_dense_replace": 3,
     "max_position_embeddings": 163840,
     "n_routed_experts": 256,
+    "n_group": 8,
+    "topk_group": 4,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 8,
+    "norm_topk_prob": True,
+    "routed_scaling_factor": 2.5,
+    "moe_intermediate_size": 2048,
 }
 
 GLM5_HF = {
@@ -61,6 +68,14 @@ GLM5_HF = {
     "intermediate_size": 12288,
     "first_k_dense_replace": 3,
     "max_position_embeddings": 202752,
+    "n_routed_experts": 256,
+    "n_group": 1,
+    "topk_group": 1,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 8,
+    "norm_topk_prob": True,
+    "routed_scaling_factor": 2.5,
+    "moe_intermediate_size": 2048,
 }
 
 

@@ -46,6 +46,9 @@ HF_NAMES = {
     "idx_k_norm_b": "indexer.k_norm.bias",
     "idx_weights": "indexer.weights_proj.weight",
 }
+# The indexer's parameters: absent (None) in a GLM-5 "shared" layer, which runs no indexer (transformers
+# stores no indexer tensors for it).
+INDEXER_PARAMS = ("idx_wq_b", "idx_wk", "idx_k_norm_w", "idx_k_norm_b", "idx_weights")
 
 
 def param_shapes(cfg: DSAConfig) -> dict[str, tuple[int, ...]]:
@@ -69,7 +72,10 @@ def param_shapes(cfg: DSAConfig) -> dict[str, tuple[int, ...]]:
 
 @dataclasses.dataclass(frozen=True)
 class DSAParams:
-    """The attention and indexer weights of one layer, float32 (a pytree; names in `HF_NAMES`)."""
+    """The attention and indexer weights of one layer, float32 (a pytree; names in `HF_NAMES`).
+
+    The indexer weights (`INDEXER_PARAMS`) are None in a layer without an indexer (GLM-5 "shared":
+    `without_indexer`); such a layer must be given `shared_topk`."""
 
     q_a: jax.Array
     q_a_norm: jax.Array
@@ -78,15 +84,26 @@ class DSAParams:
     kv_a_norm: jax.Array
     kv_b: jax.Array
     o: jax.Array
-    idx_wq_b: jax.Array
-    idx_wk: jax.Array
-    idx_k_norm_w: jax.Array
-    idx_k_norm_b: jax.Array
-    idx_weights: jax.Array
+    idx_wq_b: jax.Array | None
+    idx_wk: jax.Array | None
+    idx_k_norm_w: jax.Array | None
+    idx_k_norm_b: jax.Array | None
+    idx_weights: jax.Array | None
+
+    @property
+    def has_indexer(self) -> bool:
+        return self.idx_wq_b is not None
+
+    def without_indexer(self) -> DSAParams:
+        """The same layer with no indexer weights (a GLM-5 "shared" layer)."""
+        return dataclasses.replace(
+            self, idx_wq_b=None, idx_wk=None, idx_k_norm_w=None, idx_k_norm_b=None, idx_weights=None
+        )
 
     @staticmethod
     def random(cfg: DSAConfig, seed: int = 0, std: float = 0.05) -> DSAParams:
-        """Random weights of the right shapes (norm weights near 1), for tests and benchmarks."""
+        """Random weights of the right shapes (norm weights near 1), for tests and benchmarks (always
+        with indexer weights; `without_indexer()` drops them)."""
         rng = np.random.default_rng(seed)
         arrays = {}
         for name, shape in param_shapes(cfg).items():
@@ -101,12 +118,14 @@ class DSAParams:
     @staticmethod
     def from_state_dict(tensors: Mapping[str, Any], cfg: DSAConfig, layer: int) -> DSAParams:
         """From Hugging Face tensors (`model.layers.{layer}.self_attn.*`, dsa.md §4b), any float dtype.
-        A missing or misshapen tensor raises `KeyError` / `ValueError` naming it."""
+        A missing or misshapen tensor raises `KeyError` / `ValueError` naming it. A "shared" layer
+        (`cfg.layer_indexer_type(layer)`) runs no indexer: its indexer tensors are not read (nor needed)
+        and its indexer parameters are None."""
         prefix = f"model.layers.{layer}.self_attn."
         shapes = param_shapes(cfg)
-        arrays = {}
-        for name, hf in HF_NAMES.items():
-            full = prefix + hf
+        arrays: dict[str, Any] = dict.fromkeys(INDEXER_PARAMS)
+        for name in layer_param_names(cfg, layer):
+            full = prefix + HF_NAMES[name]
             if full not in tensors:
                 raise KeyError(f"{full}: missing from the checkpoint")
             a = np.asarray(tensors[full], dtype=np.float32)
@@ -116,9 +135,20 @@ class DSAParams:
         return DSAParams(**arrays)
 
     def state_dict(self, layer: int) -> dict[str, np.ndarray]:
-        """The Hugging Face tensors of this layer (float32 numpy)."""
+        """The Hugging Face tensors of this layer (float32 numpy; no indexer tensors without an indexer)."""
         prefix = f"model.layers.{layer}.self_attn."
-        return {prefix + hf: np.asarray(getattr(self, name)) for name, hf in HF_NAMES.items()}
+        return {
+            prefix + hf: np.asarray(getattr(self, name))
+            for name, hf in HF_NAMES.items()
+            if getattr(self, name) is not None
+        }
+
+
+def layer_param_names(cfg: DSAConfig, layer: int) -> tuple[str, ...]:
+    """The parameters layer `layer` has: all of `HF_NAMES`, less the indexer's in a "shared" layer."""
+    # (`layer` names the tensors; a layer past the config's, as in a single-layer test, is a full layer.)
+    shared = layer < len(cfg.indexer_types) and cfg.indexer_types[layer] == "shared"
+    return tuple(n for n in HF_NAMES if not (shared and n in INDEXER_PARAMS))
 
 
 jax.tree_util.register_dataclass(DSAParams, data_fields=list(HF_NAMES), meta_fields=[])
@@ -186,9 +216,10 @@ class Projections:
     q_abs: jax.Array  # [T, h, kv_lora_rank + rope]
     c_kv: jax.Array  # [T, kv_lora_rank]
     k_pe: jax.Array  # [T, rope] (rotated)
-    q_idx: jax.Array  # [T, H_I, D_I] (rotated on the first rope dims)
-    k_idx: jax.Array  # [T, D_I]
-    w_idx: jax.Array  # [T, H_I] (× H_I^-0.5)
+    # None for a layer without indexer weights (GLM-5 "shared"):
+    q_idx: jax.Array | None  # [T, H_I, D_I] (rotated on the first rope dims)
+    k_idx: jax.Array | None  # [T, D_I]
+    w_idx: jax.Array | None  # [T, H_I] (× H_I^-0.5)
 
 
 jax.tree_util.register_dataclass(
@@ -197,19 +228,28 @@ jax.tree_util.register_dataclass(
 
 
 def project(params: DSAParams, cfg: DSAConfig, x: jax.Array, positions: jax.Array) -> Projections:
-    """The layer's projections of the new tokens `x` `[T, hidden]` at `positions` `[T]`."""
+    """The layer's projections of the new tokens `x` `[T, hidden]` at `positions` `[T]` (no indexer ones
+    for a layer without indexer weights). The latent norms use `cfg.latent_norm_eps`."""
     x = x.astype(jnp.float32)
     T = x.shape[0]
     h, nope, rope, r_kv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
     freqs = cfg.rope_freqs
-    c_q = rms_norm(linear(x, params.q_a), params.q_a_norm, cfg.rms_norm_eps)
+    c_q = rms_norm(linear(x, params.q_a), params.q_a_norm, cfg.latent_norm_eps)
     q = linear(c_q, params.q_b).reshape(T, h, nope + rope)
     ckv = linear(x, params.kv_a)
-    c_kv = rms_norm(ckv[:, :r_kv], params.kv_a_norm, cfg.rms_norm_eps)
+    c_kv = rms_norm(ckv[:, :r_kv], params.kv_a_norm, cfg.latent_norm_eps)
     k_pe = apply_rope(ckv[:, r_kv:], positions, freqs, cfg.mla_rope_pairing)
     q_pe = apply_rope(q[..., nope:], positions[:, None], freqs, cfg.mla_rope_pairing)
     w_uk = params.kv_b.reshape(h, nope + cfg.v_head_dim, r_kv)[:, :nope]
     q_abs = jnp.concatenate([jnp.einsum("thn,hnr->thr", q[..., :nope], w_uk, precision=_HIGHEST), q_pe], axis=-1)
+    if (
+        params.idx_wq_b is None
+        or params.idx_wk is None
+        or params.idx_k_norm_w is None
+        or params.idx_k_norm_b is None
+        or params.idx_weights is None
+    ):
+        return Projections(q_abs, c_kv, k_pe, None, None, None)
     H_I, D_I, pairing = cfg.index_n_heads, cfg.index_head_dim, cfg.indexer_rope_pairing
     q_idx = linear(c_q, params.idx_wq_b).reshape(T, H_I, D_I)
     k_idx = layer_norm(linear(x, params.idx_wk), params.idx_k_norm_w, params.idx_k_norm_b)
@@ -292,6 +332,8 @@ def dsa_attention(
     proj = project(params, cfg, x, positions)
     index = caches.index
     if shared_topk is None:
+        if proj.k_idx is None or proj.q_idx is None or proj.w_idx is None:
+            raise ValueError("dsa_attention: this layer has no indexer weights (a 'shared' layer): pass shared_topk")
         index = index.write(slots, proj.k_idx)
         # "auto" follows the target device (ops.target): Pallas for FP8 pages on a TPU target, also when
         # a CPU host compiles for a TPU ahead of time; exact float32 keys are always scored by XLA.
@@ -318,6 +360,8 @@ def project_write_keys(
     """The projections, and the new indexer keys quantized once (`quantize_keys`) and written to the
     device pages: the same bytes then go to the host cache, so the two indexer caches stay identical."""
     proj = project(params, cfg, x, positions)
+    if proj.k_idx is None:
+        raise ValueError("project_write_keys: this layer has no indexer weights (a 'shared' layer)")
     codes, scales = quantize_keys(proj.k_idx)
     return proj, codes, scales, index.write_quantized(slots, codes, scales)
 

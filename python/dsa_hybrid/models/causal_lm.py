@@ -1,9 +1,9 @@
 """A small DSA causal language model in JAX, for the engine to drive (and to check against transformers).
 
-`embed → N × [x + DSA-attention(RMSNorm(x)); x + SwiGLU-MLP(RMSNorm(x))] → RMSNorm → LM head`, every
-layer's attention a `dsa_attention`, its MLP dense (DeepSeek-V3.2 checkpoints whose layers are all
-dense, `first_k_dense_replace ≥ num_hidden_layers`; MoE layers are not supported yet). Weights come
-from a Hugging Face `DeepseekV32ForCausalLM` checkpoint or are random. `forward` is pure and jit-able;
+`embed → N × [x + DSA-attention(RMSNorm(x)); x + MLP(RMSNorm(x))] → RMSNorm → LM head`, every layer's
+attention a `dsa_attention`, its MLP a dense SwiGLU or, in the layers the config marks "sparse"
+(`DSAConfig.layer_mlp_type`), the MoE block of `models.moe`. Weights come from a Hugging Face
+`DeepseekV32ForCausalLM` / `GlmMoeDsaForCausalLM` checkpoint or are random. `forward` is pure and jit-able;
 `generate_greedy` runs one sequence with paged caches (prefill, then one token per step).
 """
 
@@ -23,24 +23,27 @@ from dsa_hybrid.layers.dsa_attention import DSACaches, DSAParams, dsa_attention,
 from dsa_hybrid.models.checkpoint import load_layer_params as load_layer_params_from
 from dsa_hybrid.models.checkpoint import load_tensors
 from dsa_hybrid.models.config import DSAConfig
+from dsa_hybrid.models.moe import MoEParams, moe_block
 from dsa_hybrid.ops.indexer import IndexerPages
 from dsa_hybrid.ops.sparse_mla import Backend
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockParams:
-    """One decoder layer: its two norms, its attention and its dense SwiGLU MLP."""
+    """One decoder layer: its two norms, its attention and its MLP: a dense SwiGLU (`gate`, `up`, `down`;
+    `moe` None) or the MoE block (`moe`; `gate`, `up`, `down` None)."""
 
     input_norm: jax.Array
     attn: DSAParams
     post_norm: jax.Array
-    gate: jax.Array
-    up: jax.Array
-    down: jax.Array
+    gate: jax.Array | None
+    up: jax.Array | None
+    down: jax.Array | None
+    moe: MoEParams | None = None
 
 
 jax.tree_util.register_dataclass(
-    BlockParams, data_fields=["input_norm", "attn", "post_norm", "gate", "up", "down"], meta_fields=[]
+    BlockParams, data_fields=["input_norm", "attn", "post_norm", "gate", "up", "down", "moe"], meta_fields=[]
 )
 
 
@@ -62,20 +65,25 @@ class ModelParams:
         def norm() -> jax.Array:
             return jnp.asarray(1.0 + 0.1 * rng.standard_normal(d), jnp.float32)
 
-        blocks = tuple(
-            BlockParams(norm(), DSAParams.random(cfg, seed + 1 + i, std), norm(), w(inter, d), w(inter, d), w(d, inter))
-            for i in range(cfg.num_hidden_layers)
-        )
-        return ModelParams(w(vocab, d), blocks, norm(), w(vocab, d))
+        blocks = []
+        for i in range(cfg.num_hidden_layers):
+            attn = DSAParams.random(cfg, seed + 1 + i, std)
+            if cfg.layer_indexer_type(i) == "shared":
+                attn = attn.without_indexer()
+            n1, n2 = norm(), norm()
+            if cfg.layer_mlp_type(i) == "sparse":
+                moe = MoEParams.random(cfg, seed + 1001 + i, std)
+                blocks.append(BlockParams(n1, attn, n2, None, None, None, moe))
+            else:
+                blocks.append(BlockParams(n1, attn, n2, w(inter, d), w(inter, d), w(d, inter)))
+        return ModelParams(w(vocab, d), tuple(blocks), norm(), w(vocab, d))
 
     @staticmethod
     def from_checkpoint(directory: str | os.PathLike[str], cfg: DSAConfig) -> ModelParams:
-        """From a Hugging Face `DeepseekV32ForCausalLM` checkpoint directory (bf16 / fp32 / FP8)."""
-        if cfg.first_k_dense_replace < cfg.num_hidden_layers:
-            raise NotImplementedError(
-                f"layers {cfg.first_k_dense_replace}..{cfg.num_hidden_layers - 1} are MoE layers: not supported yet "
-                "(only checkpoints whose layers are all dense, first_k_dense_replace >= num_hidden_layers)"
-            )
+        """From a Hugging Face `DeepseekV32ForCausalLM` / `GlmMoeDsaForCausalLM` checkpoint directory
+        (bf16 / fp32 / FP8, expanded to float32). MoE layers (`cfg.layer_mlp_type`) read `mlp.gate.*`,
+        `mlp.experts.*` and `mlp.shared_experts.*` (`MoEParams.from_checkpoint`); "shared" indexer layers
+        read no indexer tensors."""
         top = load_tensors(directory, ["model.embed_tokens.weight", "model.norm.weight"])
         try:
             head = load_tensors(directory, ["lm_head.weight"])["lm_head.weight"]
@@ -84,21 +92,15 @@ class ModelParams:
         blocks = []
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}."
-            t = load_tensors(
-                directory,
-                [p + n for n in ("input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
-                                 "mlp.up_proj.weight", "mlp.down_proj.weight")],
-            )  # fmt: skip
-            blocks.append(
-                BlockParams(
-                    jnp.asarray(t[p + "input_layernorm.weight"]),
-                    load_layer_params_from(directory, cfg, i),
-                    jnp.asarray(t[p + "post_attention_layernorm.weight"]),
-                    jnp.asarray(t[p + "mlp.gate_proj.weight"]),
-                    jnp.asarray(t[p + "mlp.up_proj.weight"]),
-                    jnp.asarray(t[p + "mlp.down_proj.weight"]),
-                )
-            )
+            t = load_tensors(directory, [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"])
+            n1, n2 = jnp.asarray(t[p + "input_layernorm.weight"]), jnp.asarray(t[p + "post_attention_layernorm.weight"])
+            attn = load_layer_params_from(directory, cfg, i)
+            if cfg.layer_mlp_type(i) == "sparse":
+                blocks.append(BlockParams(n1, attn, n2, None, None, None, MoEParams.from_checkpoint(directory, cfg, i)))
+                continue
+            m = load_tensors(directory, [p + f"mlp.{n}_proj.weight" for n in ("gate", "up", "down")])
+            gate, up, down = (jnp.asarray(m[p + f"mlp.{n}_proj.weight"]) for n in ("gate", "up", "down"))
+            blocks.append(BlockParams(n1, attn, n2, gate, up, down))
         return ModelParams(
             jnp.asarray(top["model.embed_tokens.weight"]),
             tuple(blocks),
@@ -131,6 +133,9 @@ def pre_norm(blk: BlockParams, cfg: DSAConfig, x: jax.Array) -> jax.Array:
 def residual_mlp(blk: BlockParams, cfg: DSAConfig, x: jax.Array, attn_out: jax.Array) -> jax.Array:
     x = x + attn_out
     y = rms_norm(x, blk.post_norm, cfg.rms_norm_eps)
+    if blk.moe is not None:
+        return x + moe_block(blk.moe, cfg, y)
+    assert blk.gate is not None and blk.up is not None and blk.down is not None
     return x + linear(jax.nn.silu(linear(y, blk.gate)) * linear(y, blk.up), blk.down)
 
 

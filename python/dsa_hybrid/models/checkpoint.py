@@ -145,7 +145,9 @@ def load_tensors(directory: str | os.PathLike[str], names: Iterable[str]) -> dic
 
 def load_layer_params(directory: str | os.PathLike[str], cfg: DSAConfig, layer: int):
     """The `DSAParams` of layer `layer` from a checkpoint directory (`*.safetensors` + optional index json;
-    bf16, fp32 or FP8 with block scales). Missing or misshapen tensors raise an error naming them."""
-    from dsa_hybrid.layers.dsa_attention import HF_NAMES, DSAParams
+    bf16, fp32 or FP8 with block scales). Missing or misshapen tensors raise an error naming them. A GLM-5
+    "shared" layer's indexer tensors are not read (transformers stores none): its indexer parameters are None."""
+    from dsa_hybrid.layers.dsa_attention import HF_NAMES, DSAParams, layer_param_names
 
-    return DSAParams.from_state_dict(load_layer_tensors(directory, layer, HF_NAMES.values()), cfg, layer)
+    names = [HF_NAMES[n] for n in layer_param_names(cfg, layer)]
+    return DSAParams.from_state_dict(load_layer_tensors(directory, layer, names), cfg, layer)

@@ -18,6 +18,7 @@ import numpy as np
 
 RopePairing = Literal["interleaved", "half"]
 IndexerType = Literal["full", "shared"]
+MlpType = Literal["dense", "sparse"]
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa")
 
@@ -66,11 +67,27 @@ class DSAConfig:
     indexer_rope_pairing: RopePairing = "half"
     mla_rope_pairing: RopePairing = "interleaved"
     rms_norm_eps: float = 1e-6
+    # Epsilon of the two latent RMSNorms (`q_a_layernorm`, `kv_a_layernorm`). transformers builds them with
+    # its RMSNorm default 1e-6 whatever `rms_norm_eps` says (1e-5 for GLM-5); vLLM uses `rms_norm_eps`.
+    # The default follows transformers; config.json key `latent_norm_eps` (ours) overrides it.
+    latent_norm_eps: float = 1e-6
     num_hidden_layers: int = 1
     vocab_size: int = 0
     intermediate_size: int = 0
     first_k_dense_replace: int = 0
     max_position_embeddings: int = 0
+    # MoE (transformers' DeepseekV3MoE / GlmMoeDsaMoE; `models.moe`). `n_routed_experts` 0: no MoE.
+    n_routed_experts: int = 0
+    n_shared_experts: int = 0
+    num_experts_per_tok: int = 0
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    moe_intermediate_size: int = 0
+    # Per layer "dense" or "sparse" (MoE), as config.json `mlp_layer_types`; empty means: the first
+    # `first_k_dense_replace` layers dense, the rest sparse when `n_routed_experts` > 0.
+    mlp_layer_types: tuple[MlpType, ...] = field(default=())
     # Per layer "full" (runs the indexer) or "shared" (reuses the previous full
     # layer's top-k, GLM-5). Empty means every layer is "full".
     indexer_types: tuple[IndexerType, ...] = field(default=())
@@ -110,6 +127,31 @@ class DSAConfig:
         bad = [t for t in self.indexer_types if t not in ("full", "shared")]
         if bad:
             raise ValueError(f"DSAConfig.indexer_types: unknown entries {bad}; expected 'full' or 'shared'")
+        object.__setattr__(self, "mlp_layer_types", tuple(self.mlp_layer_types))
+        bad_mlp = [t for t in self.mlp_layer_types if t not in ("dense", "sparse")]
+        if bad_mlp:
+            raise ValueError(f"DSAConfig.mlp_layer_types: unknown entries {bad_mlp}; expected 'dense' or 'sparse'")
+        if self.mlp_layer_types:
+            if len(self.mlp_layer_types) != self.num_hidden_layers:
+                raise ValueError(
+                    f"DSAConfig.mlp_layer_types: {len(self.mlp_layer_types)} entries, {self.num_hidden_layers} layers"
+                )
+            if self.mlp_layer_types == tuple(self._derived_mlp_type(i) for i in range(self.num_hidden_layers)):
+                object.__setattr__(self, "mlp_layer_types", ())  # canonical: equal configs compare equal
+        if self.latent_norm_eps <= 0:
+            raise ValueError(f"DSAConfig.latent_norm_eps must be positive, got {self.latent_norm_eps}")
+        if self.n_routed_experts and any(self.layer_mlp_type(i) == "sparse" for i in range(self.num_hidden_layers)):
+            if self.n_routed_experts % self.n_group:
+                raise ValueError("DSAConfig.n_routed_experts must be a multiple of n_group")
+            if not 0 < self.topk_group <= self.n_group:
+                raise ValueError("DSAConfig.topk_group must be in 1..n_group")
+            per_group = self.n_routed_experts // self.n_group
+            if not 0 < self.num_experts_per_tok <= self.topk_group * per_group:
+                raise ValueError("DSAConfig.num_experts_per_tok must be in 1..topk_group * experts per group")
+            if self.n_group > 1 and per_group < 2:
+                raise ValueError("DSAConfig: group-limited routing needs >= 2 experts per group (top-2 sum)")
+            if self.moe_intermediate_size <= 0:
+                raise ValueError("DSAConfig.moe_intermediate_size must be positive for MoE layers")
         if self.indexer_types and self.indexer_types[0] != "full":
             raise ValueError("DSAConfig.indexer_types: the first layer must be 'full' (nothing to share from)")
 
@@ -161,6 +203,15 @@ class DSAConfig:
             raise IndexError(f"layer {layer} out of range for {self.num_hidden_layers} layers")
         return self.indexer_types[layer] if self.indexer_types else "full"
 
+    def layer_mlp_type(self, layer: int) -> MlpType:
+        """ "sparse" if layer `layer`'s MLP is the MoE block (`models.moe`), "dense" if a SwiGLU MLP."""
+        if self.mlp_layer_types:
+            return self.mlp_layer_types[layer]
+        return self._derived_mlp_type(layer)
+
+    def _derived_mlp_type(self, layer: int) -> MlpType:
+        return "sparse" if self.n_routed_experts > 0 and layer >= self.first_k_dense_replace else "dense"
+
     def replace(self, **changes: Any) -> DSAConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
@@ -199,6 +250,14 @@ class DSAConfig:
             intermediate_size=18432,
             first_k_dense_replace=3,
             max_position_embeddings=163840,
+            n_routed_experts=256,
+            n_shared_experts=1,
+            num_experts_per_tok=8,
+            n_group=8,
+            topk_group=4,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            moe_intermediate_size=2048,
         )
 
     @classmethod
@@ -226,6 +285,14 @@ class DSAConfig:
             intermediate_size=12288,
             first_k_dense_replace=3,
             max_position_embeddings=202752,
+            n_routed_experts=256,
+            n_shared_experts=1,
+            num_experts_per_tok=8,
+            n_group=1,
+            topk_group=1,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            moe_intermediate_size=2048,
         )
 
     @classmethod
@@ -251,6 +318,11 @@ class DSAConfig:
             intermediate_size=128,
             first_k_dense_replace=2,
             max_position_embeddings=4096,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=min(base.n_group, 4),
+            topk_group=min(base.topk_group, 2),
+            moe_intermediate_size=32,
             rope_scaling=(
                 None
                 if base.rope_scaling is None
@@ -324,6 +396,7 @@ class DSAConfig:
         mla_pairing: RopePairing = "interleaved" if d.get("rope_interleave", True) else "half"
 
         indexer_types = tuple(d.get("indexer_types") or ())
+        mlp_layer_types = tuple(d.get("mlp_layer_types") or ())
         return cls(
             model_type=model_type,
             hidden_size=int(need("hidden_size")),
@@ -341,11 +414,21 @@ class DSAConfig:
             indexer_rope_pairing=indexer_pairing,
             mla_rope_pairing=mla_pairing,
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            latent_norm_eps=float(d.get("latent_norm_eps", 1e-6)),
             num_hidden_layers=int(d.get("num_hidden_layers", 1)),
             vocab_size=int(d.get("vocab_size", 0)),
             intermediate_size=int(d.get("intermediate_size", 0)),
             first_k_dense_replace=int(d.get("first_k_dense_replace", 0)),
             max_position_embeddings=int(d.get("max_position_embeddings", 0)),
+            n_routed_experts=int(d.get("n_routed_experts") or 0),
+            n_shared_experts=int(d.get("n_shared_experts") or 0),
+            num_experts_per_tok=int(d.get("num_experts_per_tok") or 0),
+            n_group=int(d.get("n_group") or 1),
+            topk_group=int(d.get("topk_group") or 1),
+            norm_topk_prob=bool(d.get("norm_topk_prob", True)),
+            routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
+            moe_intermediate_size=int(d.get("moe_intermediate_size") or 0),
+            mlp_layer_types=mlp_layer_types,
             indexer_types=indexer_types,
             eos_token_id=_parse_eos(d.get("eos_token_id"), model_type),
         )
@@ -378,7 +461,19 @@ class DSAConfig:
             "intermediate_size": self.intermediate_size,
             "first_k_dense_replace": self.first_k_dense_replace,
             "max_position_embeddings": self.max_position_embeddings,
+            "n_routed_experts": self.n_routed_experts,
+            "n_shared_experts": self.n_shared_experts,
+            "num_experts_per_tok": self.num_experts_per_tok,
+            "n_group": self.n_group,
+            "topk_group": self.topk_group,
+            "norm_topk_prob": self.norm_topk_prob,
+            "routed_scaling_factor": self.routed_scaling_factor,
+            "moe_intermediate_size": self.moe_intermediate_size,
+            # transformers decides dense vs MoE by `mlp_layer_types` (its default differs per model type).
+            "mlp_layer_types": [self.layer_mlp_type(i) for i in range(self.num_hidden_layers)],
         }
+        if self.latent_norm_eps != 1e-6:  # not a transformers key: written only when it changes behaviour
+            d["latent_norm_eps"] = self.latent_norm_eps
         if self.indexer_types:
             d["indexer_types"] = list(self.indexer_types)
         if self.eos_token_id:  # one id as an int, several as a list (as the model repositories write it)
