@@ -2,6 +2,9 @@ import os
 
 # Pin JAX to the CPU in tests (TPU interpret mode and the XLA path run there).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Never write to the real per-user cache (JAX's compilation cache, stored cost models) from tests; the
+# tests of that cache point DSA_HYBRID_CACHE_DIR at their own tmp directories.
+os.environ.setdefault("DSA_HYBRID_CACHE_DIR", "off")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 

@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "oracle" and args.tokens > args.seq_len:
         parser.error("--tokens cannot exceed --seq-len")
+    if args.command in ("demo", "oracle"):  # JAX's persistent compilation cache (DSA_HYBRID_CACHE_DIR)
+        from dsa_hybrid.serving.compile_cache import enable_compilation_cache
+
+        enable_compilation_cache()
     return int(args.func(args))
 
 

@@ -23,6 +23,7 @@ from dsa_hybrid.host.cache import IndexerKeyCache
 from dsa_hybrid.layers.dsa_attention import project
 from dsa_hybrid.models.causal_lm import ModelParams, embed, pre_norm
 from dsa_hybrid.models.config import DSAConfig
+from dsa_hybrid.serving.compile_cache import enable_compilation_cache
 from dsa_hybrid.serving.engine import Engine, EngineStats
 
 
@@ -37,6 +38,40 @@ class DemoResult:
     equal_to_fp8_oracle: float  # share of rows whose selected set equals the float64 FP8-spec oracle's
     attention_mass_kept: float  # share of dense attention's softmax mass inside the selected set
     cache_bytes: dict[str, int]
+    compile_seconds: float = 0.0  # tracing, lowering and XLA compilation (or cache reads) during the demo
+    cost_model_source: str | None = None  # "measured" or "loaded" under placement "auto"
+
+
+class CompileTimer:
+    """Seconds JAX spends turning functions into programs while active (its monitoring events: tracing,
+    lowering to MLIR, and the XLA compilation — or, with the persistent cache, reading it back)."""
+
+    EVENTS = {
+        "/jax/core/compile/jaxpr_trace_duration": "trace",
+        "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+        "/jax/core/compile/backend_compile_duration": "compile",
+    }
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(self.EVENTS.values(), 0.0)
+        self.programs = 0
+
+    def _listen(self, event: str, duration_secs: float, **kwargs: str | int) -> None:
+        stage = self.EVENTS.get(event)
+        if stage is not None:
+            self.seconds[stage] += duration_secs
+            self.programs += stage == "compile"
+
+    def __enter__(self) -> CompileTimer:
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
 
 
 class Progress:
@@ -117,8 +152,24 @@ def run_demo(
     out: TextIO | None = None,
 ) -> DemoResult:
     """Serve `requests` prompts of about `prompt_len` tokens for `new_tokens` tokens each and report."""
+    with CompileTimer() as timer:
+        return _run_demo(checkpoint, model_type, requests, prompt_len, new_tokens, placement, seed, out, timer)
+
+
+def _run_demo(
+    checkpoint: str | None,
+    model_type: str,
+    requests: int,
+    prompt_len: int,
+    new_tokens: int,
+    placement: str,
+    seed: int,
+    out: TextIO | None,
+    timer: CompileTimer,
+) -> DemoResult:
     say = (lambda *a: print(*a, file=out)) if out is not None else (lambda *a: None)
     t_load = time.perf_counter()
+    jax_cache = enable_compilation_cache()
     if checkpoint:
         cfg = DSAConfig.from_hf_config(checkpoint)
         params = ModelParams.from_checkpoint(checkpoint, cfg)
@@ -142,7 +193,8 @@ def run_demo(
     t_ready = time.perf_counter()
     if engine.cost_model is not None:
         c = engine.cost_model
-        say(f"  placement 'auto': cost model measured at start-up in {t_ready - t_engine:.1f} s — per layer, "
+        say(f"  placement 'auto': cost model {engine.cost_model_source} at start-up in {t_ready - t_engine:.1f} s"
+            f" — per layer, "
             f"host {c.host_fixed * 1e6:.0f} µs + {c.host_per_key * 1e9:.2f} ns/key, "
             f"device {c.device_fixed * 1e6:.0f} µs + {c.device_per_key * 1e9:.2f} ns/key")  # fmt: skip
     say(f"  JAX backend {jax.default_backend()}; model ready in {t_engine - t_load:.1f} s")
@@ -193,4 +245,8 @@ def run_demo(
         say("    (random weights: the indexer is untrained, so it cannot know where the attention looks;")
         say("     a trained indexer is trained to keep that mass, dsa.md §7. The recall is what this code decides.)")
     say(f"  first tokens of each output: {[o[:6] for o in outputs]}")
-    return DemoResult(outputs, seconds, st, recall, same, mass, memory)
+    where = f"persistent cache {jax_cache}" if jax_cache is not None else "no persistent cache"
+    say(f"  JAX compilation: {timer.programs} programs, {timer.total:.1f} s (tracing {timer.seconds['trace']:.1f}, "
+        f"lowering {timer.seconds['lower']:.1f}, XLA or cache {timer.seconds['compile']:.1f}; {where}); "
+        f"demo total {time.perf_counter() - t_load:.1f} s")  # fmt: skip
+    return DemoResult(outputs, seconds, st, recall, same, mass, memory, timer.total, engine.cost_model_source)

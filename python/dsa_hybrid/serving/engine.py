@@ -38,6 +38,7 @@ from dsa_hybrid.host import BlockPool, IndexerKeyCache
 from dsa_hybrid.models.causal_lm import ModelParams
 from dsa_hybrid.models.config import DSAConfig
 from dsa_hybrid.ops.sparse_mla import Backend
+from dsa_hybrid.serving.compile_cache import enable_compilation_cache
 from dsa_hybrid.serving.kv_manager import KVManager
 from dsa_hybrid.serving.placement import PlacementCosts
 from dsa_hybrid.serving.runner import PLACEMENTS, ModelRunner
@@ -119,7 +120,11 @@ class Engine:
             and step (measured: +40 ms per V3.2 layer at 64K).
         backend: `sparse_mla` backend ("auto", "xla", "pallas_tpu").
         placement: "device", "host" or "auto" (the indexer's side, see the module docstring).
-        cost_model: for "auto", a `PlacementCosts` to use instead of measuring one at start-up.
+        cost_model: for "auto", a `PlacementCosts` to use instead of the one measured at start-up (or
+            loaded: a model measured before on this machine for these widths and versions is stored in
+            the per-user cache directory and reused, `PlacementCosts.cached`; `DSA_HYBRID_REMEASURE=1`
+            measures afresh). The Engine also turns on JAX's persistent compilation cache there
+            (`compile_cache`; `DSA_HYBRID_CACHE_DIR=off` turns both off).
         host_threads: threads of the host indexer (None: all cores).
         micro_batches: row groups pipelined in host steps (1: no overlap).
         prefix_sharing: adopt other live requests' computed pages for equal leading tokens.
@@ -151,6 +156,7 @@ class Engine:
             raise ValueError(f"max_model_len must be >= 2 (a prompt token and a new one), got {max_model_len}")
         self.cfg, self.page_size, self.max_model_len = cfg, page_size, max_model_len
         self.finished = FinishedRequests(max_finished)
+        enable_compilation_cache()
         self.runner = ModelRunner(
             params, cfg, num_pages=num_pages, page_size=page_size, max_model_len=max_model_len,
             max_tokens_per_step=max_tokens_per_step, latent_kind=latent_kind, indexer=indexer, backend=backend,
@@ -199,6 +205,11 @@ class Engine:
     @property
     def cost_model(self) -> PlacementCosts | None:
         return self.runner.cost_model
+
+    @property
+    def cost_model_source(self) -> str | None:
+        """Where the cost model came from: "given", "loaded" or "measured" (None: placement not "auto")."""
+        return self.runner.cost_model_source
 
     @property
     def placement(self) -> str:

@@ -7,17 +7,33 @@ and is split into two jitted halves. So the model times what the engine runs: on
 itself (`dsa_attention` against the host path of `model.forward_host`, caches updated in place) at a
 few context lengths and row counts, and fits each placement as `fixed + per_key · keys` per layer;
 `choose` compares the two for a step's rows.
+
+Each point is the median of several calls (after a warm-up that compiles), in wall and in CPU time, so
+that two start-ups on one machine fit similar lines. `PlacementCosts.cached` stores a fitted model as JSON
+in the per-user cache directory (`compile_cache.cache_dir() / "placement"`), keyed by a hash of what the
+costs depend on: the machine (CPU model, features, cores), the layer's widths, page size, cache formats,
+the measurement's settings and the package, jax and jaxlib versions; the next start-up with the same key
+loads it instead of measuring. `DSA_HYBRID_REMEASURE=1` (or `refresh=True`) measures and stores afresh.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import hashlib
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsa_hybrid import __version__, cpu_features
 from dsa_hybrid._timing import best_time
 from dsa_hybrid.host.cache import IndexerKeyCache
 from dsa_hybrid.layers import dsa_attention as layer_mod
@@ -25,6 +41,11 @@ from dsa_hybrid.layers.dsa_attention import DSACaches, DSAParams, dsa_attention
 from dsa_hybrid.models.causal_lm import padded_rows
 from dsa_hybrid.models.config import DSAConfig
 from dsa_hybrid.ops.indexer import quantize_keys
+from dsa_hybrid.serving.compile_cache import cache_dir
+
+logger = logging.getLogger(__name__)
+
+ENV_REMEASURE = "DSA_HYBRID_REMEASURE"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,22 +78,186 @@ class PlacementCosts:
         lengths: tuple[int, ...] = (2048, 16384),
         rows: tuple[int, ...] = (1, 8),
         threads: int | None = None,
-        repeats: int = 3,
+        repeats: int = 5,
         latent_kind: str = "bf16",
     ) -> PlacementCosts:
-        """Time one layer (`params`, a layer of the served model) both ways at every (rows, length) pair,
-        best of `repeats`, and fit each line by least squares (intercept and slope clamped at ≥ 0). The
-        device runs its rows padded as the engine pads them (`model.padded_rows`); `latent_kind` is the
-        engine's latent cache format."""
-        host_work, host_s, dev_work, dev_s = [], [], [], []
+        """Time one layer (`params`, a layer of the served model) both ways at every (rows, length) pair
+        (`median_times`: the median of `repeats` calls, host and device calls alternating, the smaller of
+        wall and CPU time per point) and fit each line by least squares (intercept and slope clamped at
+        ≥ 0). The device runs its rows padded as the engine pads them (`model.padded_rows`);
+        `latent_kind` is the engine's latent cache format."""
+        return PlacementCosts.measure_points(
+            cfg, params, page_size, lengths=lengths, rows=rows, threads=threads, repeats=repeats,
+            latent_kind=latent_kind,
+        )[0]  # fmt: skip
+
+    @staticmethod
+    def measure_points(
+        cfg: DSAConfig,
+        params: DSAParams,
+        page_size: int = 64,
+        *,
+        lengths: tuple[int, ...] = (2048, 16384),
+        rows: tuple[int, ...] = (1, 8),
+        threads: int | None = None,
+        repeats: int = 5,
+        latent_kind: str = "bf16",
+    ) -> tuple[PlacementCosts, list[dict[str, Any]]]:
+        """`measure`, and the points it fitted (where, rows, length, work, median wall and CPU seconds)."""
+        host_work: list[float] = []
+        host_s: list[float] = []
+        dev_work: list[float] = []
+        dev_s: list[float] = []
+        points: list[dict[str, Any]] = []
         for L in lengths:
             for T in rows:
                 dev_rows = padded_rows(T)
-                host_s.append(time_layer(cfg, params, page_size, L, T, "host", threads, repeats, latent_kind))
-                host_work.append(T * L)
-                dev_s.append(time_layer(cfg, params, page_size, L, dev_rows, "device", threads, repeats, latent_kind))
-                dev_work.append(dev_rows * -(-L // page_size) * page_size)
-        return PlacementCosts(*_fit(host_work, host_s), *_fit(dev_work, dev_s))
+                # Both placements' calls alternate, so a burst of load from other processes hits both.
+                (h_wall, h_cpu), (d_wall, d_cpu) = median_times(
+                    [
+                        _layer_call(cfg, params, page_size, L, T, "host", threads, latent_kind),
+                        _layer_call(cfg, params, page_size, L, dev_rows, "device", threads, latent_kind),
+                    ],
+                    repeats,
+                )
+                for where, n, work, ws, ss, wall, cpu in (
+                    ("host", T, T * L, host_work, host_s, h_wall, h_cpu),
+                    ("device", dev_rows, dev_rows * -(-L // page_size) * page_size, dev_work, dev_s, d_wall, d_cpu),
+                ):
+                    ws.append(work)
+                    ss.append(min(wall, cpu))
+                    points.append({"where": where, "rows": n, "length": L, "work": work, "wall_s": wall, "cpu_s": cpu})
+        return PlacementCosts(*_fit(host_work, host_s), *_fit(dev_work, dev_s)), points
+
+    # ----- stored and reused -----------------------------------------------------------------------
+    @staticmethod
+    def cached(
+        cfg: DSAConfig,
+        params: DSAParams,
+        page_size: int = 64,
+        *,
+        lengths: tuple[int, ...] = (2048, 16384),
+        rows: tuple[int, ...] = (1, 8),
+        threads: int | None = None,
+        repeats: int = 5,
+        latent_kind: str = "bf16",
+        indexer: str = "fp8",
+        refresh: bool | None = None,
+        measure: Callable[..., PlacementCosts] | None = None,
+    ) -> tuple[PlacementCosts, str]:
+        """The cost model stored for this key (see `cache_key`), else `measure`d and stored. Returns the
+        costs and "loaded" or "measured". `refresh` (default: `$DSA_HYBRID_REMEASURE` set to 1) measures
+        even when a model is stored; with the cache directory off nothing is loaded or stored."""
+        if refresh is None:
+            refresh = os.environ.get(ENV_REMEASURE, "").strip().lower() in {"1", "true", "yes", "on"}
+        weights = sorted({str(a.dtype) for a in jax.tree.leaves(params) if hasattr(a, "dtype")})
+        key = cache_key(cfg, page_size, lengths=lengths, rows=rows, threads=threads, repeats=repeats,
+                        latent_kind=latent_kind, indexer=indexer, weights=",".join(weights))  # fmt: skip
+        path = cost_model_path(key)
+        if path is not None and not refresh:
+            stored = load_costs(path, key)
+            if stored is not None:
+                return stored, "loaded"
+        do_measure = measure or PlacementCosts.measure
+        costs = do_measure(cfg, params, page_size, lengths=lengths, rows=rows, threads=threads, repeats=repeats,
+                           latent_kind=latent_kind)  # fmt: skip
+        logger.info("placement cost model measured: %s", costs)
+        if path is not None:
+            save_costs(path, key, costs)
+        return costs, "measured"
+
+    def to_json(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> PlacementCosts:
+        return PlacementCosts(**{f.name: float(d[f.name]) for f in dataclasses.fields(PlacementCosts)})
+
+
+def machine_id() -> dict[str, Any]:
+    """What identifies this machine for the cost model: CPU model, SIMD features, cores (all and usable)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": model, "arch": platform.machine(), "features": cpu_features(), "cores": os.cpu_count(),
+            "usable_cores": usable}  # fmt: skip
+
+
+def cache_key(
+    cfg: DSAConfig,
+    page_size: int,
+    *,
+    lengths: Sequence[int],
+    rows: Sequence[int],
+    threads: int | None,
+    repeats: int,
+    latent_kind: str,
+    indexer: str = "fp8",
+    weights: str = "",
+) -> dict[str, Any]:
+    """Everything a stored cost model depends on (as JSON values; `key_hash` names its file). `weights`:
+    the layer's parameter dtypes."""
+    widths = ("hidden_size", "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+              "qk_rope_head_dim", "v_head_dim", "index_n_heads", "index_head_dim", "index_topk")  # fmt: skip
+    import jaxlib
+
+    return {
+        "format": 1,
+        "machine": machine_id(),
+        "model_type": cfg.model_type,
+        "widths": {w: int(getattr(cfg, w)) for w in widths},
+        "weights": weights,
+        "page_size": int(page_size),
+        "latent_kind": latent_kind,
+        "indexer": indexer,
+        "lengths": [int(x) for x in lengths],
+        "rows": [int(x) for x in rows],
+        "threads": threads,
+        "repeats": int(repeats),
+        "versions": {"dsa_hybrid": __version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__},
+        "backend": jax.default_backend(),
+    }
+
+
+def key_hash(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def cost_model_path(key: dict[str, Any]) -> str | None:
+    """Where the cost model of `key` is stored, or None when the cache directory is off."""
+    root = cache_dir()
+    return None if root is None else str(root / "placement" / f"costs-{key_hash(key)}.json")
+
+
+def save_costs(path: str, key: dict[str, Any], costs: PlacementCosts) -> None:
+    """Write `costs` with its key (atomically: a temporary file renamed). A failure only logs a warning."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"key": key, "costs": costs.to_json(), "saved": time.time()}, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as e:
+        logger.warning("placement cost model not stored at %s: %s", path, e)
+
+
+def load_costs(path: str, key: dict[str, Any]) -> PlacementCosts | None:
+    """The costs stored at `path` if its key equals `key` (a hash collision or an edited file: None)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if data.get("key") != json.loads(json.dumps(key)):
+            return None
+        return PlacementCosts.from_json(data["costs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _fit(work: Sequence[float], secs: Sequence[float]) -> tuple[float, float]:
@@ -83,9 +268,38 @@ def _fit(work: Sequence[float], secs: Sequence[float]) -> tuple[float, float]:
     return max(float(fixed), 0.0), float(slope)
 
 
+def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 2) -> tuple[float, float]:
+    """(wall, CPU) seconds of `fn`: the medians of `repeats` calls after `warmup` untimed ones (the first
+    compiles; the next touches the memory the first allocated). CPU time is the process's
+    (`time.process_time`, all its threads); JAX results are waited for."""
+    return median_times([fn], repeats, warmup)[0]
+
+
+def median_times(fns: Sequence[Callable[[], Any]], repeats: int = 5, warmup: int = 2) -> list[tuple[float, float]]:
+    """`median_time` of each of `fns`, their calls interleaved (one of each per round)."""
+    for fn in fns:
+        for _ in range(max(warmup, 1)):
+            jax.block_until_ready(fn())
+    wall: list[list[float]] = [[] for _ in fns]
+    cpu: list[list[float]] = [[] for _ in fns]
+    for _ in range(max(repeats, 1)):
+        for i, fn in enumerate(fns):
+            w0, c0 = time.perf_counter(), time.process_time()
+            jax.block_until_ready(fn())
+            wall[i].append(time.perf_counter() - w0)
+            cpu[i].append(time.process_time() - c0)
+    return [(statistics.median(w), statistics.median(c)) for w, c in zip(wall, cpu, strict=True)]
+
+
 def time_layer(cfg, params, S, L, T, where, threads, repeats, latent_kind="bf16") -> float:  # noqa: N803
     """Seconds of one layer over `T` rows of one sequence at positions `L − T .. L − 1` (random cache
-    contents for the `L − T` earlier tokens)."""
+    contents for the `L − T` earlier tokens): the best wall time of `repeats` calls (the benchmarks' rule;
+    the cost model takes medians of wall and CPU time, `median_times`)."""
+    return best_time(_layer_call(cfg, params, S, L, T, where, threads, latent_kind), repeats)
+
+
+def _layer_call(cfg, params, S, L, T, where, threads, latent_kind) -> Callable[[], Any]:  # noqa: N803
+    """The call `time_layer` times (caches donated and carried from call to call)."""
     rng = np.random.default_rng(L + T)
     n_pages = -(-L // S)
     before = L - T
@@ -112,7 +326,7 @@ def time_layer(cfg, params, S, L, T, where, threads, repeats, latent_kind="bf16"
             out, state["caches"] = step(x, state["caches"])
             return out
 
-        return best_time(on_device, repeats)
+        return on_device
     # As the engine's host caches are: paged through the block tables, no sequences of their own.
     host = IndexerKeyCache(n_pages, S, cfg.index_head_dim)
     key_codes, key_scales = quantize_keys(jnp.asarray(keys))
@@ -129,4 +343,4 @@ def time_layer(cfg, params, S, L, T, where, threads, repeats, latent_kind="bf16"
         state["caches"] = DSACaches(latent, index)
         return out
 
-    return best_time(on_host, repeats)
+    return on_host

@@ -144,11 +144,13 @@ class ModelRunner:
         self.caches = create_caches(cfg, num_pages, page_size, latent_kind=latent_kind, indexer=indexer)
         self.host_caches = self._new_host_caches()
         self.cost_model = cost_model
+        # Where the cost model came from: "given", "loaded" (stored by an earlier start-up), "measured".
+        self.cost_model_source: str | None = None if cost_model is None else "given"
         if placement == "auto" and cost_model is None:
             lengths = tuple(sorted({min(2048, max_model_len), min(16384, max_model_len)}))
             layer = next(i for i in range(cfg.num_hidden_layers) if cfg.layer_indexer_type(i) != "shared")
             t0 = time.perf_counter()
-            self.cost_model = PlacementCosts.measure(
+            self.cost_model, self.cost_model_source = PlacementCosts.cached(
                 cfg,
                 params.blocks[layer].attn,
                 page_size,
@@ -156,8 +158,12 @@ class ModelRunner:
                 rows=(1, min(8, max_tokens_per_step)),
                 threads=host_threads,
                 latent_kind=latent_kind,
+                indexer=indexer,
             )
-            logger.info("placement cost model measured in %.1f s: %s", time.perf_counter() - t0, self.cost_model)
+            logger.info(
+                "placement cost model %s in %.1f s: %s",
+                self.cost_model_source, time.perf_counter() - t0, self.cost_model,
+            )  # fmt: skip
 
     def _new_host_caches(self) -> tuple[IndexerKeyCache | None, ...]:
         """One host cache per indexer layer, as many pages as the device's (none under "device"; layers
