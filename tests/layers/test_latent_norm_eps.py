@@ -49,8 +49,9 @@ def test_config_json_round_trip_of_latent_norm_eps() -> None:
 def test_glm_golden_layer_matches_transformers_tightly_with_its_latent_eps() -> None:
     """transformers' GLM-5 layer (latent norms at 1e-6, `rms_norm_eps` 1e-5): matched to float32 noise
     with the default field, about 30× worse with the latent norms at `rms_norm_eps` (vLLM's choice)."""
+    from test_hf_parity_layer import run
+
     from dsa_hybrid.models.checkpoint import load_layer_params
-    from tests.layers.test_hf_parity_layer import run
 
     d = GOLDEN / "glm_moe_dsa"
     cfg = DSAConfig.from_hf_config(d / "config.json")
