@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import os
 import sys
 import time
@@ -64,13 +65,11 @@ def bench_topk(t: Table, lengths: list[int]) -> None:
     t.title("host top-k, k = 2048, 1 thread (ratio: the fastest baseline's time / ours)")
     t.header("L", "rows", "ours ms", "numpy ms", "jax ms", "torch ms", "faster than best", "× one np.max read")
     jax_topk = jax.jit(lambda x: jax.lax.top_k(x, 2048)[1])
-    torch: Any = None  # an optional baseline
-    try:
-        import torch
-
+    try:  # an optional baseline (imported by name: the type checker may or may not have torch)
+        torch: Any = importlib.import_module("torch")
         torch.set_num_threads(1)
     except ImportError:
-        pass
+        torch = None
     rng = np.random.default_rng(0)
     for L in lengths:
         rows = max(1, min(8, 2**20 // L))
