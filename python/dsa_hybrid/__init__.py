@@ -8,7 +8,8 @@ The package is laid out by job (docs/architecture.md); this module only names th
   (needs `hypothesis`: `pip install "dsa_hybrid[testing]"`); imported on first use.
 - `host`: `IndexerKeyCache`, `CacheFullError`, `BlockPool` — the Rust core's paged FP8 indexer-key cache
   and its block allocator; `topk(scores, k, lengths)` — host top-k (docs/dsa.md §5) on SIMD kernels;
-  `cpu_features()`, `set_simd_path()` — what the core detected and which SIMD path it uses.
+  `cpu_features()`, `set_simd_path()` — what the core detected and which SIMD path it uses;
+  `sparse_mla_host(q, kv, indices, scale)` — sparse MLA attention on the CPU (fused SIMD kernel, numpy).
 - `ops`: `LatentCache`, `sparse_mla`, `prefix_mla` — the paged bf16/FP8 MLA latent cache and sparse MLA
   attention on it (Pallas TPU kernels in `ops.tpu`, XLA path anywhere); `IndexerPages`,
   `ExactIndexerKeys`, `select_topk_device` — the lightning indexer on the device.
@@ -33,6 +34,7 @@ from dsa_hybrid.host import (
     InternalError,
     cpu_features,
     set_simd_path,
+    sparse_mla_host,
     topk,
 )
 from dsa_hybrid.models.config import DSAConfig, YarnScaling
@@ -108,6 +110,7 @@ __all__ = [
     "YarnScaling",
     "cpu_features",
     "set_simd_path",
+    "sparse_mla_host",
     "topk",
     "reference",
     "testing",

@@ -70,6 +70,27 @@ def topk(
     MemoryError naming `k` for an output past 2**40 bytes or one that cannot be allocated. Releases the
     GIL."""
 
+def sparse_mla(
+    q: npt.NDArray[np.float32],
+    kv: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+    indices: npt.NDArray[np.int32] | npt.NDArray[np.int64],
+    scale: float,
+    d_v: int,
+    *,
+    threads: int | None = None,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """Sparse MLA attention (dsa.md §3) of C-contiguous float32 `q [T, h, D]` over the latent rows `kv
+    [N, D]` (float32, or uint16 holding bfloat16 bit patterns) named by `indices [T, K]` (int32 or int64;
+    entries < 0 or >= N skipped). Returns `(out float32 [T, h, d_v], lse float32 [T, h])`; empty rows give
+    0 and +inf, rows with inf/NaN inputs NaN. ValueError naming the argument for shapes that disagree,
+    `d_v` outside `[1, D]`, a non-finite `scale`, `threads` outside `[1, 1024]`; TypeError for other
+    dtypes; MemoryError naming `q` for an output that cannot be allocated. Releases the GIL."""
+
+def fma_loop(iters: int) -> int:
+    """Run `iters` rounds of the FMA-peak loop (independent FMA chains) on the SIMD path in use, with
+    the GIL released; returns the floating-point operations done. ValueError for `iters` outside
+    `[0, 2**40]`."""
+
 class InternalError(RuntimeError):
     """A panic in the Rust core (a bug), caught at the binding boundary. The message names the call
     (`"IndexerKeyCache.select: internal error ..."`). Every call checks before it changes anything, so
@@ -207,13 +228,17 @@ class IndexerKeyCache:
         quantize_queries: bool = True,
         sorted: bool = False,
         threads: int | None = None,
+        query_dtype: str | None = None,
     ) -> npt.NDArray[np.int32]:
         """Top-k keys per query row scored from the FP8 pages: rows `seq_ids` int64 `[T]` at `positions`
         int64 `[T]` (row `t` sees keys `0 .. positions[t]`), queries float32 `[T, H, head_dim]`, head
         weights float32 `[T, H]`; int32 `[T, k]`, −1 padded. KeyError / IndexError for a bad row,
         ValueError for shapes, NaN/inf in `q` or `weights` or among a row's scores (named `q, weights`),
         `k` outside `[1, 2**31 - 1]`, `threads` outside `[1, 1024]`; MemoryError naming `k` for an output
-        past 2**40 bytes (or `positions` for a row of scores) that cannot be allocated. Releases the GIL."""
+        past 2**40 bytes (or `positions` for a row of scores) that cannot be allocated. `query_dtype`:
+        "float32" (default) or "bfloat16" (queries rounded to bf16, `vdpbf16ps` where the CPU has
+        AVX512-BF16, its exact scalar twin elsewhere); ValueError / TypeError naming it otherwise. Releases
+        the GIL."""
     def scores(
         self,
         seq_ids: npt.NDArray[np.int64],
@@ -223,6 +248,7 @@ class IndexerKeyCache:
         *,
         quantize_queries: bool = True,
         threads: int | None = None,
+        query_dtype: str | None = None,
     ) -> npt.NDArray[np.float32]:
         """float32 `[T, max(positions) + 1]` indexer scores, −inf past each row's position (rows as `select`).
         ValueError for a NaN score (as `select`); MemoryError naming `positions` for an output too large."""
@@ -238,6 +264,7 @@ class IndexerKeyCache:
         quantize_queries: bool = True,
         sorted: bool = False,
         threads: int | None = None,
+        query_dtype: str | None = None,
     ) -> npt.NDArray[np.int32]:
         """`select` through the caller's block tables: int32 `[T, W]` (−1 padded; page `j` of row `t` is
         block `block_tables[t, j]`), int64 `positions [T]` (`>= 0`); int32 `[T, k]`, identical to `select`
@@ -253,6 +280,7 @@ class IndexerKeyCache:
         *,
         quantize_queries: bool = True,
         threads: int | None = None,
+        query_dtype: str | None = None,
     ) -> npt.NDArray[np.float32]:
         """`scores` through block tables (rows as `select_paged`): float32 `[T, max(positions) + 1]`."""
     def pages(self) -> npt.NDArray[np.uint8]:

@@ -46,6 +46,7 @@ fn bench_score() {
         hw: &hw,
         hp,
         d,
+        pairs: &[],
     };
     let mut out = vec![0f32; n];
     let mut scratch = Vec::new();

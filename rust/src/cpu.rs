@@ -20,6 +20,7 @@ pub fn features() -> Vec<(&'static str, bool)> {
             ("f16c", std::is_x86_feature_detected!("f16c")),
             ("avx512f", std::is_x86_feature_detected!("avx512f")),
             ("avx512bw", std::is_x86_feature_detected!("avx512bw")),
+            ("avx512bf16", std::is_x86_feature_detected!("avx512bf16")),
         ]
     }
     #[cfg(target_arch = "aarch64")]

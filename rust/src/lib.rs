@@ -10,10 +10,13 @@ pub mod fp8;
 pub mod hadamard;
 pub mod indexer_cache;
 pub mod mem;
+pub mod mla;
 pub mod par;
+pub mod peak;
 pub mod pool;
 pub mod quant;
 pub mod score;
+pub mod score_bf16;
 pub mod select;
 pub mod topk;
 
@@ -41,9 +44,11 @@ fn core_module(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()>
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(py::cpu::cpu_features, m)?)?;
     m.add_function(wrap_pyfunction!(py::cpu::set_simd_path, m)?)?;
+    m.add_function(wrap_pyfunction!(py::cpu::fma_loop, m)?)?;
     m.add_function(wrap_pyfunction!(py::quant::fp8_quantize_rows, m)?)?;
     m.add_function(wrap_pyfunction!(py::quant::fp8_decode_table, m)?)?;
     m.add_function(wrap_pyfunction!(py::topk::topk_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(py::mla::sparse_mla, m)?)?;
     m.add_function(wrap_pyfunction!(py::test_panic, m)?)?;
     m.add_class::<py::cache::PyIndexerKeyCache>()?;
     m.add_class::<py::cache::PageBuffer>()?;

@@ -33,6 +33,9 @@ pub struct Query<'a> {
     pub hp: usize,
     /// Key width.
     pub d: usize,
+    /// Empty: score in float32 from `qt`. Otherwise the queries rounded to bfloat16 in pairs,
+    /// `[d/2][hp]` (`score_bf16::build_pairs`), and the bf16 kernels score them (`qt` unread).
+    pub pairs: &'a [u32],
 }
 
 /// `score_keys` was handed buffers whose sizes do not agree (a caller bug); nothing was written.
@@ -65,6 +68,14 @@ fn check_shapes(q: Query<'_>, codes: &[u8], n: usize, out: usize) -> Result<(), 
             q.d
         )));
     }
+    if !q.pairs.is_empty() && q.d.div_ceil(2).checked_mul(q.hp) != Some(q.pairs.len()) {
+        return Err(ShapeError(format!(
+            "{} bf16 query pairs for {} heads of {}",
+            q.pairs.len(),
+            q.hp,
+            q.d
+        )));
+    }
     if n.checked_mul(q.d) != Some(codes.len()) || out != n {
         return Err(ShapeError(format!(
             "{} code bytes and {out} outputs for {n} keys of {}",
@@ -87,6 +98,10 @@ pub fn score_keys(
     scratch: &mut Vec<f32>,
 ) -> Result<(), ShapeError> {
     check_shapes(q, codes, scales.len(), out.len())?;
+    if !q.pairs.is_empty() {
+        crate::score_bf16::score_keys_bf16(isa, q, codes, scales, out, scratch);
+        return Ok(());
+    }
     let simd_width_ok = q.d.is_multiple_of(16);
     match isa {
         #[cfg(target_arch = "x86_64")]
@@ -564,6 +579,7 @@ mod tests {
             hw: &hw,
             hp,
             d,
+            pairs: &[],
         };
         let mut out = vec![0.0; n];
         score_keys(Isa::Scalar, q, &codes, &scales, &mut out, &mut Vec::new()).unwrap();
@@ -595,6 +611,7 @@ mod tests {
                     hw: &hw,
                     hp: padded_heads(heads),
                     d,
+                    pairs: &[],
                 };
                 let (mut a, mut b) = (vec![0.0; n], vec![0.0; n]);
                 score_keys(isa, q, &codes, &scales, &mut a, &mut Vec::new()).unwrap();
@@ -700,6 +717,7 @@ mod tests {
                 hw: &hw,
                 hp: padded_heads(heads),
                 d,
+                pairs: &[],
             };
             let mut want = vec![0.0; n];
             score_keys(Isa::Scalar, q, &codes, &scales, &mut want, &mut Vec::new()).unwrap();
@@ -729,6 +747,7 @@ mod tests {
             hw: &hw,
             hp: 16,
             d: 16,
+            pairs: &[],
         };
         let mut out = vec![0.0; 3];
         for isa in Isa::available() {

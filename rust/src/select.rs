@@ -44,12 +44,14 @@ pub struct Queries<'a> {
     hp: usize,
     d: usize,
     quantize: bool,
+    bf16: bool,
 }
 
 /// A worker's buffers for one query row in the kernels' layout.
 #[derive(Default)]
 struct QueryBuf {
     qt: Vec<f32>,
+    pairs: Vec<u32>,
     hw: Vec<f32>,
     rot: Vec<f64>,
     codes: Vec<u8>,
@@ -96,7 +98,14 @@ impl<'a> Queries<'a> {
             hp: padded_heads(heads),
             d,
             quantize,
+            bf16: false,
         })
+    }
+
+    /// Score with the queries rounded to bfloat16 (`score_bf16`: AVX512-BF16 `vdpbf16ps` where the
+    /// CPU has it, its exact scalar twin elsewhere) instead of float32.
+    pub fn with_bf16(self, bf16: bool) -> Self {
+        Queries { bf16, ..self }
     }
 
     pub fn rows(&self) -> usize {
@@ -144,7 +153,13 @@ impl<'a> Queries<'a> {
             }
             buf.hw[h] = (f64::from(self.w[r]) * inv_sqrt_d * scale) as f32;
         }
+        if self.bf16 {
+            crate::score_bf16::build_pairs(&buf.qt, hp, d, &mut buf.pairs);
+        } else {
+            buf.pairs.clear();
+        }
         Ok(Query {
+            pairs: &buf.pairs,
             qt: &buf.qt,
             hw: &buf.hw,
             hp,

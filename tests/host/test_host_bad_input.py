@@ -665,6 +665,51 @@ def _core_cases() -> list[Case]:
             ),
         ]
         c += _array_cases(entry, lambda o, v, f=f: f(o, tables=v), "block_tables", np.array([[0, 1, -1]], np.int32))
+    # --- sparse MLA on the CPU, and the FMA-peak loop
+    mq, mkv, mix = f32(1, 2, D), f32(5, D), np.zeros((1, 3), np.int64)
+
+    def mla(m: Any, q: Any = mq, kv: Any = mkv, idx: Any = mix, scale: Any = 0.5, d_v: Any = 8, **kw: Any) -> Any:
+        return m.sparse_mla(q, kv, idx, scale, d_v, **kw)
+
+    c += [
+        Case("sparse_mla", lambda m: mla(m, d_v=0), ValueError, r"d_v: must be in \[1, 16\]", "module"),
+        Case("sparse_mla", lambda m: mla(m, d_v=D + 1), ValueError, r"d_v: must be in \[1, 16\]", "module"),
+        Case("sparse_mla", lambda m: mla(m, d_v=-1), ValueError, "d_v: must be in", "module"),
+        Case("sparse_mla", lambda m: mla(m, d_v=2.0), TypeError, "d_v: expected an int", "module"),
+        Case("sparse_mla", lambda m: mla(m, scale=float("nan")), ValueError, "scale: must be finite", "module"),
+        Case("sparse_mla", lambda m: mla(m, scale=float("inf")), ValueError, "scale: must be finite", "module"),
+        Case("sparse_mla", lambda m: mla(m, scale="1"), TypeError, "scale: expected a float", "module"),
+        Case("sparse_mla", lambda m: mla(m, scale=True), TypeError, "scale: expected a float", "module"),
+        Case("sparse_mla", lambda m: mla(m, kv=f32(5, D + 1)), ValueError, r"kv: expected \[N, 16\]", "module"),
+        Case("sparse_mla", lambda m: mla(m, kv=np.ones((5, D + 1), np.uint16)), ValueError, "kv: expected", "module"),
+        Case(
+            "sparse_mla",
+            lambda m: mla(m, idx=np.zeros((2, 3), np.int64)),
+            ValueError,
+            r"indices: expected \[1, K\]",
+            "module",
+        ),
+        Case(
+            "sparse_mla",
+            lambda m: mla(m, idx=np.zeros((2, 3), np.int32)),
+            ValueError,
+            r"indices: expected \[1, K\]",
+            "module",
+        ),
+        Case("sparse_mla", lambda m: mla(m, threads=0), ValueError, "threads: must be at least 1", "module"),
+        Case("sparse_mla", lambda m: mla(m, threads=2**70), ValueError, "threads: must be at most", "module"),
+        Case("fma_loop", lambda m: m.fma_loop(-1), ValueError, "iters: must be in", "module"),
+        Case("fma_loop", lambda m: m.fma_loop(2**41), ValueError, "iters: must be in", "module"),
+    ]
+    c += _int_cases("fma_loop", lambda m, v: m.fma_loop(v), "iters", "module")
+    for arg, good in (("q", mq), ("kv", mkv), ("indices", mix), ("indices", mix.astype(np.int32))):
+        key = "idx" if arg == "indices" else arg
+        c += [
+            Case(x.entry, x.call, x.error, x.match, "module")
+            for x in _array_cases("sparse_mla", lambda m, v, key=key: mla(m, **{key: v}), arg, good)
+            # another dtype than int32 is read as int64, and the message says so (the int64 group has it)
+            if not x.match.startswith("indices: expected int32")
+        ]
     c.append(
         Case(
             "IndexerKeyCache.select",
@@ -718,6 +763,83 @@ def _host_cases() -> list[Case]:
         Case("topk", lambda m: m.topk(np.float32(3), 2), ValueError, r"scores: expected shape \[T, L\]", "module"),
         Case("topk", lambda m: m.topk(x, 2, threads=1.0), TypeError, "threads: expected an int", "module"),
         Case("set_simd_path", lambda m: m.set_simd_path("sse9"), ValueError, "sse9", "module"),
+        Case(
+            "sparse_mla_host",
+            lambda m: m.sparse_mla_host(f32(1, 2, D).astype(int), f32(5, D), [[0]], 0.5, 8),
+            TypeError,
+            "q: expected a float array",
+            "module",
+        ),
+        Case(
+            "sparse_mla_host",
+            lambda m: m.sparse_mla_host(f32(2, D), f32(5, D), [[0]], 0.5, 8),
+            ValueError,
+            r"q: expected shape \[T, h, D\]",
+            "module",
+        ),
+        Case(
+            "sparse_mla_host",
+            lambda m: m.sparse_mla_host(f32(1, 2, D), f32(5, D).astype(np.int16), [[0]], 0.5, 8),
+            TypeError,
+            "kv: expected a float32 or bfloat16",
+            "module",
+        ),
+        Case(
+            "sparse_mla_host",
+            lambda m: m.sparse_mla_host(f32(1, 2, D), f32(5, 8), [[0]], 0.5, 8),
+            ValueError,
+            r"kv: expected shape \[N, 16\]",
+            "module",
+        ),
+        Case(
+            "sparse_mla_host",
+            lambda m: m.sparse_mla_host(f32(1, 2, D), f32(5, D), [[0.5]], 0.5, 8),
+            TypeError,
+            "indices: expected an integer array",
+            "module",
+        ),
+        Case(
+            "sparse_mla_host",
+            lambda m: m.sparse_mla_host(f32(1, 2, D), f32(5, D), [[True]], 0.5, 8),
+            TypeError,
+            "indices: expected an integer array",
+            "module",
+        ),
+        Case(
+            "sparse_mla_host",
+            lambda m: m.sparse_mla_host(f32(1, 2, D), f32(5, D), [0], 0.5, 8),
+            ValueError,
+            r"indices: expected shape \[1, K\]",
+            "module",
+        ),
+        Case(
+            "sparse_mla_host",
+            lambda m: m.sparse_mla_host(f32(1, 2, D), f32(5, D), [[0]], "0.5", 8),
+            TypeError,
+            "scale: expected a float",
+            "module",
+        ),
+        Case(
+            "sparse_mla_host",
+            lambda m: m.sparse_mla_host(f32(1, 2, D), f32(5, D), [[0]], 0.5, 0),
+            ValueError,
+            "d_v: must be in",
+            "module",
+        ),
+        Case(
+            "sparse_mla_host",
+            lambda m: m.sparse_mla_host(f32(1, 2, D), f32(5, D), [[0]], 0.5, 8.0),
+            TypeError,
+            "d_v: expected an int",
+            "module",
+        ),
+        Case(
+            "sparse_mla_host",
+            lambda m: m.sparse_mla_host(f32(1, 2, D), f32(5, D), [[0]], 0.5, threads=0),
+            ValueError,
+            "threads: must be at least 1",
+            "module",
+        ),
         Case("IndexerKeyCache", lambda m: m.IndexerKeyCache(-1), ValueError, "num_blocks: must be in", "module"),
         Case("IndexerKeyCache", lambda m: m.IndexerKeyCache(2.5), TypeError, "num_blocks: expected an int", "module"),
         Case("BlockPool", lambda m: m.BlockPool(True), TypeError, "num_blocks: expected an int", "module"),

@@ -273,6 +273,7 @@ class IndexerKeyCache:
         quantize_queries: bool = True,
         sorted: bool = False,
         threads: int | None = None,
+        query_dtype: str = "float32",
     ) -> npt.NDArray[np.int32]:
         """The lightning indexer on the host: each query row's top-`k` keys (dsa.md §4, §5).
 
@@ -289,6 +290,12 @@ class IndexerKeyCache:
                 scale after the Hadamard rotation, as deployed; False keeps the rotated queries in float32.
             sorted: False: each row ascending by position; True: by descending score.
             threads: worker threads (default: one per core; few-row batches split each row's keys).
+            query_dtype: "float32" (default) or "bfloat16": score with the (rotated, maybe quantized)
+                queries rounded to bfloat16, by `vdpbf16ps` on CPUs with AVX512-BF16 (about twice the
+                float32 rate) and by its exact scalar twin elsewhere (slow; the same bits). FP8 keys are
+                exact in bf16; with `quantize_queries` the queries are too, so only the order of the
+                float32 sums changes (pairs of dimensions, the instruction's order); without it the
+                selection is the top-k of the bf16-query scores. docs/performance.md, "bf16 scoring".
 
         Returns int32 `[T, k]`, −1 padded; rows with `p_t + 1 ≤ k` select every visible key (no scoring).
         Ties go to the lowest position. Scores are accumulated in float32 from exact FP8 products.
@@ -306,6 +313,7 @@ class IndexerKeyCache:
             quantize_queries=quantize_queries,
             sorted=sorted,
             threads=threads,
+            query_dtype=query_dtype,
         )
 
     def scores(
@@ -317,6 +325,7 @@ class IndexerKeyCache:
         *,
         quantize_queries: bool = True,
         threads: int | None = None,
+        query_dtype: str = "float32",
     ) -> npt.NDArray[np.float32]:
         """The indexer scores `select` ranks, float32 `[T, L]` with `L = max(positions) + 1`; entries past a
         row's own `p_t` are −inf. Arguments as in `select`. For tests and callers that want the scores."""
@@ -327,6 +336,7 @@ class IndexerKeyCache:
             _int_array("positions", positions, 1),
             quantize_queries=quantize_queries,
             threads=threads,
+            query_dtype=query_dtype,
         )
 
     def select_paged(
@@ -341,6 +351,7 @@ class IndexerKeyCache:
         quantize_queries: bool = True,
         sorted: bool = False,
         threads: int | None = None,
+        query_dtype: str = "float32",
     ) -> npt.NDArray[np.int32]:
         """`select` through the caller's block tables instead of the cache's sequences.
 
@@ -350,7 +361,7 @@ class IndexerKeyCache:
                 each (repeat it) — the engine's one table per request.
             positions: int `[T]`, each row's absolute position `p_t ≥ 0`; row `t` sees keys `0 .. p_t`
                 through pages `0 .. p_t // block_size` of its table (write the row's own key first).
-            q, weights, k, as_slots, quantize_queries, sorted, threads: as in `select`.
+            q, weights, k, as_slots, quantize_queries, sorted, threads, query_dtype: as in `select`.
 
         Returns int32 `[T, k]`, exactly what `select` returns for a sequence with that block table
         (same kernels, same tie rule). IndexError if a row needs a page that is −1, outside the table's
@@ -370,6 +381,7 @@ class IndexerKeyCache:
             quantize_queries=quantize_queries,
             sorted=sorted,
             threads=threads,
+            query_dtype=query_dtype,
         )
 
     def scores_paged(
@@ -381,6 +393,7 @@ class IndexerKeyCache:
         *,
         quantize_queries: bool = True,
         threads: int | None = None,
+        query_dtype: str = "float32",
     ) -> npt.NDArray[np.float32]:
         """`scores` through block tables (arguments as in `select_paged`): float32 `[T, max(positions) + 1]`,
         −inf past each row's own position."""
@@ -391,6 +404,7 @@ class IndexerKeyCache:
             _float_array("weights", weights, 2),
             quantize_queries=quantize_queries,
             threads=threads,
+            query_dtype=query_dtype,
         )
 
     def pages(self) -> npt.NDArray[np.uint8]:

@@ -6,12 +6,38 @@ scoring straight from the FP8 pages. Both release the GIL and run rows on severa
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from dsa_hybrid import _core
+
+SIMD_PATHS = ("scalar", "avx2", "avx512", "neon")
+
+
+def check_simd_env() -> str | None:
+    """Warn (`RuntimeWarning`, naming the value) when `DSA_HYBRID_SIMD` is set to a path that is unknown or
+    that this CPU cannot run: the Rust core then ignores it and uses the widest path. Runs once at import;
+    returns the warning's text (None when the variable is unset or honoured)."""
+    value = os.environ.get("DSA_HYBRID_SIMD", "").strip()
+    if not value:
+        return None
+    active = str(_core.cpu_features()["simd_path"])
+    if value == active:
+        return None
+    why = "is not a SIMD path" if value not in SIMD_PATHS else "names a path this CPU cannot run"
+    text = (
+        f"DSA_HYBRID_SIMD={value!r} {why} (one of {', '.join(SIMD_PATHS)}; "
+        f"available here: see cpu_features()); ignored, using {active!r}"
+    )
+    warnings.warn(text, RuntimeWarning, stacklevel=2)
+    return text
+
+
+check_simd_env()
 
 
 def topk(

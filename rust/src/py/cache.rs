@@ -539,7 +539,7 @@ impl PyIndexerKeyCache {
     }
 
     /// Top-k keys per query row, scored from the FP8 pages (see `dsa_hybrid.IndexerKeyCache.select`).
-    #[pyo3(signature = (seq_ids, q, weights, positions, k, *, as_slots = None, quantize_queries = None, sorted = None, threads = None))]
+    #[pyo3(signature = (seq_ids, q, weights, positions, k, *, as_slots = None, quantize_queries = None, sorted = None, threads = None, query_dtype = None))]
     #[allow(clippy::too_many_arguments)]
     fn select<'py>(
         &self,
@@ -553,16 +553,18 @@ impl PyIndexerKeyCache {
         quantize_queries: Option<&Bound<'py, PyAny>>,
         sorted: Option<&Bound<'py, PyAny>>,
         threads: Option<&Bound<'py, PyAny>>,
+        query_dtype: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyArray2<i32>>> {
         guard("IndexerKeyCache.select", || {
             let rows = RowsArg::sequences(seq_ids, positions)?;
-            let opts = select::Opts::new(k, as_slots, quantize_queries, sorted, threads)?;
+            let opts =
+                select::Opts::new(k, as_slots, quantize_queries, sorted, threads, query_dtype)?;
             select::select(self, py, rows, q, weights, opts)
         })
     }
 
     /// All visible scores per query row, −inf past each row's own length (see the wrapper).
-    #[pyo3(signature = (seq_ids, q, weights, positions, *, quantize_queries = None, threads = None))]
+    #[pyo3(signature = (seq_ids, q, weights, positions, *, quantize_queries = None, threads = None, query_dtype = None))]
     #[allow(clippy::too_many_arguments)]
     fn scores<'py>(
         &self,
@@ -573,16 +575,17 @@ impl PyIndexerKeyCache {
         positions: &Bound<'py, PyAny>,
         quantize_queries: Option<&Bound<'py, PyAny>>,
         threads: Option<&Bound<'py, PyAny>>,
+        query_dtype: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         guard("IndexerKeyCache.scores", || {
             let rows = RowsArg::sequences(seq_ids, positions)?;
-            let opts = select::Opts::for_scores(quantize_queries, threads)?;
+            let opts = select::Opts::for_scores(quantize_queries, threads, query_dtype)?;
             select::scores(self, py, rows, q, weights, opts)
         })
     }
 
     /// `select` through external block tables (`[T, W]` int32, −1 padded).
-    #[pyo3(signature = (block_tables, positions, q, weights, k, *, as_slots = None, quantize_queries = None, sorted = None, threads = None))]
+    #[pyo3(signature = (block_tables, positions, q, weights, k, *, as_slots = None, quantize_queries = None, sorted = None, threads = None, query_dtype = None))]
     #[allow(clippy::too_many_arguments)]
     fn select_paged<'py>(
         &self,
@@ -596,16 +599,18 @@ impl PyIndexerKeyCache {
         quantize_queries: Option<&Bound<'py, PyAny>>,
         sorted: Option<&Bound<'py, PyAny>>,
         threads: Option<&Bound<'py, PyAny>>,
+        query_dtype: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyArray2<i32>>> {
         guard("IndexerKeyCache.select_paged", || {
             let rows = RowsArg::paged(block_tables, positions)?;
-            let opts = select::Opts::new(k, as_slots, quantize_queries, sorted, threads)?;
+            let opts =
+                select::Opts::new(k, as_slots, quantize_queries, sorted, threads, query_dtype)?;
             select::select(self, py, rows, q, weights, opts)
         })
     }
 
     /// `scores` through external block tables.
-    #[pyo3(signature = (block_tables, positions, q, weights, *, quantize_queries = None, threads = None))]
+    #[pyo3(signature = (block_tables, positions, q, weights, *, quantize_queries = None, threads = None, query_dtype = None))]
     #[allow(clippy::too_many_arguments)]
     fn scores_paged<'py>(
         &self,
@@ -616,10 +621,11 @@ impl PyIndexerKeyCache {
         weights: &Bound<'py, PyAny>,
         quantize_queries: Option<&Bound<'py, PyAny>>,
         threads: Option<&Bound<'py, PyAny>>,
+        query_dtype: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         guard("IndexerKeyCache.scores_paged", || {
             let rows = RowsArg::paged(block_tables, positions)?;
-            let opts = select::Opts::for_scores(quantize_queries, threads)?;
+            let opts = select::Opts::for_scores(quantize_queries, threads, query_dtype)?;
             select::scores(self, py, rows, q, weights, opts)
         })
     }

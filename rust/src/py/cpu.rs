@@ -49,3 +49,17 @@ pub fn set_simd_path(name: Option<&Bound<'_, PyAny>>) -> PyResult<&'static str> 
             .map_err(|e| PyValueError::new_err(format!("name: {e}")))
     })
 }
+
+/// Run the FMA-peak loop (`peak.rs`) `iters` times on the SIMD path in use, with the GIL
+/// released; returns the floating-point operations it did (time it to get the peak).
+#[pyfunction]
+pub fn fma_loop(py: Python<'_>, iters: &Bound<'_, PyAny>) -> PyResult<u64> {
+    guard("fma_loop", || {
+        let iters = args::int_in("iters", iters, 0, 1 << 40)? as u64;
+        let isa = cpu::active();
+        let (values, flops) = py.detach(|| crate::peak::fma_loop(isa, iters));
+        // Used, so the loop is not optimised away.
+        std::hint::black_box(values);
+        Ok(flops)
+    })
+}

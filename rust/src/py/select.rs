@@ -79,6 +79,22 @@ pub struct Opts {
     quantize: bool,
     sorted: bool,
     threads: usize,
+    bf16: bool,
+}
+
+/// `query_dtype`: `None` or "float32" (false), "bfloat16" (true).
+fn query_dtype(obj: Option<&Bound<'_, PyAny>>) -> PyResult<bool> {
+    let Some(obj) = obj.filter(|o| !o.is_none()) else {
+        return Ok(false);
+    };
+    let name = args::string("query_dtype", obj)?;
+    match name.as_str() {
+        "float32" => Ok(false),
+        "bfloat16" => Ok(true),
+        other => Err(PyValueError::new_err(format!(
+            "query_dtype: expected \"float32\" or \"bfloat16\", got {other:?}"
+        ))),
+    }
 }
 
 impl Opts {
@@ -88,8 +104,10 @@ impl Opts {
         quantize: Option<&Bound<'_, PyAny>>,
         sorted: Option<&Bound<'_, PyAny>>,
         threads: Option<&Bound<'_, PyAny>>,
+        dtype: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         Ok(Opts {
+            bf16: query_dtype(dtype)?,
             k: args::k(k)?,
             as_slots: args::flag("as_slots", as_slots, false)?,
             quantize: args::flag("quantize_queries", quantize, true)?,
@@ -101,8 +119,10 @@ impl Opts {
     pub fn for_scores(
         quantize: Option<&Bound<'_, PyAny>>,
         threads: Option<&Bound<'_, PyAny>>,
+        dtype: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         Ok(Opts {
+            bf16: query_dtype(dtype)?,
             k: 1,
             as_slots: false,
             quantize: args::flag("quantize_queries", quantize, true)?,
@@ -160,7 +180,9 @@ pub fn select<'py>(
     };
     let out = cache
         .with_pages(py, |c, pages| {
-            let queries = Queries::new(qs, ws, t, h, d, o.quantize).map_err(CacheError::Shape)?;
+            let queries = Queries::new(qs, ws, t, h, d, o.quantize)
+                .map_err(CacheError::Shape)?
+                .with_bf16(o.bf16);
             match rows {
                 Rows::Sequences { seq_ids, positions } => {
                     select::select(c, pages, &queries, seq_ids, positions, opts)
@@ -199,7 +221,9 @@ pub fn scores<'py>(
     let isa = cpu::active();
     let (out, l) = cache
         .with_pages(py, |c, pages| {
-            let queries = Queries::new(qs, ws, t, h, d, o.quantize).map_err(CacheError::Shape)?;
+            let queries = Queries::new(qs, ws, t, h, d, o.quantize)
+                .map_err(CacheError::Shape)?
+                .with_bf16(o.bf16);
             match rows {
                 Rows::Sequences { seq_ids, positions } => {
                     select::scores(c, pages, &queries, seq_ids, positions, o.threads, isa)

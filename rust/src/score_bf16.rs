@@ -1,0 +1,423 @@
+//! Indexer scoring with bfloat16 dot products (AVX512-BF16 `vdpbf16ps`): the bf16 twin of
+//! `score.rs`, selected by `Query::pairs` (the queries rounded to bf16, in pairs).
+//!
+//! Numerics. FP8 e4m3 key values are exact in bf16 (and so are they / 256); the queries are
+//! rounded to bf16 (round to nearest even; with `quantize_queries` they are FP8 values, exact, so
+//! only the summation order changes). A lane holds one head; the instruction adds, per 32-bit
+//! lane, the product of the high bf16 halves and then that of the low halves, each a single
+//! rounding of an exact product (`vdpbf16ps`'s definition), so the sum over `d` runs in the order
+//! 1, 0, 3, 2, 5, 4, … with one FMA per term. The scalar twin does exactly that. The instruction
+//! treats denormal inputs and results as zero; query values below 2^-100 in magnitude are set to
+//! zero when the pairs are built, so every nonzero product and partial sum is at least 2^-124 in
+//! magnitude (a multiple of it), a normal float, and DAZ / FTZ never change a bit.
+//! Then, as in `score.rs`: ReLU, × the head weight, the halving tree over heads, × the key scale.
+
+use crate::cpu::Isa;
+use crate::fp8::DECODE_TABLE;
+use crate::score::Query;
+
+/// Query values below this magnitude become 0 in the bf16 pairs (see the module notes).
+pub const FLUSH_BELOW: f32 = 7.888_609e-31; // 2^-100
+
+/// `x` rounded to bfloat16 (nearest, ties to even), as its 16 bits; values below `FLUSH_BELOW`
+/// in magnitude give (signed) zero. `x` is finite.
+pub fn to_bf16_bits(x: f32) -> u16 {
+    if x.abs() < FLUSH_BELOW {
+        return ((x.to_bits() >> 16) & 0x8000) as u16;
+    }
+    let b = x.to_bits();
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// The query pairs of one row: `pairs[p · hp + h]` holds head `h`'s bf16 values of dimensions
+/// `2p` (low half) and `2p + 1` (high half), from the transposed f32 queries `qt [d][hp]`; an odd
+/// `d` is padded with a zero.
+pub fn build_pairs(qt: &[f32], hp: usize, d: usize, pairs: &mut Vec<u32>) {
+    let np = d.div_ceil(2);
+    pairs.clear();
+    pairs.resize(np * hp, 0);
+    for p in 0..np {
+        for h in 0..hp {
+            let lo = u32::from(to_bf16_bits(qt[2 * p * hp + h]));
+            let hi = if 2 * p + 1 < d {
+                u32::from(to_bf16_bits(qt[(2 * p + 1) * hp + h]))
+            } else {
+                0
+            };
+            pairs[p * hp + h] = lo | (hi << 16);
+        }
+    }
+}
+
+fn bf16(bits: u32) -> f32 {
+    f32::from_bits(bits << 16)
+}
+
+/// Whether the AVX512-BF16 kernel can run here (the instruction set and the shapes).
+fn simd_ok(isa: Isa, d: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        isa == Isa::Avx512
+            && isa.supported()
+            && std::is_x86_feature_detected!("avx512bf16")
+            && d.is_multiple_of(32)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (isa, d);
+        false
+    }
+}
+
+/// Whether this CPU runs the bf16 scoring with `vdpbf16ps` on `isa` (otherwise the scalar twin).
+pub fn has_bf16_kernel(isa: Isa) -> bool {
+    simd_ok(isa, 128)
+}
+
+/// Scores of `scales.len()` keys with the bf16 queries `q.pairs` (`q.qt` is not read); sizes
+/// checked by the caller (`score::score_keys`).
+pub fn score_keys_bf16(
+    isa: Isa,
+    q: Query<'_>,
+    codes: &[u8],
+    scales: &[f32],
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    if simd_ok(isa, q.d) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has the features (checked in `simd_ok`); the sizes were checked by
+        // `score::score_keys` (pairs `d/2 × hp`, codes `n × d`, out `n`).
+        unsafe {
+            x86::score_keys_avx512bf16(q, codes, scales, out, scratch)
+        }
+    } else {
+        score_keys_bf16_scalar(q, codes, scales, out, scratch)
+    }
+}
+
+/// The scalar twin: the instruction's order (high half, then low half, of each pair).
+fn score_keys_bf16_scalar(
+    q: Query<'_>,
+    codes: &[u8],
+    scales: &[f32],
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let (d, hp) = (q.d, q.hp);
+    let np = d.div_ceil(2);
+    scratch.resize(2 * np + hp, 0.0);
+    let (k, heads) = scratch.split_at_mut(2 * np);
+    for ((row, &sk), o) in codes.chunks_exact(d).zip(scales).zip(out.iter_mut()) {
+        k.fill(0.0);
+        for (kf, c) in k.iter_mut().zip(row) {
+            // value / 256, exact in bf16 (and in f32)
+            *kf = DECODE_TABLE[*c as usize] / 256.0;
+        }
+        for (h, head) in heads.iter_mut().enumerate() {
+            let mut acc = 0.0f32;
+            for p in 0..np {
+                let w = q.pairs[p * hp + h];
+                acc = bf16(w >> 16).mul_add(k[2 * p + 1], acc);
+                acc = bf16(w & 0xffff).mul_add(k[2 * p], acc);
+            }
+            *head = acc.max(0.0) * q.hw[h];
+        }
+        *o = tree_sum(heads) * (sk * 256.0);
+    }
+}
+
+/// Sum by halving, as `score.rs` (len a power of two).
+fn tree_sum(b: &mut [f32]) -> f32 {
+    let mut n = b.len();
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            b[i] += b[i + n];
+        }
+    }
+    b[0]
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::Query;
+    use std::arch::x86_64::*;
+
+    /// 16 e4m3 codes as 16 bf16 values / 256 (through F16C: exact).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16,avx512vl,avx2,f16c")]
+    fn decode16(b: __m128i) -> __m256bh {
+        let w = _mm256_cvtepu8_epi16(b);
+        let mag = _mm256_slli_epi16::<7>(_mm256_and_si256(w, _mm256_set1_epi16(0x7f)));
+        let sign = _mm256_slli_epi16::<8>(_mm256_and_si256(w, _mm256_set1_epi16(0x80)));
+        _mm512_cvtneps_pbh(_mm512_cvtph_ps(_mm256_or_si256(mag, sign)))
+    }
+
+    /// `tree_sum` with 16-wide then 8-wide adds, the same order.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn tree_sum_avx2(b: &mut [f32]) -> f32 {
+        let p = b.as_mut_ptr();
+        let mut n = b.len();
+        // SAFETY: every index is below the current n ≤ b.len().
+        unsafe {
+            while n > 8 {
+                n /= 2;
+                for i in (0..n).step_by(8) {
+                    _mm256_storeu_ps(
+                        p.add(i),
+                        _mm256_add_ps(_mm256_loadu_ps(p.add(i)), _mm256_loadu_ps(p.add(i + n))),
+                    );
+                }
+            }
+            let v = _mm256_loadu_ps(p);
+            let x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let y = _mm_add_ps(x, _mm_movehl_ps(x, x));
+            _mm_cvtss_f32(_mm_add_ss(y, _mm_shuffle_ps::<1>(y, y)))
+        }
+    }
+
+    /// `HB` vectors of 16 heads from `h0` × `NK` keys (`kb`: `NK × d` bf16 as u16).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn block<const HB: usize, const NK: usize>(
+        q: Query<'_>,
+        h0: usize,
+        kb: &[u16],
+        heads: &mut [f32],
+    ) {
+        let (d, hp) = (q.d, q.hp);
+        let np = d / 2;
+        debug_assert!(h0 + HB * 16 <= hp && kb.len() >= NK * d && heads.len() >= NK * hp);
+        let (qp, kp, hd) = (
+            q.pairs.as_ptr().wrapping_add(h0),
+            kb.as_ptr().cast::<u32>(),
+            heads.as_mut_ptr(),
+        );
+        let mut acc = [[_mm512_setzero_ps(); NK]; HB];
+        // SAFETY: pairs is np × hp, kb NK × d u16 (= NK × np u32, read unaligned), heads NK × hp.
+        unsafe {
+            for p in 0..np {
+                let mut qv = [_mm512_setzero_si512(); HB];
+                for (j, v) in qv.iter_mut().enumerate() {
+                    *v = _mm512_loadu_si512(qp.add(p * hp + j * 16).cast());
+                }
+                for i in 0..NK {
+                    let kv = _mm512_set1_epi32(kp.add(i * np + p).read_unaligned() as i32);
+                    for j in 0..HB {
+                        acc[j][i] = _mm512_dpbf16_ps(
+                            acc[j][i],
+                            std::mem::transmute::<__m512i, __m512bh>(qv[j]),
+                            std::mem::transmute::<__m512i, __m512bh>(kv),
+                        );
+                    }
+                }
+            }
+            let zero = _mm512_setzero_ps();
+            for (j, acc_j) in acc.iter().enumerate() {
+                let w = _mm512_loadu_ps(q.hw.as_ptr().add(h0 + j * 16));
+                for (i, a) in acc_j.iter().enumerate() {
+                    _mm512_storeu_ps(
+                        hd.add(i * hp + h0 + j * 16),
+                        _mm512_mul_ps(_mm512_max_ps(*a, zero), w),
+                    );
+                }
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn heads_block<const NK: usize>(q: Query<'_>, kb: &[u16], out: &mut [f32]) {
+        // SAFETY: forwarded; hp is a power of two ≥ 16.
+        unsafe {
+            match q.hp {
+                16 => block::<1, NK>(q, 0, kb, out),
+                32 => block::<2, NK>(q, 0, kb, out),
+                _ => {
+                    for h0 in (0..q.hp).step_by(64) {
+                        block::<4, NK>(q, h0, kb, out);
+                    }
+                }
+            }
+        }
+    }
+
+    /// AVX512-BF16 twin of `score_keys_bf16_scalar`: 6 keys × 64 heads per register block.
+    #[target_feature(enable = "avx512f,avx512bf16,avx512vl,avx2,fma,f16c")]
+    pub unsafe fn score_keys_avx512bf16(
+        q: Query<'_>,
+        codes: &[u8],
+        scales: &[f32],
+        out: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) {
+        const NK: usize = 6;
+        let (d, hp, n) = (q.d, q.hp, scales.len());
+        // Keys as bf16 in the first NK·d/2 floats of scratch, then the heads.
+        scratch.resize(NK * d / 2 + NK * hp, 0.0);
+        let (kf, heads) = scratch.split_at_mut(NK * d / 2);
+        // SAFETY: kf holds NK × d u16 (its f32 storage reinterpreted; f32 is 4-aligned, u16 needs 2).
+        let kb = unsafe { std::slice::from_raw_parts_mut(kf.as_mut_ptr().cast::<u16>(), NK * d) };
+        let mut s = 0;
+        // SAFETY: the callees' bounds hold: kb holds NK keys, heads NK × hp.
+        unsafe {
+            while s < n {
+                let nk = (n - s).min(NK);
+                for i in 0..nk {
+                    for c in 0..d / 16 {
+                        let src = codes.as_ptr().add((s + i) * d + c * 16);
+                        let v = decode16(_mm_loadu_si128(src.cast()));
+                        _mm256_storeu_si256(
+                            kb.as_mut_ptr().add(i * d + c * 16).cast(),
+                            std::mem::transmute::<__m256bh, __m256i>(v),
+                        );
+                    }
+                }
+                match nk {
+                    6 => heads_block::<6>(q, kb, heads),
+                    5 => heads_block::<5>(q, kb, heads),
+                    4 => heads_block::<4>(q, kb, heads),
+                    3 => heads_block::<3>(q, kb, heads),
+                    2 => heads_block::<2>(q, kb, heads),
+                    _ => heads_block::<1>(q, kb, heads),
+                }
+                for i in 0..nk {
+                    out[s + i] =
+                        tree_sum_avx2(&mut heads[i * hp..(i + 1) * hp]) * (scales[s + i] * 256.0);
+                }
+                s += nk;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::score::{padded_heads, score_keys};
+    use crate::test_rng as lcg;
+
+    fn unit(next: &mut impl FnMut() -> u64) -> f32 {
+        next() as f32 / (1u64 << 30) as f32 - 1.0
+    }
+
+    #[test]
+    fn bf16_rounding_is_nearest_even_and_tiny_values_flush() {
+        assert_eq!(to_bf16_bits(1.0), 0x3f80);
+        assert_eq!(to_bf16_bits(f32::from_bits(0x3f80_8000)), 0x3f80); // tie → even
+        assert_eq!(to_bf16_bits(f32::from_bits(0x3f81_8000)), 0x3f82); // tie → even
+        assert_eq!(to_bf16_bits(f32::from_bits(0x3f80_8001)), 0x3f81);
+        assert_eq!(to_bf16_bits(-1e-35), 0x8000);
+        assert_eq!(to_bf16_bits(1e-35), 0);
+        for (c, &v) in DECODE_TABLE.iter().enumerate() {
+            if v.is_finite() && v.abs() >= FLUSH_BELOW {
+                assert_eq!(
+                    bf16(u32::from(to_bf16_bits(v))),
+                    v,
+                    "FP8 code {c:#x} is exact in bf16"
+                );
+            }
+        }
+    }
+
+    /// The AVX512-BF16 kernel (where the CPU has it) equals its scalar twin bit for bit, on FP8 and on
+    /// arbitrary float32 queries, across magnitudes and head counts; on every other path the twin runs.
+    #[test]
+    fn the_bf16_kernel_equals_its_scalar_twin_bit_for_bit() {
+        let mut next = lcg(0xbf16);
+        let mut compared = 0;
+        for case in 0..60 {
+            let heads = [1usize, 16, 32, 64, 100, 128][(next() % 6) as usize];
+            let d = [32usize, 64, 128, 256, 16, 2][(next() % 6) as usize];
+            let n = (next() % 40) as usize;
+            let hp = padded_heads(heads);
+            let mut qt = vec![0.0f32; d * hp];
+            let mut hw = vec![0.0f32; hp];
+            for h in 0..heads {
+                for dd in 0..d {
+                    qt[dd * hp + h] = if case % 2 == 0 {
+                        let c = (next() % 256) as usize;
+                        if c & 0x7f == 0x7f {
+                            0.0
+                        } else {
+                            DECODE_TABLE[c]
+                        }
+                    } else {
+                        unit(&mut next) * 2f32.powi((next() % 41) as i32 - 20)
+                    };
+                }
+                hw[h] = unit(&mut next);
+            }
+            let codes: Vec<u8> = (0..n * d)
+                .map(|_| (next() % 256) as u8)
+                .map(|c| if c & 0x7f == 0x7f { c ^ 1 } else { c })
+                .collect();
+            let scales: Vec<f32> = (0..n)
+                .map(|_| 2f32.powi((next() % 24) as i32 - 14))
+                .collect();
+            let mut pairs = Vec::new();
+            build_pairs(&qt, hp, d, &mut pairs);
+            let q = Query {
+                qt: &qt,
+                hw: &hw,
+                hp,
+                d,
+                pairs: &pairs,
+            };
+            let mut want = vec![0.0; n];
+            score_keys(Isa::Scalar, q, &codes, &scales, &mut want, &mut Vec::new()).unwrap();
+            // The twin against an f64 evaluation of the same bf16 products (close, not equal).
+            for (s, w) in want.iter().enumerate().take(3) {
+                let exact: f64 = (0..hp)
+                    .map(|h| {
+                        let dot: f64 = (0..d)
+                            .map(|dd| {
+                                let pw = pairs[(dd / 2) * hp + h];
+                                let qv = if dd % 2 == 0 {
+                                    bf16(pw & 0xffff)
+                                } else {
+                                    bf16(pw >> 16)
+                                };
+                                f64::from(qv) * f64::from(DECODE_TABLE[codes[s * d + dd] as usize])
+                            })
+                            .sum();
+                        dot.max(0.0) * f64::from(hw[h])
+                    })
+                    .sum::<f64>()
+                    * f64::from(scales[s]);
+                let mag: f64 = (0..hp)
+                    .map(|h| {
+                        (0..d)
+                            .map(|dd| {
+                                f64::from(qt[dd * hp + h].abs())
+                                    * f64::from(DECODE_TABLE[codes[s * d + dd] as usize].abs())
+                            })
+                            .sum::<f64>()
+                            * f64::from(hw[h].abs())
+                    })
+                    .sum::<f64>()
+                    * f64::from(scales[s]);
+                assert!(
+                    (f64::from(*w) - exact).abs() <= 1e-5 * mag + 1e-30,
+                    "{w} vs {exact}"
+                );
+            }
+            for isa in Isa::available() {
+                let mut got = vec![f32::NAN; n];
+                let mut scratch = vec![f32::NAN; (next() % 64) as usize];
+                score_keys(isa, q, &codes, &scales, &mut got, &mut scratch).unwrap();
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "{isa:?} heads={heads} d={d} n={n} case={case}"
+                );
+                compared += usize::from(simd_ok(isa, d));
+            }
+        }
+        println!("compared the AVX512-BF16 kernel {compared} times"); // 0 without the instruction
+    }
+}
