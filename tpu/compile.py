@@ -60,7 +60,7 @@ MODELS = {  # name: (MLA heads, indexer heads)
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    kernel: str  # "sparse_mla", "prefix_mla", "indexer", "topk"
+    kernel: str  # "sparse_mla", "prefix_mla", "query_blocks", "indexer", "topk"
     model: str
     heads: int  # MLA heads (sparse/prefix) or indexer heads (0 for topk)
     tokens: int
@@ -88,6 +88,10 @@ def all_cases() -> list[Case]:
                     out.append(Case("prefix_mla", model, heads, T, kind))
         for T in (1, 13, 100):
             out.append(Case("indexer", model, hi, T))
+        for heads in (h, h // 8):  # query-block prefill: chunks of 13 and 100 rows
+            for T in (13, 100):
+                for kind in ("bf16", "fp8"):
+                    out.append(Case("query_blocks", model, heads, T, kind))
     for T in (1, 13, 64):  # the top-k select on its own: decode, a prefill chunk, a batch; contexts to 128K
         for L in (4096, 32768, 131072):
             out.append(_topk_case(T, L))
@@ -108,6 +112,7 @@ def ci_cases() -> list[Case]:
         Case("sparse_mla", "GLM-5", 8, 1, "fp8"),
         Case("prefix_mla", "V3.2", 128, 1, "fp8"),
         Case("prefix_mla", "GLM-5", 8, 100, "bf16"),
+        Case("query_blocks", "V3.2", 16, 13, "fp8"),
         Case("indexer", "V3.2", 64, 1),
         Case("indexer", "GLM-5", 32, 13),
         _topk_case(1, 4096),
@@ -149,6 +154,7 @@ def build(case: Case, dev: Any, pages: int = CONTEXT_PAGES) -> tuple[Any, tuple[
     from dsa_hybrid.ops.indexer import IndexerPages, select_topk_device
     from dsa_hybrid.ops.latent_cache import LatentCache
     from dsa_hybrid.ops.sparse_mla import prefix_mla, sparse_mla
+    from dsa_hybrid.ops.tpu.query_blocks import sparse_mla_blocks_tpu
     from dsa_hybrid.ops.tpu.topk import topk_select
 
     T, h = case.tokens, case.heads
@@ -170,6 +176,9 @@ def build(case: Case, dev: Any, pages: int = CONTEXT_PAGES) -> tuple[Any, tuple[
     q = _spec(dev, (T, h, 576), jnp.bfloat16)
     if case.kernel == "sparse_mla":
         fn = lambda q, c, s: sparse_mla(q, c, s, scale=scale, d_v=512, backend="auto")  # noqa: E731
+        return fn, (q, cache, _spec(dev, (T, K), jnp.int32))
+    if case.kernel == "query_blocks":  # the kernel itself, for the TPU target in context
+        fn = lambda q, c, s: sparse_mla_blocks_tpu(q, c, s, None, scale=scale, d_v=512)  # noqa: E731
         return fn, (q, cache, _spec(dev, (T, K), jnp.int32))
     fn = lambda q, c, b, n: prefix_mla(q, c, b, n, scale=scale, d_v=512, backend="auto")  # noqa: E731
     return fn, (q, cache, _spec(dev, (T, K // PAGE), jnp.int32), _spec(dev, (T,), jnp.int32))
@@ -395,7 +404,7 @@ def probe_scoped_vmem(chip: str) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--chips", nargs="+", default=list(CHIPS), choices=list(CHIPS))
-    ap.add_argument("--kernels", nargs="+", default=["sparse_mla", "prefix_mla", "indexer", "topk"])
+    ap.add_argument("--kernels", nargs="+", default=["sparse_mla", "prefix_mla", "query_blocks", "indexer", "topk"])
     ap.add_argument("--all", action="store_true", help="every listed shape, not only the CI set")
     ap.add_argument("--memory", action="store_true", help="also the allocated bytes per token of each cache format")
     ap.add_argument("--layer", action="store_true", help="also which kernels a compiled dsa_attention layer uses")

@@ -79,13 +79,13 @@ def test_invalid_slots_are_skipped_and_the_cache_is_a_pytree() -> None:
     rows = np.asarray(new.rows(jnp.arange(32)))
     assert np.all(rows[5] == 1) and np.all(np.delete(rows, 5, axis=0) == 0)
     leaves, tree = jax.tree_util.tree_flatten(new)
-    assert len(leaves) == 1 and jax.tree_util.tree_unflatten(tree, leaves).kind == "fp8"  # one row array
+    assert len(leaves) == 3 and jax.tree_util.tree_unflatten(tree, leaves).kind == "fp8"  # c_kv, rope, scales
 
 
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        (lambda: LatentCache.create(0), "num_pages and page_size"),
+        (lambda: LatentCache.create(0), "num_pages: must be >= 1"),
         (lambda: LatentCache.create(1, kind="int8"), "kind must be"),
         (lambda: LatentCache.create(1, kind="fp8", latent_dim=100), "multiple of 128"),
         (lambda: LatentCache.create(1).write(jnp.arange(2), jnp.ones((2, 500)), jnp.ones((2, 64))), "c_kv, k_pe"),
@@ -100,18 +100,27 @@ def test_bad_arguments(call, match: str) -> None:
         call()
 
 
-@pytest.mark.parametrize(("kind", "row_words"), [("bf16", 384), ("fp8", 256), ("f32", 576)])
-def test_one_32_bit_row_per_token(kind: str, row_words: int) -> None:
-    """The device layout (ops/latent_cache.py): one row of 32-bit words per token, a multiple of 128 words
-    for bf16 / FP8, so a TPU gathers a token with one aligned DMA; a fresh FP8 cache exports scale 1."""
-    cache = LatentCache.create(2, 16, kind=kind)
-    assert cache.data.shape == (2, 16, row_words) and cache.data.dtype.itemsize == 4
-    assert cache.allocated_bytes_per_token == 4 * row_words
-    assert cache.bytes_per_token == {"bf16": 1152, "fp8": 656, "f32": 2304}[kind]
+@pytest.mark.parametrize(
+    ("kind", "shapes"),
+    [
+        ("bf16", [(2, 64, 256), (2, 16, 128)]),
+        ("fp8", [(2, 64, 128), (2, 16, 128), (2, 2, 128)]),
+        ("f32", [(2, 64, 576)]),
+    ],
+)
+def test_exact_size_parts(kind: str, shapes: list) -> None:
+    """The device layout (ops/latent_cache.py): 32-bit parts whose rows are 128-word multiples (c_kv one
+    row per token, k_pe 4 and FP8 scales 32 tokens to a row), allocating exactly the format's bytes per
+    token; a fresh FP8 cache exports scale 1."""
+    cache = LatentCache.create(2, 64, kind=kind)
+    leaves = jax.tree_util.tree_leaves(cache)
+    assert [a.shape for a in leaves] == [tuple(s) for s in shapes] and all(a.dtype.itemsize == 4 for a in leaves)
+    assert sum(a.nbytes for a in leaves) == cache.allocated_bytes_per_token * cache.num_slots
+    assert cache.allocated_bytes_per_token == cache.bytes_per_token == {"bf16": 1152, "fp8": 656, "f32": 2304}[kind]
     if kind == "fp8":
         rows = cache.to_flashmla_fp8()
         assert np.all(rows[:, 512:528].view("<f4") == 1.0) and not rows[:, :512].any() and not rows[:, 528:].any()
-        np.testing.assert_array_equal(LatentCache.from_flashmla_fp8(rows, 16).to_flashmla_fp8(), rows)
+        np.testing.assert_array_equal(LatentCache.from_flashmla_fp8(rows, 64).to_flashmla_fp8(), rows)
 
 
 @pytest.mark.parametrize(

@@ -48,6 +48,7 @@ def test_kernel_compiles_for_the_chip(tpu_compiler, case, chip: str) -> None:
     expected = {
         "sparse_mla": "sparse_mla_rows",
         "prefix_mla": "sparse_mla_pages",
+        "query_blocks": "sparse_mla_blocks",
         "indexer": "indexer_scores",
         "topk": "topk_select",
     }
@@ -60,19 +61,22 @@ def test_kernel_compiles_for_the_chip(tpu_compiler, case, chip: str) -> None:
     assert 0 < result.vmem <= (result.vmem_limit or block_sizes.SCOPED_VMEM_DEFAULT[chip])
 
 
-def test_cache_layouts_allocate_their_row_size_and_are_not_copied(tpu_compiler) -> None:
-    """In a compiled kernel program each cache grows by exactly its row size per token (no tile padding
-    beyond the documented row, no layout copy of the cache: temporaries do not grow with it)."""
+@pytest.mark.parametrize("chip", ["v5e", "tpu7x"])
+def test_cache_layouts_allocate_exactly_their_format_and_are_not_copied(tpu_compiler, chip: str) -> None:
+    """In a compiled kernel program each cache grows by exactly its format's size per token (dsa.md §6:
+    1152 B bf16, 656 B FP8 latent rows, 132 B indexer keys; no tile padding, no layout copy of the cache:
+    temporaries do not grow with it). `tpu/compile.py --memory` prints it for all four chips."""
     from dsa_hybrid.ops.latent_cache import LatentCache
 
     want = {
-        "latent bf16": LatentCache.create(1, kind="bf16").allocated_bytes_per_token,
-        "latent fp8": LatentCache.create(1, kind="fp8").allocated_bytes_per_token,
+        "latent bf16": LatentCache.create(1, kind="bf16").bytes_per_token,
+        "latent fp8": LatentCache.create(1, kind="fp8").bytes_per_token,
         "indexer fp8": 132,
     }
-    assert want["latent bf16"] == 1536 and want["latent fp8"] == 1024
-    for label, allocated, temporaries, _ in aot.bytes_per_token("v6e"):
-        assert allocated == want[label], label
+    assert want["latent bf16"] == 1152 and want["latent fp8"] == 656
+    assert LatentCache.create(1, kind="fp8").allocated_bytes_per_token == 656
+    for label, allocated, temporaries, size in aot.bytes_per_token(chip):
+        assert allocated == want[label] == size, label
         assert abs(temporaries) < 16, label  # a copy of the cache would add its whole size per token
 
 

@@ -1,34 +1,40 @@
 """The Pallas TPU kernel of `sparse_mla` (dsa.md §3): each query token attends over its own K latent rows.
 
 Per grid step the kernel takes `tokens_per_step` query tokens. For each token it walks its valid slots
-in chunks of `chunk` rows: each row is gathered from the paged cache in HBM by one DMA of its 32-bit
-cache row (`LatentCache`'s layout: the token's whole record in one row of `[pages, page, words]`, a
-single aligned DMA at a dynamic row offset, which Mosaic accepts for 32-bit arrays on every chip) into
-a double-buffered VMEM buffer — the next chunk's DMAs (also across tokens) fly while this one is
-computed —, decoded in VMEM into lane-aligned column blocks (bf16 halves by shift and mask, FP8 codes
-by byte plane, exactly, times their tile scale), and an online softmax in float32 accumulates
-`[h, d_v]` on the MXU (`[h, width] × [width, chunk]`, then `[h, chunk] × [chunk, d_v]`).
+in chunks of `chunk` rows: each token is gathered from the paged cache in HBM by one row DMA per part of
+`LatentCache`'s exact-size layout (its own `c_kv` row; the 128-word rope row it shares with 3 other
+tokens; for FP8 the scale row it shares with 31 others: 32-bit rows at a dynamic row offset, which
+Mosaic accepts on every chip) into double-buffered VMEM — the next chunk's DMAs (also across tokens) fly
+while this one is computed —, decoded in VMEM into lane-aligned column blocks (bf16 halves by shift and
+mask, FP8 codes by byte plane, exactly, times their tile scale picked out of the scale row; the token's
+rope window of its shared row kept by a lane mask, the query's rope part repeated in every window), and
+an online softmax in float32 accumulates `[h, d_v]` on the MXU (`[h, Wk] × [Wk, chunk]`, then
+`[h, chunk] × [chunk, d_v]`).
 
 Invalid entries (−1, out of range, past `topk_length`) are given distinct in-range slots by the
 wrapper (no DMA reads out of range or hammers one address) and masked out of the softmax by a mask
-block laid out `[tokens, chunks, 1, chunk]`, so the kernel indexes it on leading dimensions only. The
-end of each token's last valid entry comes through scalar prefetch: the chunks after it are neither
+block laid out `[tokens, chunks, 1, chunk]`, so the kernel indexes it on leading dimensions only; the
+mask also carries each entry's offset in its page (`1 + offset`, 0 for invalid), from which the kernel
+finds the entry's rope and scale windows (turned into a column by a masked sum against the identity).
+The end of each token's last valid entry comes through scalar prefetch: the chunks after it are neither
 fetched nor computed (a token with no valid entry costs nothing and returns `out = 0`, `lse = +inf`).
 
 `prefix_mla_tpu` is the dense-prefix fast path of the same kernel: when a row selects every visible
-token (dsa.md §5, `p_t + 1 ≤ K`), its rows are whole pages of its block table, so each chunk is one page
-moved by a single DMA, and only the pages below the row's length are fetched.
+token (dsa.md §5, `p_t + 1 ≤ K`), its rows are whole pages of its block table, so each chunk is one page:
+one DMA of its `c_kv` rows, one row DMA per token of the shared rope / scale rows (a token's window is
+then its offset in the page), and only the pages below the row's length are fetched.
 
 What Mosaic requires and this kernel keeps (checked by `tpu/compile.py` for v5e, v6e, v5p, TPU7x):
 dynamic indices only on untiled leading dimensions of VMEM blocks (`q_ref[t]`, `out_ref[t]`,
-`lse_ref[t]` with `lse` laid out `[T, 1, h]`); DMA offsets on a tiled dimension only for 32-bit rows;
-lane slices and concatenations on multiples of 128; block shapes full or (8, 128)-divisible.
-The queries are rearranged once per call into the kernel's column order (`RowLayout.kernel_columns`),
-with zeros against the FP8 scale lanes and the alignment padding.
+`lse_ref[t]` with `lse` laid out `[T, 1, h]`); DMA offsets on a tiled dimension only for 32-bit rows,
+whole 512-byte granules; lane slices and concatenations on multiples of 128; block shapes full or
+(8, 128)-divisible. The queries are rearranged once per call into the kernel's column order
+(`kernel_plan`), with zeros against the alignment padding.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -38,7 +44,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from dsa_hybrid.ops.latent_cache import FP8_TILE, LANES, LatentCache, RowLayout
+from dsa_hybrid.ops.latent_cache import FP8_TILE, LANES, CacheLayout, LatentCache
 from dsa_hybrid.ops.target import tpu_chip
 from dsa_hybrid.ops.tpu import block_sizes
 
@@ -75,7 +81,8 @@ def sparse_mla_tpu(
     fill = (jnp.arange(T, dtype=jnp.int32)[:, None] * Kp + jnp.arange(Kp, dtype=jnp.int32)[None, :]) % cache.num_slots
     addr = jnp.where(valid, jnp.pad(slots.astype(jnp.int32), ((0, 0), (0, Kp - K))), fill)
     last = jnp.max(jnp.where(valid, jnp.arange(1, Kp + 1, dtype=jnp.int32)[None, :], 0), axis=1)
-    mask = valid.astype(jnp.int32).reshape(T, Kp // kc, 1, kc)
+    code = jnp.where(valid, addr % cache.page_size + 1, 0)  # 1 + the entry's offset in its page; 0: masked
+    mask = code.astype(jnp.int32).reshape(T, Kp // kc, 1, kc)
     return _attention_call(
         q, cache, addr, last, mask, mode="rows", kc=kc, scale=scale, d_v=d_v, chip=chip,
         tb=tokens_per_step or blocks.tokens_per_step, interpret=interpret,
@@ -102,23 +109,44 @@ def prefix_mla_tpu(
     )  # fmt: skip
 
 
-def kernel_plan(cache: LatentCache, d_v: int) -> tuple[RowLayout, np.ndarray, int, int]:
-    """`(layout, kernel column of each natural column, decoded width Wk, value width Wv)`."""
+@dataclasses.dataclass(frozen=True)
+class KernelPlan:
+    """How a cache's parts become the kernel's decoded row `[c_kv planes (main_width) | rope lo (row) |
+    rope hi (row)]` of width `wk`; values are its first `wv` columns."""
+
+    lay: CacheLayout
+    main_cols: np.ndarray  # kernel column of each natural c_kv column (f32: of each row column)
+    wk: int
+    wv: int
+
+    @property
+    def rope_row(self) -> int:
+        return self.lay.rope.row if self.lay.rope is not None else 0
+
+
+def kernel_plan(cache: LatentCache, d_v: int) -> KernelPlan:
+    """The decoded row's column plan for values of width `d_v` (≤ `latent_dim` for bf16 / FP8)."""
     lay = cache.layout
-    cols = lay.kernel_columns()
-    wk = lay.kernel_width
-    wv = min(_round_up(int(cols[:d_v].max()) + 1, LANES), wk)
-    return lay, cols, wk, wv
+    if lay.kind != "f32" and d_v > lay.latent_dim:
+        raise ValueError(f"d_v: the Pallas kernel reads values from c_kv only (d_v <= {lay.latent_dim}), got {d_v}")
+    cols = lay.main_columns()
+    rope_row = lay.rope.row if lay.rope is not None else 0
+    wk = lay.main_width + 2 * rope_row
+    wv = min(_round_up(int(cols[:d_v].max()) + 1, LANES), lay.main_width)
+    return KernelPlan(lay, cols, wk, wv)
 
 
-def vmem_need(lay: RowLayout, h: int, tb: int, kc: int, wk: int, wv: int, q_itemsize: int, mask_chunks: int = 0) -> int:
-    """VMEM bytes of one launch: double-buffered q / out / lse (/ mask) blocks, the row buffers, the
-    softmax state, and the decoded chunk with its logits (Mosaic's temporaries, counted twice)."""
+def vmem_need(plan: KernelPlan, h: int, tb: int, kc: int, q_itemsize: int, mask_chunks: int = 0) -> int:
+    """VMEM bytes of one launch: double-buffered q / out / lse (/ mask) blocks, the part buffers, the
+    softmax state, and the decoded chunk with its logits and the identity of the offset column
+    (Mosaic's temporaries, counted twice)."""
     t = block_sizes.tile_bytes
+    lay, wk, wv = plan.lay, plan.wk, plan.wv
     blocks = 2 * (tb * t((h, wk), q_itemsize) + tb * t((h, wv), 4) + tb * t((1, h), 4))
     blocks += 2 * tb * mask_chunks * t((1, kc), 4)
-    scratch = t((2 * kc, lay.row_words), 4) + t((h, wv), 4) + 2 * t((h, 1), 4)
-    temps = 2 * (t((kc, wk), 4) + 2 * t((h, kc), 4) + t((h, wv), 4))
+    parts = [lay.main_words] + [w.row for w in (lay.rope, lay.scales) if w is not None]
+    scratch = sum(t((2 * kc, p), 4) for p in parts) + t((h, wv), 4) + 2 * t((h, 1), 4)
+    temps = 2 * (t((kc, wk), 4) + 2 * t((h, kc), 4) + t((h, wv), 4) + (t((kc, kc), 4) if len(parts) > 1 else 0))
     return blocks + scratch + temps
 
 
@@ -140,39 +168,41 @@ def _attention_call(
     """Run the kernel. `addr` int32 `[T, n]`: slots (mode "rows", `n = chunks · kc`, all in range) or
     block tables (mode "pages", −1 padded), streamed through SMEM per grid step; `limit` int32 `[T]`, in
     SMEM for the whole call: the end of the last valid entry (rows) or the length (pages); `mask` (rows)
-    int32 `[T, chunks, 1, kc]`, nonzero where an entry attends (its tile-row is indexed on leading
-    dimensions only)."""
+    int32 `[T, chunks, 1, kc]`: `1 + offset in page` where an entry attends, 0 elsewhere (its tile-row is
+    indexed on leading dimensions only)."""
     T, h, W = q.shape
-    lay, cols, wk, wv = kernel_plan(cache, d_v)
+    plan = kernel_plan(cache, d_v)
+    lay = plan.lay
     compute = jnp.bfloat16 if q.dtype == jnp.bfloat16 else jnp.float32
     tb = max(1, min(tb, T))
     cap = block_sizes.capacity(chip)
     nm = 0 if mask is None else mask.shape[1]
     isz = jnp.dtype(compute).itemsize
-    while tb > 1 and vmem_need(lay, h, tb, kc, wk, wv, isz, nm) + block_sizes.VMEM_MARGIN > cap:
+    while tb > 1 and vmem_need(plan, h, tb, kc, isz, nm) + block_sizes.VMEM_MARGIN > cap:
         tb //= 2
-    need = vmem_need(lay, h, tb, kc, wk, wv, isz, nm)
+    need = vmem_need(plan, h, tb, kc, isz, nm)
     limit_bytes = block_sizes.vmem_limit(chip, need, cap)
     Tp = _round_up(max(T, 1), tb)
     addr = jnp.pad(addr, ((0, Tp - T), (0, 0)))
     limit = jnp.pad(limit, (0, Tp - T))
-    qk = jnp.pad(_to_kernel_columns(q.astype(compute), cols, wk), ((0, Tp - T), (0, 0), (0, 0)))
+    qk = jnp.pad(to_kernel_columns(q.astype(compute), plan), ((0, Tp - T), (0, 0), (0, 0)))
     extra_in, extra_args = [], []
     if mask is not None:
         mask = jnp.pad(mask, ((0, Tp - T), (0, 0), (0, 0), (0, 0)))
         extra_in = [pl.BlockSpec((tb, *mask.shape[1:]), lambda i, lim: (i, 0, 0, 0))]
         extra_args = [mask]
+    parts = [a for a in (cache.data, cache.rope, cache.scales) if a is not None]
     block_sizes.record(f"sparse_mla_{mode}", chip, need, limit_bytes, tokens_per_step=tb, chunk=kc)
     # What the kernel moves and multiplies at most (every slot valid), for XLA's cost analysis.
     entries = Tp * addr.shape[1] * (kc if mode == "pages" else 1)
     cost = pl.CostEstimate(
-        flops=2 * entries * h * (wk + wv),
+        flops=2 * entries * h * (plan.wk + plan.wv),
         transcendentals=entries * h,
-        bytes_accessed=entries * 4 * lay.row_words + qk.size * qk.dtype.itemsize + Tp * h * (wv + 1) * 4,
+        bytes_accessed=entries * cache.bytes_read_per_token + qk.size * qk.dtype.itemsize + Tp * h * (plan.wv + 1) * 4,
     )
     kernel = functools.partial(
-        _kernel, lay=lay, mode=mode, page_size=cache.page_size, tb=tb, kc=kc, n_addr=addr.shape[1],
-        scale=scale, wv=wv, compute=compute,
+        _kernel, plan=plan, mode=mode, page_size=cache.page_size, tb=tb, kc=kc, n_addr=addr.shape[1],
+        scale=scale, compute=compute, n_parts=len(parts),
     )  # fmt: skip
     out, lse = pl.pallas_call(
         kernel,
@@ -181,24 +211,24 @@ def _attention_call(
             grid=(Tp // tb,),
             in_specs=[
                 pl.BlockSpec((tb, addr.shape[1]), lambda i, lim: (i, 0), memory_space=pltpu.SMEM),
-                pl.BlockSpec((tb, h, wk), lambda i, lim: (i, 0, 0)),
+                pl.BlockSpec((tb, h, plan.wk), lambda i, lim: (i, 0, 0)),
                 *extra_in,
-                pl.BlockSpec(memory_space=pl.ANY),
+                *[pl.BlockSpec(memory_space=pl.ANY) for _ in parts],
             ],
             out_specs=[
-                pl.BlockSpec((tb, h, wv), lambda i, lim: (i, 0, 0)),
+                pl.BlockSpec((tb, h, plan.wv), lambda i, lim: (i, 0, 0)),
                 pl.BlockSpec((tb, 1, h), lambda i, lim: (i, 0, 0)),
             ],
             scratch_shapes=[
-                pltpu.VMEM((2, kc, lay.row_words), cache.data.dtype),
-                pltpu.SemaphoreType.DMA((2,)),
-                pltpu.VMEM((h, wv), jnp.float32),
+                *[pltpu.VMEM((2, kc, a.shape[-1]), a.dtype) for a in parts],
+                pltpu.SemaphoreType.DMA((2 * len(parts),)),
+                pltpu.VMEM((h, plan.wv), jnp.float32),
                 pltpu.VMEM((h, 1), jnp.float32),
                 pltpu.VMEM((h, 1), jnp.float32),
             ],
         ),
         out_shape=[
-            jax.ShapeDtypeStruct((Tp, h, wv), jnp.float32),
+            jax.ShapeDtypeStruct((Tp, h, plan.wv), jnp.float32),
             jax.ShapeDtypeStruct((Tp, 1, h), jnp.float32),
         ],
         # Grid steps share no state (each starts and drains its own DMAs): megacore may split them.
@@ -206,8 +236,8 @@ def _attention_call(
         interpret=interpret,
         cost_estimate=cost,
         name=f"sparse_mla_{mode}_{lay.kind}",
-    )(limit, addr, qk, *extra_args, cache.data)
-    return _from_kernel_columns(out[:T], cols[:d_v]), lse[:T, 0]
+    )(limit, addr, qk, *extra_args, *parts)
+    return from_kernel_columns(out[:T], plan.main_cols[:d_v]), lse[:T, 0]
 
 
 def _runs(cols: np.ndarray) -> list[tuple[int, int, int]]:
@@ -220,9 +250,9 @@ def _runs(cols: np.ndarray) -> list[tuple[int, int, int]]:
     return runs
 
 
-def _to_kernel_columns(q: jax.Array, cols: np.ndarray, wk: int) -> jax.Array:
-    """`q` `[..., W]` moved to the kernel's column order `[..., wk]`, zeros elsewhere (slices and pads)."""
-    if np.array_equal(cols, np.arange(wk)):
+def _place(q: jax.Array, cols: np.ndarray, width: int) -> jax.Array:
+    """`q` `[..., n]` moved to columns `cols` of a `[..., width]` block, zeros elsewhere (slices and pads)."""
+    if np.array_equal(cols, np.arange(width)):
         return q
     parts, at = [], 0
     for nat, ker, n in _runs(cols):
@@ -230,12 +260,30 @@ def _to_kernel_columns(q: jax.Array, cols: np.ndarray, wk: int) -> jax.Array:
             parts.append(jnp.zeros((*q.shape[:-1], ker - at), q.dtype))
         parts.append(q[..., nat : nat + n])
         at = ker + n
-    if wk > at:
-        parts.append(jnp.zeros((*q.shape[:-1], wk - at), q.dtype))
-    return jnp.concatenate(parts, axis=-1)
+    if width > at:
+        parts.append(jnp.zeros((*q.shape[:-1], width - at), q.dtype))
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
 
 
-def _from_kernel_columns(out: jax.Array, cols: np.ndarray) -> jax.Array:
+def to_kernel_columns(q: jax.Array, plan: KernelPlan) -> jax.Array:
+    """`q` `[..., L + R]` in the kernel's column order `[..., wk]`: the c_kv columns where the decoded
+    planes put them, and the rope part's two halves each repeated in every rope window."""
+    lay = plan.lay
+    if lay.kind == "f32":
+        return _place(q, plan.main_cols, plan.wk)
+    L = lay.latent_dim
+    blocks = [_place(q[..., :L], plan.main_cols, lay.main_width)]
+    win = lay.rope
+    if win is not None:
+        rw = win.words
+        qr = jnp.pad(q[..., L:], [(0, 0)] * (q.ndim - 1) + [(0, 2 * rw - lay.rope_dim)])
+        for half in (qr[..., :rw], qr[..., rw:]):
+            cols = (np.arange(win.group)[:, None] * win.window + np.arange(rw)[None, :]).reshape(-1)
+            blocks.append(_place(jnp.concatenate([half] * win.group, axis=-1), cols, win.row))
+    return jnp.concatenate(blocks, axis=-1) if len(blocks) > 1 else blocks[0]
+
+
+def from_kernel_columns(out: jax.Array, cols: np.ndarray) -> jax.Array:
     """The natural columns `cols` (kernel positions of columns 0 … d_v−1) of a kernel output."""
     return jnp.concatenate([out[..., ker : ker + n] for _, ker, n in _runs(cols)], axis=-1)
 
@@ -253,35 +301,59 @@ def _e4m3_to_f32(code: jax.Array) -> jax.Array:
     return jnp.where(code >= 128, -v, v)
 
 
-def decode_chunk(lay: RowLayout, x: jax.Array) -> jax.Array:
-    """float32 `[rows, kernel_width]` of cache rows `x` `[rows, row_words]`, in the kernel's column order:
-    `[plane 0 | … | tail]` (bf16: low halves, high halves, k_pe; FP8: four byte planes times their tile
-    scales, then the scales and k_pe). Every block is 128-lane aligned."""
+def _window_of_lane(win: Any, width: int) -> jax.Array:
+    """int32 `[1, width]`: the window each lane of a shared row belongs to."""
+    lane = jax.lax.broadcasted_iota(jnp.int32, (1, width), 1)
+    if win.group == 1:
+        return jnp.zeros_like(lane)
+    return jax.lax.shift_right_logical(lane, int(win.window).bit_length() - 1)  # windows are powers of two
+
+
+def decode_chunk(
+    lay: CacheLayout, main: jax.Array, rope: jax.Array | None, scales: jax.Array | None, off: jax.Array | None
+) -> jax.Array:
+    """float32 `[rows, wk]` of a chunk's parts in the kernel's column order `[c_kv planes | rope lo |
+    rope hi]`: `main` `[rows, A]`, the shared `rope` / `scales` rows `[rows, row]` gathered for each
+    entry, `off` int32 `[rows, 1]` each entry's offset in its page (its windows: `off mod group`).
+    bf16: low halves, high halves; FP8: four byte planes times their tile scales; rope: the entry's own
+    window of its shared row, other lanes zero. Every block is 128-lane aligned."""
     if lay.kind == "f32":
-        return x.astype(jnp.float32)
-    xi = jax.lax.bitcast_convert_type(x, jnp.int32)
-    A = lay.main_words
-    main, tail_bits = xi[:, :A], xi[:, A:]
-    tail = jax.lax.bitcast_convert_type(tail_bits, jnp.float32)
+        return main.astype(jnp.float32)
+    xi = jax.lax.bitcast_convert_type(main, jnp.int32)
     if lay.kind == "bf16":
-        lo = jax.lax.bitcast_convert_type(jax.lax.shift_left(main, 16), jnp.float32)
-        hi = jax.lax.bitcast_convert_type(main & jnp.int32(-65536), jnp.float32)
-        return jnp.concatenate([lo, hi, tail], axis=1)
-    per = lay.latent_dim // 4
-    lane = jax.lax.broadcasted_iota(jnp.int32, (1, A), 1)
-    planes = []
-    for j in range(4):
-        code = jax.lax.shift_right_logical(main, 8 * j) & 0xFF
-        first, last = (j * per) // FP8_TILE, (j * per + per - 1) // FP8_TILE
-        if first == last:
-            sc = tail[:, first : first + 1]
-        else:  # a plane spanning several tiles (latent_dim > 512)
-            tile = (j * per + lane) // FP8_TILE
-            sc = functools.reduce(
-                jnp.add, [jnp.where(tile == k, tail[:, k : k + 1], 0.0) for k in range(first, last + 1)]
-            )
-        planes.append(_e4m3_to_f32(code) * sc)
-    return jnp.concatenate([*planes, tail], axis=1)
+        lo = jax.lax.bitcast_convert_type(jax.lax.shift_left(xi, 16), jnp.float32)
+        hi = jax.lax.bitcast_convert_type(xi & jnp.int32(-65536), jnp.float32)
+        blocks = [lo, hi]
+    else:
+        assert scales is not None and off is not None and lay.scales is not None
+        win = lay.scales
+        sc = jax.lax.bitcast_convert_type(scales, jnp.float32)
+        lane = jax.lax.broadcasted_iota(jnp.int32, (1, win.row), 1)
+        first = (off & (win.group - 1)) * win.window  # [rows, 1]
+        tile_scale = [
+            jnp.sum(jnp.where(lane == first + k, sc, 0.0), axis=1, keepdims=True) for k in range(lay.n_scales)
+        ]  # the entry's scale of tile k, a column (a sum of one value and zeros: exact)
+        A = lay.main_words
+        per = lay.latent_dim // 4
+        lanes = jax.lax.broadcasted_iota(jnp.int32, (1, A), 1)
+        blocks = []
+        for j in range(4):
+            code = jax.lax.shift_right_logical(xi, 8 * j) & 0xFF
+            lo_t, hi_t = (j * per) // FP8_TILE, (j * per + per - 1) // FP8_TILE
+            if lo_t == hi_t:
+                s = tile_scale[lo_t]
+            else:  # a plane spanning several tiles (latent_dim > 512)
+                tile = (j * per + lanes) // FP8_TILE
+                s = functools.reduce(jnp.add, [jnp.where(tile == k, tile_scale[k], 0.0) for k in range(lo_t, hi_t + 1)])
+            blocks.append(_e4m3_to_f32(code) * s)
+    if rope is not None:
+        assert off is not None and lay.rope is not None
+        win = lay.rope
+        own = _window_of_lane(win, win.row) == (off & (win.group - 1))  # [rows, row]
+        ri = jax.lax.bitcast_convert_type(rope, jnp.int32)
+        blocks.append(jnp.where(own, jax.lax.bitcast_convert_type(jax.lax.shift_left(ri, 16), jnp.float32), 0.0))
+        blocks.append(jnp.where(own, jax.lax.bitcast_convert_type(ri & jnp.int32(-65536), jnp.float32), 0.0))
+    return jnp.concatenate(blocks, axis=1)
 
 
 def _kernel(
@@ -289,47 +361,27 @@ def _kernel(
     addr_ref: Any,
     q_ref: Any,
     *refs: Any,
-    lay: RowLayout,
+    plan: KernelPlan,
     mode: str,
     page_size: int,
     tb: int,
     kc: int,
     n_addr: int,
     scale: float,
-    wv: int,
     compute: Any,
+    n_parts: int,
 ) -> None:
-    mask_ref = refs[0] if mode == "rows" else None
-    _kernel_body(
-        limit_ref, addr_ref, q_ref, mask_ref, *refs[1 if mode == "rows" else 0 :], lay=lay, mode=mode,
-        page_size=page_size, tb=tb, kc=kc, n_addr=n_addr, scale=scale, wv=wv, compute=compute,
-    )  # fmt: skip
-
-
-def _kernel_body(
-    limit_ref: Any,
-    addr_ref: Any,
-    q_ref: Any,
-    mask_ref: Any,
-    data_hbm: Any,
-    out_ref: Any,
-    lse_ref: Any,
-    buf: Any,
-    sems: Any,
-    acc_ref: Any,
-    m_ref: Any,
-    l_ref: Any,
-    *,
-    lay: RowLayout,
-    mode: str,
-    page_size: int,
-    tb: int,
-    kc: int,
-    n_addr: int,
-    scale: float,
-    wv: int,
-    compute: Any,
-) -> None:
+    lay = plan.lay
+    mask_ref = None
+    if mode == "rows":
+        mask_ref, refs = refs[0], refs[1:]
+    hbm, refs = refs[:n_parts], refs[n_parts:]
+    out_ref, lse_ref, refs = refs[0], refs[1], refs[2:]
+    bufs, refs = refs[:n_parts], refs[n_parts:]
+    sems, acc_ref, m_ref, l_ref = refs
+    has_rope = lay.rope is not None
+    has_scales = lay.scales is not None
+    groups = [1] + [w.group for w in (lay.rope, lay.scales) if w is not None]  # tokens per row of each part
     i = pl.program_id(0)
     h = q_ref.shape[1]
     precision = jax.lax.Precision.HIGHEST if compute == jnp.float32 else None
@@ -341,32 +393,57 @@ def _kernel_body(
 
     def live(t: jax.Array, c: jax.Array) -> jax.Array:
         """bool `[1, kc]`: the entries of chunk `c` of token `t` that attend."""
-        if mode == "rows":
+        if mask_ref is not None:
             return mask_ref[t, c] != 0
         lim = jnp.where(addr_ref[t, c] >= 0, limit_ref[i * tb + t] - c * kc, 0)  # a prefix of the page
         return jax.lax.broadcasted_iota(jnp.int32, (1, kc), 1) < lim
 
+    def offsets(t: jax.Array, c: jax.Array) -> jax.Array | None:
+        """int32 `[kc, 1]`: each entry's offset in its page (−1 for an invalid one), as a column."""
+        if n_parts == 1:
+            return None
+        if mask_ref is None:  # pages: the chunk is the page, in order
+            return jax.lax.broadcasted_iota(jnp.int32, (kc, 1), 0)
+        row = mask_ref[t, c] - 1  # [1, kc]
+        eye = jax.lax.broadcasted_iota(jnp.int32, (kc, kc), 0) == jax.lax.broadcasted_iota(jnp.int32, (kc, kc), 1)
+        return jnp.sum(jnp.where(eye, row, 0), axis=1, keepdims=True)
+
     def issue(t: jax.Array, c: jax.Array | int, b: jax.Array) -> None:
         if mode == "pages":
             page = jnp.maximum(addr_ref[t, c], 0)
-            pltpu.make_async_copy(data_hbm.at[page], buf.at[b], sems.at[b]).start()
+            pltpu.make_async_copy(hbm[0].at[page], bufs[0].at[b], sems.at[b]).start()
+
+            def shared(j: jax.Array, carry: int) -> int:
+                for p in range(1, n_parts):
+                    src = hbm[p].at[page, pl.ds(j // groups[p], 1)]
+                    pltpu.make_async_copy(src, bufs[p].at[b, pl.ds(j, 1)], sems.at[2 * p + b]).start()
+                return carry
+
+            if n_parts > 1:
+                jax.lax.fori_loop(0, kc, shared, 0, unroll=min(kc, 8))
             return
 
         def row(j: jax.Array, carry: int) -> int:
             slot = addr_ref[t, c * kc + j]
             page = slot // page_size
             off = slot - page * page_size
-            pltpu.make_async_copy(data_hbm.at[page, pl.ds(off, 1)], buf.at[b, pl.ds(j, 1)], sems.at[b]).start()
+            for p in range(n_parts):
+                src = hbm[p].at[page, pl.ds(off // groups[p], 1)]
+                pltpu.make_async_copy(src, bufs[p].at[b, pl.ds(j, 1)], sems.at[2 * p + b]).start()
             return carry
 
         jax.lax.fori_loop(0, kc, row, 0, unroll=min(kc, 8))
 
     def wait(b: jax.Array) -> None:
-        # The semaphore counts bytes: one wait on a descriptor of the whole slot covers its kc row DMAs.
-        pltpu.make_async_copy(buf.at[b], buf.at[b], sems.at[b]).wait()
+        # Semaphores count bytes: one wait on a descriptor of a whole buffer slot covers its kc row DMAs.
+        for p in range(n_parts):
+            pltpu.make_async_copy(bufs[p].at[b], bufs[p].at[b], sems.at[2 * p + b]).wait()
 
     def attend(t: jax.Array, c: jax.Array, b: jax.Array) -> None:
-        rows = decode_chunk(lay, buf[b]).astype(compute)  # [kc, Wk]
+        off = offsets(t, c)
+        rope = bufs[1][b] if has_rope else None
+        scales = bufs[n_parts - 1][b] if has_scales else None
+        rows = decode_chunk(lay, bufs[0][b], rope, scales, off).astype(compute)  # [kc, Wk]
         logits = jax.lax.dot_general(
             q_ref[t], rows, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32, precision=precision
         )  # [h, kc]
@@ -378,7 +455,7 @@ def _kernel_body(
         p = jnp.exp(logits - m_safe)
         l_ref[...] = alpha * l_ref[...] + p.sum(axis=1, keepdims=True)
         pv = jax.lax.dot_general(
-            p.astype(compute), rows[:, :wv], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32,
+            p.astype(compute), rows[:, : plan.wv], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32,
             precision=precision,
         )  # fmt: skip
         acc_ref[...] = alpha * acc_ref[...] + pv
