@@ -15,6 +15,14 @@ DeepseekV32ForCausalLM (group-limited routing that drops groups) and GlmMoeDsaFo
 indexer layers), their first layer dense and the others MoE, a random `e_score_correction_bias`; the
 checkpoint is written with one tensor per expert (`mlp.experts.{e}.{gate,up,down}_proj.weight`), as the
 released checkpoints are; `io.npz` holds the prompt, the prompt's logits and 12 greedy tokens.
+
+`python tests/golden/make_golden.py quant` writes the same two MoE language models at wider sizes
+(hidden 192, dense MLP 320, so weights span several 128 × 128 blocks, ragged at the edges) as they are
+released: `<model>_moe_lm_bf16/` with every tensor in bfloat16, and `<model>_moe_lm_fp8/` with every
+linear weight FP8 e4m3fn + `weight_scale_inv` blocks (as DeepSeek's checkpoints: not the embedding, the LM
+head, the norms, the router or the indexer's `weights_proj`, which stay bfloat16) and a
+`quantization_config` in config.json. transformers runs in float32 on exactly the stored values (bf16
+widened, FP8 dequantized: what the checkpoint means), so the goldens test the resident formats' math.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import json
 import sys
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import torch
 from transformers.models.deepseek_v32 import modeling_deepseek_v32 as v32
@@ -32,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1] / "python"))
 from dsa_hybrid import DSAConfig  # noqa: E402
 from dsa_hybrid import reference as ref  # noqa: E402
-from dsa_hybrid.models.checkpoint import write_safetensors  # noqa: E402
+from dsa_hybrid.models.checkpoint import dequantize_fp8_blocks, quantize_fp8_blocks, write_safetensors  # noqa: E402
 
 LM_CLASSES = {"deepseek_v32": v32.DeepseekV32ForCausalLM, "glm_moe_dsa": glm.GlmMoeDsaForCausalLM}
 MODELS = {
@@ -174,8 +183,36 @@ def per_expert(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def generate_moe_lm(model_type: str, seed: int) -> bool:
-    cfg = moe_tiny(model_type)
+def quant_tiny(model_type: str) -> DSAConfig:
+    return moe_tiny(model_type).replace(hidden_size=192, intermediate_size=320)
+
+
+def is_fp8_weight(name: str, v: np.ndarray) -> bool:
+    """Which tensors DeepSeek's FP8 checkpoints store as FP8: the 2-D linear weights, less these."""
+    keep = ("embed_tokens", "lm_head", "norm", "mlp.gate.weight", "indexer.weights_proj")
+    return v.ndim == 2 and name.endswith("weight") and not any(k in name for k in keep)
+
+
+def stored(state: dict[str, np.ndarray], fmt: str | None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(the checkpoint's tensors in format `fmt`, their float32 values as the model means them)."""
+    if fmt is None:
+        return state, state
+    out, values = {}, {}
+    for k, v in state.items():
+        if k.endswith("e_score_correction_bias"):
+            out[k], values[k] = v, v
+        elif fmt == "fp8" and is_fp8_weight(k, v):
+            codes, scale = quantize_fp8_blocks(v)
+            out[k], out[k.removesuffix("weight") + "weight_scale_inv"] = codes, scale
+            values[k] = dequantize_fp8_blocks(codes, scale)
+        else:
+            out[k] = v.astype(ml_dtypes.bfloat16)
+            values[k] = out[k].astype(np.float32)
+    return out, values
+
+
+def generate_moe_lm(model_type: str, seed: int, fmt: str | None = None) -> bool:
+    cfg = moe_tiny(model_type) if fmt is None else quant_tiny(model_type)
     hf = cfg.to_hf_config()
     hf.pop("model_type")
     hf_cfg = MODELS[model_type][0](**hf)
@@ -192,6 +229,22 @@ def generate_moe_lm(model_type: str, seed: int) -> bool:
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(0.05 * torch.randn_like(b))
+        # The weights as the checkpoint stores them (bf16 / FP8), loaded back as their float32 values.
+        files, values = stored(per_expert({k: v.numpy() for k, v in model.state_dict().items()}), fmt)
+        fused = {k: v for k, v in model.state_dict().items()}
+        for k in fused:
+            if k.endswith("mlp.experts.gate_up_proj"):
+                p = k.removesuffix("gate_up_proj")
+                E = fused[k].shape[0]
+                gu = [np.concatenate([values[f"{p}{e}.{n}_proj.weight"] for n in ("gate", "up")]) for e in range(E)]
+                fused[k].copy_(torch.from_numpy(np.stack(gu)))
+            elif k.endswith("mlp.experts.down_proj"):
+                p = k.removesuffix("down_proj")
+                fused[k].copy_(
+                    torch.from_numpy(np.stack([values[f"{p}{e}.down_proj.weight"] for e in range(fused[k].shape[0])]))
+                )
+            elif k in values:
+                fused[k].copy_(torch.from_numpy(np.ascontiguousarray(values[k])))
     prompt = torch.randint(0, cfg.vocab_size, (1, 30))
     with torch.no_grad():
         logits = model(prompt, use_cache=False).logits[0]
@@ -204,17 +257,30 @@ def generate_moe_lm(model_type: str, seed: int) -> bool:
     margins = [float((s[0].topk(2).values[0] - s[0].topk(2).values[1]) / s[0].abs().max()) for s in cached.scores]
     if min(margins) < 1e-3:
         return False
-    d = HERE / f"{model_type}_moe_lm"
+    d = HERE / (f"{model_type}_moe_lm" if fmt is None else f"{model_type}_moe_lm_{fmt}")
     d.mkdir(exist_ok=True)
-    (d / "config.json").write_text(json.dumps(hf_cfg.to_dict() | {"model_type": model_type}, indent=1, default=str))
-    state = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
-    write_safetensors(d / "model.safetensors", per_expert(state))
+    extra: dict = {"model_type": model_type}
+    if fmt == "fp8":
+        extra["quantization_config"] = {
+            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]
+        }  # fmt: skip
+    (d / "config.json").write_text(json.dumps(hf_cfg.to_dict() | extra, indent=1, default=str))
+    if fmt is None:
+        state = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+        files = per_expert(state)
+    write_safetensors(d / "model.safetensors", files)
     np.savez_compressed(d / "io.npz", prompt=prompt[0].numpy(), logits=logits.numpy(), generated=new.numpy(), seed=seed)
-    print(f"{model_type}_moe_lm: seed {seed}, smallest top-logit margin {min(margins):.2e}")
+    print(f"{d.name}: seed {seed}, smallest top-logit margin {min(margins):.2e}")
     return True
 
 
 def main() -> None:
+    if sys.argv[1:] == ["quant"]:
+        for model_type in LM_CLASSES:
+            for fmt in ("bf16", "fp8"):
+                if not any(generate_moe_lm(model_type, seed, fmt) for seed in range(20)):
+                    raise SystemExit(f"{model_type}_moe_lm_{fmt}: no seed whose greedy generation is free of ties")
+        return
     if sys.argv[1:] == ["moe"]:
         for model_type in LM_CLASSES:
             if not any(generate_moe_lm(model_type, seed) for seed in range(20)):

@@ -139,7 +139,7 @@ def test_hf_round_trip(cfg):
         ({"index_topk": None}, "missing required field 'index_topk'"),
         ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "unsupported rope scaling type 'linear'"),
         ({"rope_scaling": {"type": "yarn"}}, "yarn rope scaling is missing 'factor'"),
-        ({"index_n_heads": 0}, "index_n_heads must be positive"),
+        ({"index_n_heads": 0}, r"index_n_heads must be an integer in \[1, 4096\], got 0"),
         ({"indexer_types": ["shared", "full"]}, "first layer must be 'full'"),
         ({"indexer_types": ["full", "sparse"]}, "unknown entries"),
     ],

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsa_hybrid.layers.weights import Fp8Weight, Weight, dense, linear
 from dsa_hybrid.models.config import DSAConfig
 from dsa_hybrid.ops.indexer import ExactIndexerKeys, IndexerPages, check_rows, quantize_keys, select_topk_device
 from dsa_hybrid.ops.latent_cache import CacheKind, LatentCache
@@ -46,6 +47,9 @@ HF_NAMES = {
     "idx_k_norm_b": "indexer.k_norm.bias",
     "idx_weights": "indexer.weights_proj.weight",
 }
+# The layer's norm weights and bias: always float32 (tiny). Every other parameter is a linear weight, kept
+# in the checkpoint's format when loaded with `weights="checkpoint"` (`layers.weights`).
+NORM_PARAMS = ("q_a_norm", "kv_a_norm", "idx_k_norm_w", "idx_k_norm_b")
 # The indexer's parameters: absent (None) in a GLM-5 "shared" layer, which runs no indexer (transformers
 # stores no indexer tensors for it).
 INDEXER_PARAMS = ("idx_wq_b", "idx_wk", "idx_k_norm_w", "idx_k_norm_b", "idx_weights")
@@ -72,23 +76,25 @@ def param_shapes(cfg: DSAConfig) -> dict[str, tuple[int, ...]]:
 
 @dataclasses.dataclass(frozen=True)
 class DSAParams:
-    """The attention and indexer weights of one layer, float32 (a pytree; names in `HF_NAMES`).
+    """The attention and indexer weights of one layer (a pytree; names in `HF_NAMES`). Norm weights are
+    float32 arrays; linear weights (`[out, in]`) are float32 or bfloat16 arrays or `Fp8Weight` (FP8
+    codes + 128 × 128 block scales), as loaded (`from_state_dict(weights=...)`).
 
     The indexer weights (`INDEXER_PARAMS`) are None in a layer without an indexer (GLM-5 "shared":
     `without_indexer`); such a layer must be given `shared_topk`."""
 
-    q_a: jax.Array
+    q_a: Weight
     q_a_norm: jax.Array
-    q_b: jax.Array
-    kv_a: jax.Array
+    q_b: Weight
+    kv_a: Weight
     kv_a_norm: jax.Array
-    kv_b: jax.Array
-    o: jax.Array
-    idx_wq_b: jax.Array | None
-    idx_wk: jax.Array | None
+    kv_b: Weight
+    o: Weight
+    idx_wq_b: Weight | None
+    idx_wk: Weight | None
     idx_k_norm_w: jax.Array | None
     idx_k_norm_b: jax.Array | None
-    idx_weights: jax.Array | None
+    idx_weights: Weight | None
 
     @property
     def has_indexer(self) -> bool:
@@ -116,11 +122,17 @@ class DSAParams:
         return DSAParams(**{k: jnp.asarray(v, jnp.float32) for k, v in arrays.items()})
 
     @staticmethod
-    def from_state_dict(tensors: Mapping[str, Any], cfg: DSAConfig, layer: int) -> DSAParams:
-        """From Hugging Face tensors (`model.layers.{layer}.self_attn.*`, dsa.md §4b), any float dtype.
-        A missing or misshapen tensor raises `KeyError` / `ValueError` naming it. A "shared" layer
-        (`cfg.layer_indexer_type(layer)`) runs no indexer: its indexer tensors are not read (nor needed)
-        and its indexer parameters are None."""
+    def from_state_dict(
+        tensors: Mapping[str, Any], cfg: DSAConfig, layer: int, *, weights: str = "float32"
+    ) -> DSAParams:
+        """From Hugging Face tensors (`model.layers.{layer}.self_attn.*`, dsa.md §4b): numpy / JAX arrays
+        of any float dtype, or `Fp8Weight` for FP8 block-quantized ones. `weights` "float32" widens every
+        linear weight to float32; "checkpoint" keeps bfloat16 as bfloat16 and FP8 as `Fp8Weight` (norms
+        are float32 either way). A missing or misshapen tensor raises `KeyError` / `ValueError` naming it.
+        A "shared" layer (`cfg.layer_indexer_type(layer)`) runs no indexer: its indexer tensors are not
+        read (nor needed) and its indexer parameters are None."""
+        if weights not in ("float32", "checkpoint"):
+            raise ValueError(f"weights: expected 'float32' or 'checkpoint', got {weights!r}")
         prefix = f"model.layers.{layer}.self_attn."
         shapes = param_shapes(cfg)
         arrays: dict[str, Any] = dict.fromkeys(INDEXER_PARAMS)
@@ -128,17 +140,19 @@ class DSAParams:
             full = prefix + HF_NAMES[name]
             if full not in tensors:
                 raise KeyError(f"{full}: missing from the checkpoint")
-            a = np.asarray(tensors[full], dtype=np.float32)
-            if a.shape != shapes[name]:
-                raise ValueError(f"{full}: expected shape {list(shapes[name])}, got {list(a.shape)}")
-            arrays[name] = jnp.asarray(a)
+            t = tensors[full]
+            if not isinstance(t, Fp8Weight) and not hasattr(t, "shape"):
+                t = np.asarray(t)
+            if tuple(t.shape) != shapes[name]:
+                raise ValueError(f"{full}: expected shape {list(shapes[name])}, got {list(t.shape)}")
+            arrays[name] = resident_weight(t, weights if name not in NORM_PARAMS else "float32")
         return DSAParams(**arrays)
 
     def state_dict(self, layer: int) -> dict[str, np.ndarray]:
         """The Hugging Face tensors of this layer (float32 numpy; no indexer tensors without an indexer)."""
         prefix = f"model.layers.{layer}.self_attn."
         return {
-            prefix + hf: np.asarray(getattr(self, name))
+            prefix + hf: np.asarray(dense(getattr(self, name)))
             for name, hf in HF_NAMES.items()
             if getattr(self, name) is not None
         }
@@ -204,8 +218,17 @@ def layer_norm(x: jax.Array, w: jax.Array, b: jax.Array, eps: float = 1e-6) -> j
     return (x - mu) * jax.lax.rsqrt(var + eps) * w + b
 
 
-def linear(x: jax.Array, w: jax.Array) -> jax.Array:
-    return jnp.einsum("ti,oi->to", x, w, precision=_HIGHEST)
+def resident_weight(t: Any, weights: str = "float32") -> Weight:
+    """One tensor as the layers keep it: `weights` "float32" → a float32 array (FP8 dequantized);
+    "checkpoint" → bfloat16 stays bfloat16, an `Fp8Weight` stays FP8, anything else float32."""
+    if isinstance(t, Fp8Weight):
+        if weights == "checkpoint":
+            return Fp8Weight.checked(jnp.asarray(t.codes), jnp.asarray(t.scale_inv, jnp.float32))
+        return dense(Fp8Weight.checked(jnp.asarray(t.codes), jnp.asarray(t.scale_inv)))
+    a = np.asarray(t)
+    if weights == "checkpoint" and a.dtype == jnp.bfloat16:
+        return jnp.asarray(a)
+    return jnp.asarray(a.astype(np.float32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,9 +252,11 @@ jax.tree_util.register_dataclass(
 
 def project(params: DSAParams, cfg: DSAConfig, x: jax.Array, positions: jax.Array) -> Projections:
     """The layer's projections of the new tokens `x` `[T, hidden]` at `positions` `[T]` (no indexer ones
-    for a layer without indexer weights). The latent norms use `cfg.latent_norm_eps`."""
+    for a layer without indexer weights). The latent norms use `cfg.latent_norm_eps`. ValueError /
+    TypeError naming `x` or `positions` for a wrong shape or dtype."""
+    T = check_rows("x", x, None, (cfg.hidden_size,))
+    check_rows("positions", positions, T, (), integer=True)
     x = x.astype(jnp.float32)
-    T = x.shape[0]
     h, nope, rope, r_kv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
     freqs = cfg.rope_freqs
     c_q = rms_norm(linear(x, params.q_a), params.q_a_norm, cfg.latent_norm_eps)
@@ -240,7 +265,7 @@ def project(params: DSAParams, cfg: DSAConfig, x: jax.Array, positions: jax.Arra
     c_kv = rms_norm(ckv[:, :r_kv], params.kv_a_norm, cfg.latent_norm_eps)
     k_pe = apply_rope(ckv[:, r_kv:], positions, freqs, cfg.mla_rope_pairing)
     q_pe = apply_rope(q[..., nope:], positions[:, None], freqs, cfg.mla_rope_pairing)
-    w_uk = params.kv_b.reshape(h, nope + cfg.v_head_dim, r_kv)[:, :nope]
+    w_uk = dense(params.kv_b).reshape(h, nope + cfg.v_head_dim, r_kv)[:, :nope]
     q_abs = jnp.concatenate([jnp.einsum("thn,hnr->thr", q[..., :nope], w_uk, precision=_HIGHEST), q_pe], axis=-1)
     if (
         params.idx_wq_b is None
@@ -294,7 +319,7 @@ def attend(
         o_lat = sparse()
     else:
         o_lat = jax.lax.cond(jnp.all(positions < topk.shape[1]), prefix, sparse)
-    w_uv = params.kv_b.reshape(h, cfg.qk_nope_head_dim + cfg.v_head_dim, r_kv)[:, cfg.qk_nope_head_dim :]
+    w_uv = dense(params.kv_b).reshape(h, cfg.qk_nope_head_dim + cfg.v_head_dim, r_kv)[:, cfg.qk_nope_head_dim :]
     o = jnp.einsum("thr,hvr->thv", o_lat, w_uv, precision=_HIGHEST).reshape(T, h * cfg.v_head_dim)
     return linear(o, params.o), latent
 
@@ -338,14 +363,10 @@ def dsa_attention(
         # "auto" follows the target device (ops.target): Pallas for FP8 pages on a TPU target, also when
         # a CPU host compiles for a TPU ahead of time; exact float32 keys are always scored by XLA.
         idx_backend = backend if isinstance(index, IndexerPages) else "xla"
-        # Keys scored per scan step: at most 4096, fewer for big batches, so the gathered keys of one
-        # step (rows × keys × D floats) stay near 256 MiB however long the prefill chunk.
-        T, S, D = x.shape[0], index.page_size, index.head_dim
-        key_chunk = max(S, min(4096, (1 << 26) // (T * D)))
+        # Keys per scan step and rows per block: the indexer's defaults bound its temporaries by itself.
         topk = select_topk_device(
-            proj.q_idx, proj.w_idx, index, block_tables, positions, cfg.index_topk, key_chunk=key_chunk,
-            backend=idx_backend,
-        )  # fmt: skip
+            proj.q_idx, proj.w_idx, index, block_tables, positions, cfg.index_topk, backend=idx_backend
+        )
     else:
         topk = shared_topk
     # Shared layers attend over the given selection as it is (it need not cover the whole prefix).
@@ -359,6 +380,8 @@ def project_write_keys(
 ) -> tuple[Projections, jax.Array, jax.Array, IndexerPages]:
     """The projections, and the new indexer keys quantized once (`quantize_keys`) and written to the
     device pages: the same bytes then go to the host cache, so the two indexer caches stay identical."""
+    if not isinstance(index, IndexerPages):
+        raise TypeError(f"index: expected FP8 IndexerPages (the host cache's format), got {type(index).__name__}")
     proj = project(params, cfg, x, positions)
     if proj.k_idx is None:
         raise ValueError("project_write_keys: this layer has no indexer weights (a 'shared' layer)")
@@ -404,14 +427,31 @@ def host_select(
     and select each row's top-`k` positions on the host (SIMD, threads, GIL released). Blocks only on
     this call's own projections, so the device can run other work meanwhile. int32 `[T, k]`.
     The cache keeps its own sequences here; `host_select_paged` addresses it by the caller's tables."""
-    seq_ids = np.asarray(seq_ids, np.int64)
+    seq_ids = np.asarray(seq_ids)
+    if seq_ids.ndim != 1 or seq_ids.shape[0] != np.shape(codes)[0] or not np.issubdtype(seq_ids.dtype, np.integer):
+        raise ValueError(
+            f"seq_ids: expected integers of shape [{np.shape(codes)[0]}], got {seq_ids.dtype} {list(seq_ids.shape)}"
+        )
+    seq_ids = seq_ids.astype(np.int64)
     codes_np, scales_np = np.asarray(codes), np.asarray(scales)
-    for sid in dict.fromkeys(seq_ids.tolist()):  # each sequence once, in order of first appearance
-        rows = seq_ids == sid
-        host_cache.append_quantized(sid, codes_np[rows], scales_np[rows])
-    return host_cache.select(
-        seq_ids, np.asarray(proj.q_idx), np.asarray(proj.w_idx), np.asarray(positions), k, threads=threads
-    )
+    order = list(dict.fromkeys(seq_ids.tolist()))  # each sequence once, in order of first appearance
+    known = set(host_cache.sequence_ids())
+    unknown = [sid for sid in order if sid not in known]
+    if unknown:  # before any append: a bad call leaves the cache as it was
+        raise KeyError(f"seq_ids: unknown sequence {unknown[0]} (add_sequence first)")
+    lengths = {sid: host_cache.length(sid) for sid in order}
+    try:
+        for sid in order:
+            rows = seq_ids == sid
+            host_cache.append_quantized(sid, codes_np[rows], scales_np[rows])
+        return host_cache.select(
+            seq_ids, np.asarray(proj.q_idx), np.asarray(proj.w_idx), np.asarray(positions), k, threads=threads
+        )
+    except BaseException:  # a later sequence did not fit, or the selection refused: undo the appends
+        for sid, n in lengths.items():
+            if host_cache.length(sid) > n:
+                host_cache.truncate(sid, n)
+        raise
 
 
 def host_select_paged(
@@ -433,6 +473,7 @@ def host_select_paged(
     `codes`, `scales` and `proj` are used (padding rows past them are ignored). int32 `[T, k]`."""
     slots = np.ascontiguousarray(slots, np.int32)
     n = slots.shape[0]
+    _check_paged_select(host_cache, block_tables, positions, n, k)  # before the write: a bad call changes nothing
     codes_np = np.asarray(codes)[:n]  # e4m3fn codes as their bytes (the host cache's uint8)
     host_cache.write_slots(slots, codes_np.view(np.uint8), np.asarray(scales)[:n])
     return host_cache.select_paged(
@@ -443,6 +484,30 @@ def host_select_paged(
         k,
         threads=threads,
     )
+
+
+def _check_paged_select(host_cache: Any, block_tables: Any, positions: Any, n: int, k: Any) -> None:
+    """What `select_paged` would refuse, checked before `write_slots` writes anything (named errors)."""
+    bt, pos = np.asarray(block_tables), np.asarray(positions)
+    if bt.ndim != 2 or bt.shape[0] != n or not np.issubdtype(bt.dtype, np.integer):
+        raise ValueError(f"block_tables: expected integers of shape [{n}, W], got {bt.dtype} {list(bt.shape)}")
+    if pos.shape != (n,) or not np.issubdtype(pos.dtype, np.integer):
+        raise ValueError(f"positions: expected integers of shape [{n}], got {pos.dtype} {list(pos.shape)}")
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k: expected an integer >= 1, got {k!r}")
+    if n == 0:
+        return
+    S, blocks = host_cache.block_size, host_cache.num_blocks
+    if bt.min() < -1 or bt.max() >= blocks:
+        bad = int(bt.min()) if bt.min() < -1 else int(bt.max())
+        raise IndexError(f"block_tables: block {bad} outside [-1, {blocks})")
+    if pos.min() < 0 or pos.max() >= bt.shape[1] * S:
+        bad = int(pos.min()) if pos.min() < 0 else int(pos.max())
+        raise IndexError(f"positions: {bad} outside the tables' [0, {bt.shape[1] * S})")
+    own = bt[np.arange(n), pos // S]
+    if (own < 0).any():
+        t = int(np.argmax(own < 0))
+        raise IndexError(f"block_tables: row {t} has no block for its position {int(pos[t])}")
 
 
 def dsa_attention_host(

@@ -1,3 +1,4 @@
 """Models: `models.config` (`DSAConfig`: presets and Hugging Face config.json), `models.checkpoint`
-(safetensors reader/writer, FP8 weight blocks, `load_layer_params`) and `models.causal_lm` (`ModelParams`,
-the pure `forward` over paged caches, `generate_greedy`)."""
+(validated, memory-mapped safetensors reader/writer, sharded checkpoints, FP8 weight blocks,
+`load_layer_params`), `models.moe` (the MoE block) and `models.causal_lm` (`ModelParams`: weights resident
+in their checkpoint format, the pure `forward` over paged caches, `generate_greedy`)."""

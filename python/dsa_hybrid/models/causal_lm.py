@@ -11,17 +11,27 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
-from typing import cast
+from typing import Any, Literal, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dsa_hybrid.layers import dsa_attention as layer_mod
-from dsa_hybrid.layers.dsa_attention import DSACaches, DSAParams, dsa_attention, linear, rms_norm
+from dsa_hybrid.layers.dsa_attention import (
+    NORM_PARAMS,
+    DSACaches,
+    DSAParams,
+    dsa_attention,
+    linear,
+    resident_weight,
+    rms_norm,
+)
+from dsa_hybrid.layers.weights import Fp8Weight, Weight, dense, quantize_fp8_blocks, tree_nbytes, weight_format
+from dsa_hybrid.models.checkpoint import Checkpoint, LoadProgress
 from dsa_hybrid.models.checkpoint import load_layer_params as load_layer_params_from
-from dsa_hybrid.models.checkpoint import load_tensors
 from dsa_hybrid.models.config import DSAConfig
 from dsa_hybrid.models.moe import MoEParams, moe_block
 from dsa_hybrid.ops.indexer import IndexerPages
@@ -36,9 +46,9 @@ class BlockParams:
     input_norm: jax.Array
     attn: DSAParams
     post_norm: jax.Array
-    gate: jax.Array | None
-    up: jax.Array | None
-    down: jax.Array | None
+    gate: Weight | None
+    up: Weight | None
+    down: Weight | None
     moe: MoEParams | None = None
 
 
@@ -47,15 +57,32 @@ jax.tree_util.register_dataclass(
 )
 
 
+WeightsMode = Literal["auto", "checkpoint", "float32"]
+_log = logging.getLogger("dsa_hybrid.models")
+
+
+def default_weights_mode(backend: str | None = None) -> Literal["checkpoint", "float32"]:
+    """What `weights="auto"` means on `backend` (default: JAX's default backend): "checkpoint" (bf16 /
+    FP8 weights stay as stored, widened inside each matmul) everywhere except CPU, where XLA widens a
+    bf16 or FP8 weight on every call at a cost measured in docs/models.md, so "float32" is kept there."""
+    backend = backend or jax.default_backend()
+    return "float32" if backend == "cpu" else "checkpoint"
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelParams:
+    """All weights of the causal LM (a pytree). Norms are float32; `embed` `[vocab, hidden]` is float32
+    or bfloat16; every linear weight (`lm_head` `[vocab, hidden]`, the attention's, the MLPs') is a
+    float32 / bfloat16 array or an `Fp8Weight`, as loaded (`from_checkpoint(weights=...)`)."""
+
     embed: jax.Array  # [vocab, hidden]
     blocks: tuple[BlockParams, ...]
     norm: jax.Array  # [hidden]
-    lm_head: jax.Array  # [vocab, hidden]
+    lm_head: Weight  # [vocab, hidden]
 
     @staticmethod
     def random(cfg: DSAConfig, seed: int = 0, std: float = 0.05) -> ModelParams:
+        """Random float32 weights of the right shapes (see `with_weight_format` for bf16 / FP8 ones)."""
         rng = np.random.default_rng(seed)
         d, inter, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
 
@@ -79,34 +106,162 @@ class ModelParams:
         return ModelParams(w(vocab, d), tuple(blocks), norm(), w(vocab, d))
 
     @staticmethod
-    def from_checkpoint(directory: str | os.PathLike[str], cfg: DSAConfig) -> ModelParams:
+    def from_checkpoint(
+        directory: str | os.PathLike[str],
+        cfg: DSAConfig,
+        *,
+        weights: WeightsMode = "auto",
+        progress: bool | None = None,
+    ) -> ModelParams:
         """From a Hugging Face `DeepseekV32ForCausalLM` / `GlmMoeDsaForCausalLM` checkpoint directory
-        (bf16 / fp32 / FP8, expanded to float32). MoE layers (`cfg.layer_mlp_type`) read `mlp.gate.*`,
-        `mlp.experts.*` and `mlp.shared_experts.*` (`MoEParams.from_checkpoint`); "shared" indexer layers
-        read no indexer tensors."""
-        top = load_tensors(directory, ["model.embed_tokens.weight", "model.norm.weight"])
-        try:
-            head = load_tensors(directory, ["lm_head.weight"])["lm_head.weight"]
-        except KeyError:
-            head = top["model.embed_tokens.weight"]  # tied embeddings
+        (one `*.safetensors` file or shards listed by `model.safetensors.index.json`; fp32, bf16 or FP8
+        with 128 × 128 `weight_scale_inv` blocks), read lazily: files are memory-mapped and one layer at a
+        time is read and placed on the device.
+
+        weights: "checkpoint" keeps each weight as stored (bf16 stays bf16, FP8 stays `Fp8Weight`; norms
+            float32), "float32" widens them all, "auto" (default) is `default_weights_mode()`: checkpoint
+            format on TPU / GPU, float32 on CPU.
+        progress: a progress bar on stderr; None (default) shows it only when stderr is a terminal.
+
+        MoE layers (`cfg.layer_mlp_type`) read `mlp.gate.*`, `mlp.experts.*` and `mlp.shared_experts.*`
+        (`MoEParams.from_checkpoint`); "shared" indexer layers read no indexer tensors; MTP / next-n
+        layers (`model.layers.{n}.*` for n >= num_hidden_layers) are skipped with a one-line log message
+        (logger `dsa_hybrid.models`). Missing or misshapen tensors raise errors naming them; a malformed
+        file raises `CheckpointError`."""
+        if weights not in ("auto", "checkpoint", "float32"):
+            raise ValueError(f"weights: expected 'auto', 'checkpoint' or 'float32', got {weights!r}")
+        mode = default_weights_mode() if weights == "auto" else weights
+        ckpt = Checkpoint(directory)
+        extra = ckpt.layers_beyond(cfg.num_hidden_layers)
+        if extra:
+            _log.warning(
+                "%s: skipping %d MTP / next-n layer(s) (model.layers.%s.*; num_nextn_predict_layers=%d): "
+                "not used for generation", ckpt.directory, len(extra), ",".join(map(str, extra)),
+                cfg.num_nextn_predict_layers,
+            )  # fmt: skip
+        bar = LoadProgress(cfg.num_hidden_layers + 1, progress)
+
+        def norm(name: str) -> jax.Array:
+            return jnp.asarray(ckpt.weight(name, "float32"))
+
+        embed = resident_weight(ckpt.weight("model.embed_tokens.weight", mode), mode)
+        if isinstance(embed, Fp8Weight):
+            embed = dense(embed)  # an FP8 embedding (none is released) is looked up as float32
+        head = embed if "lm_head.weight" not in ckpt else resident_weight(ckpt.weight("lm_head.weight", mode), mode)
         blocks = []
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}."
-            t = load_tensors(directory, [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"])
-            n1, n2 = jnp.asarray(t[p + "input_layernorm.weight"]), jnp.asarray(t[p + "post_attention_layernorm.weight"])
-            attn = load_layer_params_from(directory, cfg, i)
+            n1, n2 = norm(p + "input_layernorm.weight"), norm(p + "post_attention_layernorm.weight")
+            attn = load_layer_params_from(ckpt, cfg, i, weights=mode)
             if cfg.layer_mlp_type(i) == "sparse":
-                blocks.append(BlockParams(n1, attn, n2, None, None, None, MoEParams.from_checkpoint(directory, cfg, i)))
+                moe = MoEParams.from_checkpoint(ckpt, cfg, i, weights=mode)
+                blocks.append(BlockParams(n1, attn, n2, None, None, None, moe))
+            else:
+                mlp = [
+                    resident_weight(ckpt.weight(p + f"mlp.{n}_proj.weight", mode), mode) for n in ("gate", "up", "down")
+                ]
+                d, inter = cfg.hidden_size, cfg.intermediate_size
+                for n, w, shape in zip(("gate", "up", "down"), mlp, ((inter, d), (inter, d), (d, inter)), strict=True):
+                    if tuple(w.shape) != shape:
+                        raise ValueError(f"{p}mlp.{n}_proj.weight: expected shape {list(shape)}, got {list(w.shape)}")
+                blocks.append(BlockParams(n1, attn, n2, mlp[0], mlp[1], mlp[2]))
+            bar.step(tree_nbytes(blocks[-1]))
+        params = ModelParams(embed, tuple(blocks), norm("model.norm.weight"), head)
+        if tuple(params.embed.shape) != (cfg.vocab_size, cfg.hidden_size):
+            raise ValueError(
+                f"model.embed_tokens.weight: expected shape {[cfg.vocab_size, cfg.hidden_size]}, "
+                f"got {list(params.embed.shape)}"
+            )
+        bar.step(tree_nbytes((embed, head)))
+        return params
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The model's Hugging Face tensors (transformers' names, per-expert MoE layout, float32 numpy;
+        FP8 weights dequantized): what `write_safetensors` turns into a checkpoint."""
+        out = {
+            "model.embed_tokens.weight": np.asarray(dense(self.embed)),
+            "model.norm.weight": np.asarray(self.norm),
+            "lm_head.weight": np.asarray(dense(self.lm_head)),
+        }
+        for i, blk in enumerate(self.blocks):
+            p = f"model.layers.{i}."
+            out[p + "input_layernorm.weight"] = np.asarray(blk.input_norm)
+            out[p + "post_attention_layernorm.weight"] = np.asarray(blk.post_norm)
+            out.update(blk.attn.state_dict(i))
+            if blk.moe is not None:
+                out.update(blk.moe.state_dict(i))
+            for n, w in (("gate", blk.gate), ("up", blk.up), ("down", blk.down)):
+                if w is not None:
+                    out[f"{p}mlp.{n}_proj.weight"] = np.asarray(dense(w))
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Resident bytes of all weights (an array shared by two fields, tied embeddings, counted once)."""
+        return tree_nbytes(self)
+
+    def weight_formats(self) -> dict[str, int]:
+        """Resident bytes per weight format ("float32", "bfloat16", "fp8"; norms count as float32)."""
+        out: dict[str, int] = {}
+        seen: set[int] = set()
+        for leaf in jax.tree.leaves(self, is_leaf=lambda x: isinstance(x, Fp8Weight)):
+            if id(leaf) in seen:
                 continue
-            m = load_tensors(directory, [p + f"mlp.{n}_proj.weight" for n in ("gate", "up", "down")])
-            gate, up, down = (jnp.asarray(m[p + f"mlp.{n}_proj.weight"]) for n in ("gate", "up", "down"))
-            blocks.append(BlockParams(n1, attn, n2, gate, up, down))
-        return ModelParams(
-            jnp.asarray(top["model.embed_tokens.weight"]),
-            tuple(blocks),
-            jnp.asarray(top["model.norm.weight"]),
-            jnp.asarray(head),
+            seen.add(id(leaf))
+            fmt = weight_format(leaf)
+            out[fmt] = out.get(fmt, 0) + int(leaf.nbytes)
+        return out
+
+    def with_weight_format(self, fmt: Literal["float32", "bfloat16", "fp8"]) -> ModelParams:
+        """The same model with every linear weight converted to `fmt` (FP8: 128 × 128 block quantized as
+        DeepSeek's checkpoints are; the embedding and LM head at most bf16, the router and norms
+        unchanged): for benchmarks and tests of the resident formats."""
+        if fmt not in ("float32", "bfloat16", "fp8"):
+            raise ValueError(f"fmt: expected 'float32', 'bfloat16' or 'fp8', got {fmt!r}")
+
+        def conv(w: Any, allow_fp8: bool = True) -> Any:
+            if w is None:
+                return None
+            f = fmt if allow_fp8 or fmt != "fp8" else "bfloat16"
+            v = dense(w)
+            if f == "float32":
+                return v
+            if f == "bfloat16":
+                return v.astype(jnp.bfloat16)
+            codes, scale = quantize_fp8_blocks(np.asarray(v))
+            return Fp8Weight(jnp.asarray(codes), jnp.asarray(scale))
+
+        def attn(a: DSAParams) -> DSAParams:
+            changes = {
+                f.name: conv(getattr(a, f.name))
+                for f in dataclasses.fields(a)
+                if f.name not in NORM_PARAMS and getattr(a, f.name) is not None
+            }
+            return dataclasses.replace(a, **changes)
+
+        def moe(m: MoEParams | None) -> MoEParams | None:
+            if m is None:
+                return None
+            return dataclasses.replace(
+                m, gate=conv(m.gate), up=conv(m.up), down=conv(m.down), shared_gate=conv(m.shared_gate),
+                shared_up=conv(m.shared_up), shared_down=conv(m.shared_down),
+            )  # fmt: skip
+
+        blocks = tuple(
+            dataclasses.replace(
+                b, attn=attn(b.attn), gate=conv(b.gate), up=conv(b.up), down=conv(b.down), moe=moe(b.moe)
+            )
+            for b in self.blocks
         )
+        return ModelParams(conv(self.embed, False), blocks, self.norm, conv(self.lm_head, False))
+
+
+def checkpoint_nbytes(directory: str | os.PathLike[str], cfg: DSAConfig) -> int:
+    """Bytes of the tensors a checkpoint stores for the model `cfg` describes (its MTP / next-n layers
+    left out): what `ModelParams.nbytes` is compared against."""
+    ckpt = Checkpoint(directory)
+    extra = tuple(f"model.layers.{n}." for n in ckpt.layers_beyond(cfg.num_hidden_layers))
+    return sum(ckpt.nbytes(n) for n in ckpt.index if not n.startswith(extra))
 
 
 jax.tree_util.register_dataclass(ModelParams, data_fields=["embed", "blocks", "norm", "lm_head"], meta_fields=[])
@@ -121,7 +276,7 @@ def create_caches(cfg: DSAConfig, num_pages: int, page_size: int = 64, **kw) -> 
 # inside `forward`'s own jit they simply inline).
 @jax.jit
 def embed(params: ModelParams, tokens: jax.Array) -> jax.Array:
-    return params.embed[tokens]
+    return params.embed[tokens].astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -155,7 +310,11 @@ def forward(
     backend: Backend = "auto",
 ) -> tuple[jax.Array, tuple[DSACaches, ...]]:
     """Logits `[T, vocab]` of `T` new tokens (ids `[T]`; rows described as in `dsa_attention`) and the
-    updated caches. GLM-5-style `"shared"` layers reuse the previous full layer's selection."""
+    updated caches. GLM-5-style `"shared"` layers reuse the previous full layer's selection. TypeError /
+    ValueError naming the argument for misshapen rows or a wrong number of caches; token ids outside
+    `[0, vocab_size)` are refused when `tokens` is concrete (under `jit` their values are not known: check
+    them before, as `Engine.add_request` does)."""
+    _check_tokens(cfg, tokens, caches)
     x = embed(params, tokens)
     new_caches: list[DSACaches] = []
     topk: jax.Array | None = None
@@ -168,6 +327,21 @@ def forward(
         x = residual_mlp(blk, cfg, x, h)
         new_caches.append(cache)
     return lm_head(params, cfg, x), tuple(new_caches)
+
+
+def _check_tokens(cfg: DSAConfig, tokens: Any, caches: Any) -> None:
+    """`forward`'s own arguments (the rows' positions, slots and tables are checked by each layer)."""
+    if not (hasattr(tokens, "shape") and hasattr(tokens, "dtype")):
+        raise TypeError(f"tokens: expected an integer array [T], got {type(tokens).__name__}")
+    if tokens.ndim != 1 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"tokens: expected integers of shape [T], got {tokens.dtype} {list(tokens.shape)}")
+    if not isinstance(caches, (tuple, list)) or len(caches) != cfg.num_hidden_layers:
+        got = len(caches) if isinstance(caches, (tuple, list)) else type(caches).__name__
+        raise ValueError(f"caches: expected one DSACaches per layer ({cfg.num_hidden_layers}), got {got}")
+    if not isinstance(tokens, jax.core.Tracer) and tokens.size:
+        lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"tokens: ids must lie in [0, {cfg.vocab_size}), got {lo if lo < 0 else hi}")
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "backend"), donate_argnames=("caches",))
@@ -186,8 +360,18 @@ def generate_greedy(
     **cache_kw,
 ) -> list[int]:
     """Greedy continuation of one sequence: one prefill call for the prompt, then one call per new token
-    (the caches are paged; pages `0..` hold the sequence in order)."""
-    prompt = [int(t) for t in prompt]
+    (the caches are paged; pages `0..` hold the sequence in order). Returns the `max_new_tokens` new ids.
+    ValueError / TypeError naming the argument for an empty prompt, ids that are not integers or lie
+    outside the vocabulary, `max_new_tokens < 1` or `page_size < 1`."""
+    arr = np.asarray(prompt)
+    if arr.ndim != 1 or arr.size == 0 or not (np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_):
+        raise TypeError(f"prompt: expected a non-empty 1-D sequence of integer ids, got {arr.dtype} {list(arr.shape)}")
+    if arr.min() < 0 or arr.max() >= cfg.vocab_size:
+        raise ValueError(f"prompt: token ids must lie in [0, {cfg.vocab_size}), got {arr.min()}..{arr.max()}")
+    for name, value in (("max_new_tokens", max_new_tokens), ("page_size", page_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+    prompt = arr.tolist()
     total = len(prompt) + max_new_tokens
     n_pages = -(-total // page_size)
     caches = create_caches(cfg, n_pages, page_size, **cache_kw)

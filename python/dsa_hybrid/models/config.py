@@ -12,7 +12,7 @@ import math
 import operator
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -40,6 +40,15 @@ class YarnScaling:
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 1.0
+
+    def __post_init__(self) -> None:
+        # transformers then scales cos/sin by m(mscale) / m(mscale_all_dim); this package applies only the
+        # softmax factor m(mscale_all_dim)², so such a config would be computed wrong: refused instead.
+        if self.factor > 1.0 and self.mscale != self.mscale_all_dim:
+            raise ValueError(
+                f"rope_scaling: yarn mscale ({self.mscale}) != mscale_all_dim ({self.mscale_all_dim}) is not "
+                "supported (it would scale cos/sin by their ratio); DeepSeek-V3.2 and GLM-5 use equal values"
+            )
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,9 @@ class DSAConfig:
     # (an int, a list or None are accepted); empty means the model has none. Serving stops a request at
     # any of them (finish reason "eos"); the layer and the model ignore it.
     eos_token_id: tuple[int, ...] = field(default=())
+    # Multi-token-prediction (next-n) layers the checkpoint carries after the last decoder layer
+    # (config.json `num_nextn_predict_layers`). They are not used: the loader skips their tensors.
+    num_nextn_predict_layers: int = 0
 
     def __post_init__(self) -> None:
         eos: Any = self.eos_token_id  # as given: an int, a sequence of ints or None
@@ -382,55 +394,97 @@ class DSAConfig:
                 raise ValueError(f"config.json ({model_type}): missing required field {key!r}")
             return d[key]
 
+        def integer(key: str, default: int | None = None, lo: int = 0, hi: int = _MAX_WIDTH) -> int:
+            """An integer field in [lo, hi] (None / absent → `default`; required when that is None)."""
+            v = need(key) if default is None else d.get(key)
+            if v is None:
+                return int(default)  # type: ignore[arg-type]  # default is not None here
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise ValueError(f"config.json ({model_type}): {key} must be an integer in [{lo}, {hi}], got {v!r}")
+            return v
+
+        def real(key: str, v: Any, positive: bool = True) -> float:
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or (positive and v <= 0):
+                raise ValueError(
+                    f"config.json ({model_type}): {key} must be a finite "
+                    f"{'positive ' if positive else ''}number, got {v!r}"
+                )
+            return float(v)
+
+        def flag(key: str, default: bool) -> bool:
+            v = d.get(key, default)
+            if not isinstance(v, bool):
+                raise ValueError(f"config.json ({model_type}): {key} must be true or false, got {v!r}")
+            return v
+
+        def names(key: str) -> tuple[str, ...]:
+            v = d.get(key) or []
+            if not isinstance(v, list) or not all(isinstance(t, str) for t in v):
+                raise ValueError(f"config.json ({model_type}): {key} must be a list of strings, got {v!r}")
+            return tuple(v)
+
         rope = d.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"config.json ({model_type}): rope_parameters must be an object, got {rope!r}")
         theta = d.get("rope_theta", rope.get("rope_theta"))
         if theta is None:
             raise ValueError(f"config.json ({model_type}): missing 'rope_theta' (or rope_parameters.rope_theta)")
         scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", rope.get("type")) else None)
+        if scaling is not None and not isinstance(scaling, dict):
+            raise ValueError(f"config.json ({model_type}): rope_scaling must be an object, got {scaling!r}")
         yarn = _parse_yarn(scaling, model_type)
 
         if "indexer_rope_interleave" in d:
-            indexer_pairing: RopePairing = "interleaved" if d["indexer_rope_interleave"] else "half"
+            indexer_pairing: RopePairing = "interleaved" if flag("indexer_rope_interleave", False) else "half"
         else:
             indexer_pairing = _DEFAULT_INDEXER_PAIRING[model_type]
-        mla_pairing: RopePairing = "interleaved" if d.get("rope_interleave", True) else "half"
+        mla_pairing: RopePairing = "interleaved" if flag("rope_interleave", True) else "half"
+        quant = d.get("quantization_config")
+        if quant is not None:
+            if not isinstance(quant, dict):
+                raise ValueError(f"config.json ({model_type}): quantization_config must be an object, got {quant!r}")
+            block = quant.get("weight_block_size")
+            if quant.get("quant_method") == "fp8" and block is not None and list(block) != [128, 128]:
+                raise ValueError(
+                    f"config.json ({model_type}): quantization_config.weight_block_size {block!r} is not supported "
+                    "(FP8 weights must use 128 x 128 blocks)"
+                )
 
-        indexer_types = tuple(d.get("indexer_types") or ())
-        mlp_layer_types = tuple(d.get("mlp_layer_types") or ())
         return cls(
             model_type=model_type,
-            hidden_size=int(need("hidden_size")),
-            num_attention_heads=int(need("num_attention_heads")),
-            q_lora_rank=int(need("q_lora_rank")),
-            kv_lora_rank=int(need("kv_lora_rank")),
-            qk_nope_head_dim=int(need("qk_nope_head_dim")),
-            qk_rope_head_dim=int(need("qk_rope_head_dim")),
-            v_head_dim=int(need("v_head_dim")),
-            index_n_heads=int(need("index_n_heads")),
-            index_head_dim=int(need("index_head_dim")),
-            index_topk=int(need("index_topk")),
-            rope_theta=float(theta),
+            hidden_size=integer("hidden_size", lo=1),
+            num_attention_heads=integer("num_attention_heads", lo=1, hi=_MAX_HEADS),
+            q_lora_rank=integer("q_lora_rank", lo=1),
+            kv_lora_rank=integer("kv_lora_rank", lo=1),
+            qk_nope_head_dim=integer("qk_nope_head_dim"),
+            qk_rope_head_dim=integer("qk_rope_head_dim", lo=1),
+            v_head_dim=integer("v_head_dim", lo=1),
+            index_n_heads=integer("index_n_heads", lo=1, hi=_MAX_HEADS),
+            index_head_dim=integer("index_head_dim", lo=1),
+            index_topk=integer("index_topk", lo=1, hi=_MAX_POSITIONS),
+            rope_theta=real("rope_theta", theta),
             rope_scaling=yarn,
             indexer_rope_pairing=indexer_pairing,
             mla_rope_pairing=mla_pairing,
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            latent_norm_eps=float(d.get("latent_norm_eps", 1e-6)),
-            num_hidden_layers=int(d.get("num_hidden_layers", 1)),
-            vocab_size=int(d.get("vocab_size", 0)),
-            intermediate_size=int(d.get("intermediate_size", 0)),
-            first_k_dense_replace=int(d.get("first_k_dense_replace", 0)),
-            max_position_embeddings=int(d.get("max_position_embeddings", 0)),
-            n_routed_experts=int(d.get("n_routed_experts") or 0),
-            n_shared_experts=int(d.get("n_shared_experts") or 0),
-            num_experts_per_tok=int(d.get("num_experts_per_tok") or 0),
-            n_group=int(d.get("n_group") or 1),
-            topk_group=int(d.get("topk_group") or 1),
-            norm_topk_prob=bool(d.get("norm_topk_prob", True)),
-            routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
-            moe_intermediate_size=int(d.get("moe_intermediate_size") or 0),
-            mlp_layer_types=mlp_layer_types,
-            indexer_types=indexer_types,
+            rms_norm_eps=real("rms_norm_eps", d.get("rms_norm_eps", 1e-6)),
+            latent_norm_eps=real("latent_norm_eps", d.get("latent_norm_eps", 1e-6)),
+            num_hidden_layers=integer("num_hidden_layers", 1, lo=1, hi=_MAX_LAYERS),
+            vocab_size=integer("vocab_size", 0, hi=_MAX_VOCAB),
+            intermediate_size=integer("intermediate_size", 0),
+            first_k_dense_replace=integer("first_k_dense_replace", 0, hi=_MAX_LAYERS),
+            max_position_embeddings=integer("max_position_embeddings", 0, hi=_MAX_POSITIONS),
+            n_routed_experts=integer("n_routed_experts", 0, hi=_MAX_EXPERTS),
+            n_shared_experts=integer("n_shared_experts", 0, hi=_MAX_EXPERTS),
+            num_experts_per_tok=integer("num_experts_per_tok", 0, hi=_MAX_EXPERTS),
+            n_group=integer("n_group", 1, lo=1, hi=_MAX_EXPERTS) if d.get("n_group") != 0 else 1,
+            topk_group=integer("topk_group", 1, lo=1, hi=_MAX_EXPERTS) if d.get("topk_group") != 0 else 1,
+            norm_topk_prob=flag("norm_topk_prob", True),
+            routed_scaling_factor=real("routed_scaling_factor", d.get("routed_scaling_factor", 1.0)),
+            moe_intermediate_size=integer("moe_intermediate_size", 0),
+            mlp_layer_types=cast(Any, names("mlp_layer_types")),
+            indexer_types=cast(Any, names("indexer_types")),
             eos_token_id=_parse_eos(d.get("eos_token_id"), model_type),
+            num_nextn_predict_layers=integer("num_nextn_predict_layers", 0, hi=_MAX_LAYERS),
         )
 
     def to_hf_config(self) -> dict[str, Any]:
@@ -476,9 +530,21 @@ class DSAConfig:
             d["latent_norm_eps"] = self.latent_norm_eps
         if self.indexer_types:
             d["indexer_types"] = list(self.indexer_types)
+        if self.num_nextn_predict_layers:
+            d["num_nextn_predict_layers"] = self.num_nextn_predict_layers
         if self.eos_token_id:  # one id as an int, several as a list (as the model repositories write it)
             d["eos_token_id"] = self.eos_token_id[0] if len(self.eos_token_id) == 1 else list(self.eos_token_id)
         return d
+
+
+# Bounds on config.json sizes: far above any released model, low enough that a hostile value is refused
+# before anything is sized by it.
+_MAX_WIDTH = 1 << 20
+_MAX_HEADS = 1 << 12
+_MAX_LAYERS = 1 << 12
+_MAX_VOCAB = 1 << 23
+_MAX_EXPERTS = 1 << 16
+_MAX_POSITIONS = 1 << 31
 
 
 def _load_json(path_or_dict: str | os.PathLike[str] | dict[str, Any]) -> dict[str, Any]:
@@ -512,7 +578,7 @@ def _parse_yarn(scaling: dict[str, Any] | None, model_type: str) -> YarnScaling 
     if kind != "yarn":
         raise ValueError(f"config.json ({model_type}): unsupported rope scaling type {kind!r}; only 'yarn' is")
     try:
-        return YarnScaling(
+        fields = dict(
             factor=float(scaling["factor"]),
             original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
             beta_fast=float(scaling.get("beta_fast", 32.0)),
@@ -522,3 +588,9 @@ def _parse_yarn(scaling: dict[str, Any] | None, model_type: str) -> YarnScaling 
         )
     except KeyError as e:
         raise ValueError(f"config.json ({model_type}): yarn rope scaling is missing {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config.json ({model_type}): yarn rope scaling has a non-numeric field ({e})") from None
+    try:
+        return YarnScaling(**fields)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise ValueError(f"config.json ({model_type}): {e}") from None

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsa_hybrid.layers.weights import Fp8Weight, Weight, dense
 from dsa_hybrid.models.config import DSAConfig
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -38,17 +39,19 @@ ExpertsImpl = Literal["ragged", "dense"]
 
 @dataclasses.dataclass(frozen=True)
 class MoEParams:
-    """One MoE layer's weights, float32, linear weights `[out, in]` as in the checkpoints (a pytree).
-    The shared experts are None when `n_shared_experts` is 0."""
+    """One MoE layer's weights, linear weights `[out, in]` as in the checkpoints (a pytree). Each linear
+    weight is a float32 or bfloat16 array or an `Fp8Weight` (the experts' stacked: codes `[E, out, in]`,
+    scales `[E, out/128, in/128]`), as loaded; `bias` is float32. The shared experts are None when
+    `n_shared_experts` is 0."""
 
-    router: jax.Array  # [E, d]              mlp.gate.weight
-    bias: jax.Array  # [E]                   mlp.gate.e_score_correction_bias
-    gate: jax.Array  # [E, I, d]             mlp.experts.{e}.gate_proj.weight
-    up: jax.Array  # [E, I, d]               mlp.experts.{e}.up_proj.weight
-    down: jax.Array  # [E, d, I]             mlp.experts.{e}.down_proj.weight
-    shared_gate: jax.Array | None  # [n_shared·I, d]   mlp.shared_experts.gate_proj.weight
-    shared_up: jax.Array | None  # [n_shared·I, d]     mlp.shared_experts.up_proj.weight
-    shared_down: jax.Array | None  # [d, n_shared·I]   mlp.shared_experts.down_proj.weight
+    router: Weight  # [E, d]              mlp.gate.weight
+    bias: jax.Array  # [E]                mlp.gate.e_score_correction_bias
+    gate: Weight  # [E, I, d]             mlp.experts.{e}.gate_proj.weight
+    up: Weight  # [E, I, d]               mlp.experts.{e}.up_proj.weight
+    down: Weight  # [E, d, I]             mlp.experts.{e}.down_proj.weight
+    shared_gate: Weight | None  # [n_shared·I, d]   mlp.shared_experts.gate_proj.weight
+    shared_up: Weight | None  # [n_shared·I, d]     mlp.shared_experts.up_proj.weight
+    shared_down: Weight | None  # [d, n_shared·I]   mlp.shared_experts.down_proj.weight
 
     @staticmethod
     def random(cfg: DSAConfig, seed: int = 0, std: float = 0.05) -> MoEParams:
@@ -72,64 +75,67 @@ class MoEParams:
         )
 
     @staticmethod
-    def from_checkpoint(directory: str | os.PathLike[str], cfg: DSAConfig, layer: int) -> MoEParams:
-        """Layer `layer`'s MoE weights from a Hugging Face checkpoint: per-expert tensors
+    def from_checkpoint(
+        directory: str | os.PathLike[str] | Any, cfg: DSAConfig, layer: int, *, weights: str = "float32"
+    ) -> MoEParams:
+        """Layer `layer`'s MoE weights from a Hugging Face checkpoint (a directory or an open
+        `models.checkpoint.Checkpoint`): per-expert tensors
         `model.layers.{layer}.mlp.experts.{e}.{gate,up,down}_proj.weight` (the released checkpoints'
         layout) or transformers' fused `mlp.experts.gate_up_proj` `[E, 2I, d]` + `mlp.experts.down_proj`
         `[E, d, I]`; the router `mlp.gate.weight` and `mlp.gate.e_score_correction_bias`; the shared
-        experts `mlp.shared_experts.{gate,up,down}_proj.weight`. FP8 weights are dequantized."""
-        from dsa_hybrid.models.checkpoint import checkpoint_index, load_tensors
+        experts `mlp.shared_experts.{gate,up,down}_proj.weight`. `weights` "float32" widens every weight
+        (FP8 dequantized); "checkpoint" keeps bf16 as bf16 and FP8 as `Fp8Weight` (experts stacked)."""
+        from dsa_hybrid.layers.dsa_attention import resident_weight
+        from dsa_hybrid.models.checkpoint import Checkpoint
 
+        ckpt = directory if isinstance(directory, Checkpoint) else Checkpoint(directory)
         p = f"model.layers.{layer}.mlp."
         E, d, inter = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        index = checkpoint_index(directory)
-        t = load_tensors(directory, [p + "gate.weight", p + "gate.e_score_correction_bias"])
-        router, bias = t[p + "gate.weight"], t[p + "gate.e_score_correction_bias"]
-        if p + "experts.gate_up_proj" in index:
-            f = load_tensors(directory, [p + "experts.gate_up_proj", p + "experts.down_proj"])
-            gate_up = f[p + "experts.gate_up_proj"]
-            _check(p + "experts.gate_up_proj", gate_up, (E, 2 * inter, d))
-            gate, up, down = gate_up[:, :inter], gate_up[:, inter:], f[p + "experts.down_proj"]
+
+        def get(name: str, shape: tuple[int, ...]) -> np.ndarray | Fp8Weight:
+            w = ckpt.weight(name, weights)
+            _check(name, w, shape)
+            return w
+
+        router = get(p + "gate.weight", (E, d))
+        bias = np.asarray(get(p + "gate.e_score_correction_bias", (E,)), np.float32)
+        if p + "experts.gate_up_proj" in ckpt:
+            gate_up = get(p + "experts.gate_up_proj", (E, 2 * inter, d))
+            down: Any = get(p + "experts.down_proj", (E, d, inter))
+            fused = dense_np(gate_up)
+            gate: Any = fused[:, :inter]
+            up: Any = fused[:, inter:]
         else:
-            names = [f"{p}experts.{e}.{n}_proj.weight" for e in range(E) for n in ("gate", "up", "down")]
-            f = load_tensors(directory, names)
-            for name in names:
-                _check(name, f[name], (d, inter) if name.endswith("down_proj.weight") else (inter, d))
-            gate = np.stack([f[f"{p}experts.{e}.gate_proj.weight"] for e in range(E)])
-            up = np.stack([f[f"{p}experts.{e}.up_proj.weight"] for e in range(E)])
-            down = np.stack([f[f"{p}experts.{e}.down_proj.weight"] for e in range(E)])
+            per = {
+                n: [get(f"{p}experts.{e}.{n}_proj.weight", (d, inter) if n == "down" else (inter, d)) for e in range(E)]
+                for n in ("gate", "up", "down")
+            }
+            gate, up, down = stack(per["gate"]), stack(per["up"]), stack(per["down"])
         shared = cfg.n_shared_experts * inter
-        _check(p + "gate.weight", router, (E, d))
-        _check(p + "gate.e_score_correction_bias", bias, (E,))
-        _check(p + "experts.*.gate_proj.weight", gate, (E, inter, d))
-        _check(p + "experts.*.up_proj.weight", up, (E, inter, d))
-        _check(p + "experts.*.down_proj.weight", down, (E, d, inter))
         sg = su = sd = None
         if shared:
-            s = load_tensors(directory, [f"{p}shared_experts.{n}_proj.weight" for n in ("gate", "up", "down")])
-            sg, su, sd = (s[f"{p}shared_experts.{n}_proj.weight"] for n in ("gate", "up", "down"))
-            _check(p + "shared_experts.gate_proj.weight", sg, (shared, d))
-            _check(p + "shared_experts.up_proj.weight", su, (shared, d))
-            _check(p + "shared_experts.down_proj.weight", sd, (d, shared))
+            sg = get(p + "shared_experts.gate_proj.weight", (shared, d))
+            su = get(p + "shared_experts.up_proj.weight", (shared, d))
+            sd = get(p + "shared_experts.down_proj.weight", (d, shared))
 
-        def j(a: np.ndarray | None) -> jax.Array | None:
-            return None if a is None else jnp.asarray(a, jnp.float32)
+        def j(a: Any) -> Any:
+            return None if a is None else resident_weight(a, weights)
 
-        return MoEParams(
-            jnp.asarray(router), jnp.asarray(bias), jnp.asarray(gate), jnp.asarray(up), jnp.asarray(down),
-            j(sg), j(su), j(sd),
-        )  # fmt: skip
+        return MoEParams(j(router), jnp.asarray(bias), j(gate), j(up), j(down), j(sg), j(su), j(sd))
 
     def state_dict(self, layer: int) -> dict[str, np.ndarray]:
         """The Hugging Face tensors of this layer's MoE block (per-expert layout, float32 numpy)."""
         p = f"model.layers.{layer}.mlp."
-        out = {p + "gate.weight": np.asarray(self.router), p + "gate.e_score_correction_bias": np.asarray(self.bias)}
+        out = {
+            p + "gate.weight": np.asarray(dense(self.router)),
+            p + "gate.e_score_correction_bias": np.asarray(self.bias),
+        }
         for e in range(self.gate.shape[0]):
             for n, w in (("gate", self.gate), ("up", self.up), ("down", self.down)):
-                out[f"{p}experts.{e}.{n}_proj.weight"] = np.asarray(w[e])
+                out[f"{p}experts.{e}.{n}_proj.weight"] = np.asarray(dense(w)[e])
         for n, s in (("gate", self.shared_gate), ("up", self.shared_up), ("down", self.shared_down)):
             if s is not None:
-                out[f"{p}shared_experts.{n}_proj.weight"] = np.asarray(s)
+                out[f"{p}shared_experts.{n}_proj.weight"] = np.asarray(dense(s))
         return out
 
 
@@ -140,9 +146,30 @@ jax.tree_util.register_dataclass(
 )
 
 
-def _check(name: str, a: np.ndarray, shape: tuple[int, ...]) -> None:
+def _check(name: str, a: Any, shape: tuple[int, ...]) -> None:
     if tuple(a.shape) != shape:
         raise ValueError(f"{name}: expected shape {list(shape)}, got {list(a.shape)}")
+
+
+def dense_np(w: np.ndarray | Fp8Weight) -> np.ndarray:
+    """float32 numpy values of a loaded weight (FP8 dequantized)."""
+    if isinstance(w, Fp8Weight):
+        from dsa_hybrid.layers.weights import dequantize_fp8_blocks
+
+        return dequantize_fp8_blocks(np.asarray(w.codes), np.asarray(w.scale_inv))
+    return np.asarray(w, np.float32) if np.asarray(w).dtype != jnp.bfloat16 else np.asarray(w)
+
+
+def stack(ws: list[np.ndarray | Fp8Weight]) -> np.ndarray | Fp8Weight:
+    """Per-expert weights stacked `[E, out, in]`: FP8 ones as one `Fp8Weight` (codes and scales stacked),
+    bf16 ones as bf16, anything else (or a mix) as float32."""
+    if all(isinstance(w, Fp8Weight) for w in ws):
+        fp8 = [w for w in ws if isinstance(w, Fp8Weight)]
+        return Fp8Weight(np.stack([np.asarray(w.codes) for w in fp8]), np.stack([np.asarray(w.scale_inv) for w in fp8]))  # type: ignore[arg-type]
+    arrays = [dense_np(w) for w in ws]
+    if all(a.dtype == jnp.bfloat16 for a in arrays):
+        return np.stack(arrays)
+    return np.stack([a.astype(np.float32) for a in arrays])
 
 
 def route(logits: jax.Array, bias: jax.Array, cfg: DSAConfig) -> tuple[jax.Array, jax.Array]:
@@ -163,9 +190,9 @@ def route(logits: jax.Array, bias: jax.Array, cfg: DSAConfig) -> tuple[jax.Array
     return experts.astype(jnp.int32), weights * cfg.routed_scaling_factor
 
 
-def _swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
-    def lin(a: jax.Array, w: jax.Array) -> jax.Array:
-        return jnp.einsum("ti,oi->to", a, w, precision=_HIGHEST)
+def _swiglu(x: jax.Array, gate: Weight, up: Weight, down: Weight) -> jax.Array:
+    def lin(a: jax.Array, w: Weight) -> jax.Array:
+        return jnp.einsum("ti,oi->to", a, dense(w), precision=_HIGHEST)
 
     return lin(jax.nn.silu(lin(x, gate)) * lin(x, up), down)
 
@@ -175,6 +202,7 @@ def routed_experts_ragged(p: MoEParams, x: jax.Array, experts: jax.Array, weight
     expert's rows one group of a grouped matmul (`jax.lax.ragged_dot`), scattered back with their weights."""
     T, k = experts.shape
     E = p.gate.shape[0]
+    gate, up, down = dense(p.gate), dense(p.up), dense(p.down)
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     token = order // k
@@ -184,8 +212,8 @@ def routed_experts_ragged(p: MoEParams, x: jax.Array, experts: jax.Array, weight
     def gmm(a: jax.Array, w: jax.Array) -> jax.Array:  # w [E, out, in]
         return jax.lax.ragged_dot(a, jnp.swapaxes(w, 1, 2), sizes, precision=_HIGHEST)
 
-    h = jax.nn.silu(gmm(xs, p.gate)) * gmm(xs, p.up)
-    y = gmm(h, p.down) * weights.reshape(-1)[order][:, None]
+    h = jax.nn.silu(gmm(xs, gate)) * gmm(xs, up)
+    y = gmm(h, down) * weights.reshape(-1)[order][:, None]
     return jnp.zeros_like(x).at[token].add(y)
 
 
@@ -193,16 +221,16 @@ def routed_experts_dense(p: MoEParams, x: jax.Array, experts: jax.Array, weights
     """The same, every expert on every token, combined by the one-hot routing weights `[T, E]`."""
     E = p.gate.shape[0]
     combine = jnp.zeros((x.shape[0], E), x.dtype).at[jnp.arange(x.shape[0])[:, None], experts].add(weights)
-    g = jnp.einsum("td,eid->tei", x, p.gate, precision=_HIGHEST)
-    u = jnp.einsum("td,eid->tei", x, p.up, precision=_HIGHEST)
-    y = jnp.einsum("tei,edi->ted", jax.nn.silu(g) * u, p.down, precision=_HIGHEST)
+    g = jnp.einsum("td,eid->tei", x, dense(p.gate), precision=_HIGHEST)
+    u = jnp.einsum("td,eid->tei", x, dense(p.up), precision=_HIGHEST)
+    y = jnp.einsum("tei,edi->ted", jax.nn.silu(g) * u, dense(p.down), precision=_HIGHEST)
     return jnp.einsum("ted,te->td", y, combine, precision=_HIGHEST)
 
 
 def moe_block(p: MoEParams, cfg: DSAConfig, x: jax.Array, impl: ExpertsImpl = "ragged") -> jax.Array:
     """The MoE MLP of `x` `[T, d]` (already normed): routed experts plus shared experts. Jit-able."""
     x = x.astype(jnp.float32)
-    logits = jnp.einsum("td,ed->te", x, p.router, precision=_HIGHEST)
+    logits = jnp.einsum("td,ed->te", x, dense(p.router), precision=_HIGHEST)
     experts, weights = route(logits, p.bias, cfg)
     if impl == "ragged":
         out = routed_experts_ragged(p, x, experts, weights)
