@@ -1,4 +1,8 @@
-"""The main job (`dsa-hybrid demo`): serve several long-prompt requests through the `Engine`.
+"""The main job (`dsa-hybrid demo`): serve requests through the `Engine`.
+
+By default (`run_recall_demo`) it serves the recall model trained here (`dsa_hybrid.train`, shipped
+weights): key-value recall prompts, each answer checked, accuracy under DSA against dense attention next
+to the attention mass the indexer keeps. With `--random-weights` (`run_demo`):
 
 Builds a small DSA model (random weights at `DSAConfig.small()` widths, or a Hugging Face
 `DeepseekV32ForCausalLM` checkpoint), sends it long prompts (half of them sharing a long prefix, as
@@ -250,3 +254,91 @@ def _run_demo(
         f"lowering {timer.seconds['lower']:.1f}, XLA or cache {timer.seconds['compile']:.1f}; {where}); "
         f"demo total {time.perf_counter() - t_load:.1f} s")  # fmt: skip
     return DemoResult(outputs, seconds, st, recall, same, mass, memory, timer.total, engine.cost_model_source)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecallDemoResult:
+    """What `run_recall_demo` measured: accuracy of the served answers under DSA (`k` of `context`
+    positions) and under dense attention, the attention mass the indexer's top-`k` keeps (the layer that
+    keeps the least, at the ask rows), and the serving throughput of each run."""
+
+    context: int
+    k: int
+    answers: int
+    dsa_accuracy: float
+    dense_accuracy: float
+    mass_kept: float
+    dsa_tokens_per_s: float
+    dense_tokens_per_s: float
+    seconds: float
+
+
+def run_recall_demo(
+    *,
+    weights: str | None = None,
+    requests: int = 16,
+    prompt_len: int = 256,
+    fraction: int = 16,
+    placement: str = "auto",
+    seed: int = 0,
+    out: TextIO | None = None,
+) -> RecallDemoResult:
+    """Serve the trained recall model (`train.recipes.load_model`: the shipped weights, or `weights`)
+    through the `Engine`: `requests` key-value recall prompts of `prompt_len` tokens, each asking one
+    question (one new token), once with DSA at `k = prompt_len / fraction` and once dense (`k` ≥ the
+    context); check every answer and report both accuracies, the attention mass kept and the speed."""
+    from dsa_hybrid.train.forward import forward_train
+    from dsa_hybrid.train.recipes import load_model
+
+    say = (lambda *a: print(*a, file=out)) if out is not None else (lambda *a: None)
+    t_start = time.perf_counter()
+    params, cfg, task = load_model(weights)
+    prompts, answers = task.prompts(np.random.default_rng(seed), requests, prompt_len)
+    k = max(1, prompt_len // fraction)
+    say(f"dsa_hybrid demo: the recall model trained here ({cfg.num_hidden_layers} layers, hidden "
+        f"{cfg.hidden_size}, indexer {cfg.index_n_heads}×{cfg.index_head_dim}; "
+        "`dsa-hybrid train --recipe recall` reproduces it)")  # fmt: skip
+    say(f"  {requests} key-value recall prompts of {prompt_len} tokens: 8 facts hidden among filler, one question "
+        f"each; DSA keeps k = {k} of {prompt_len} positions (L/{fraction})")  # fmt: skip
+    page_size = 64
+    pages = requests * (-(-(prompt_len + 1) // page_size)) + 4
+    results = {}
+    for name, topk in (("DSA", k), ("dense", prompt_len + page_size)):
+        engine = Engine(params, cfg.replace(index_topk=topk), num_pages=pages, page_size=page_size,
+                        max_tokens_per_step=512, max_model_len=prompt_len + 1, placement=placement,
+                        backend="auto")  # fmt: skip
+        t0 = time.perf_counter()
+        outputs = engine.generate(prompts, max_new_tokens=1)
+        secs = time.perf_counter() - t0
+        right = [o[:1] == [a] for o, a in zip(outputs, answers, strict=True)]
+        results[name] = (float(np.mean(right)), engine.stats.prompt_tokens_computed / secs)
+        say(f"  {name:<5} (index_topk {topk}): {sum(right)}/{requests} answers right, "
+            f"{results[name][1]:.0f} prompt tokens/s ({secs:.1f} s, compilation included)")  # fmt: skip
+    # Mass kept: dense attention's distribution at the question, inside the indexer's top-k (float32).
+    rows = jnp.asarray([prompt_len - 1], jnp.int32)
+    tokens = jnp.asarray(np.asarray(prompts[: min(4, requests)], np.int32))
+    dense_fwd = jax.jit(lambda p, t: forward_train(p, cfg, t, mode="dense", aux_rows=rows, query_block=256))
+    _, aux = dense_fwd(params, tokens)
+    masses = []
+    for a in aux:
+        if a.scores is not None:
+            top = np.argsort(-np.asarray(a.scores), axis=-1, kind="stable")[..., :k]
+            masses.append(float(np.take_along_axis(np.asarray(a.target), top, -1).sum(-1).mean()))
+    mass = min(masses) if masses else float("nan")
+    per_layer = ", ".join(f"layer {i} {m:.3f}" for i, m in enumerate(masses))
+    say(f"  attention mass of dense attention kept by the indexer's top-{k} at the question: {per_layer} "
+        f"(any {k} positions of a flat attention: {k / prompt_len:.3f})")  # fmt: skip
+    seconds = time.perf_counter() - t_start
+    say(f"  accuracy: DSA {results['DSA'][0]:.3f} vs dense {results['dense'][0]:.3f}; demo total {seconds:.1f} s")
+    say("  (`dsa-hybrid demo --random-weights` runs the long-prompt serving demo on a random model)")
+    return RecallDemoResult(
+        prompt_len, k, requests, results["DSA"][0], results["dense"][0], mass, results["DSA"][1],
+        results["dense"][1], seconds,
+    )  # fmt: skip
+
+
+def shipped_recall_weights() -> bool:
+    """Whether the package ships the trained recall model (`python/dsa_hybrid/train/weights/recall`)."""
+    from dsa_hybrid.train.recipes import WEIGHTS_DIR
+
+    return (WEIGHTS_DIR / "recall" / "model.safetensors").is_file()

@@ -6,15 +6,26 @@ built for (`ops.target`: the arguments' devices when concrete, else the mesh / d
 process's backend, so a CPU host compiles the Pallas path for a TPU ahead of time. Both compute `reference.sparse_mla`:
 invalid slots (−1, ≥ the cache's slot count, or past a row's `topk_length`) are skipped; a row with no
 valid slot returns `out = 0` and `lse = +inf`; the order of a row's slots does not matter.
+
+Training: the XLA path of `sparse_mla` (and `sparse_attention`, the same attention over a plain row
+array) has a memory-lean backward (`jax.custom_vjp`): the forward saves only `q`, the slots, `out` and
+`lse`; the backward gathers each block of rows again and recomputes the softmax from the saved LSE, as
+FlashMLA's backward does, instead of keeping every gathered row and intermediate as plain autodiff
+would. Gradients flow to `q` and to the latent rows (a float32 `LatentCache` or the row array; bf16 /
+FP8 caches hold integer words and get none); invalid entries get no gradient, empty rows zero
+gradients; a slot selected twice receives both contributions.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 
+from dsa_hybrid.ops.checks import check_array, check_int, check_scale
 from dsa_hybrid.ops.latent_cache import LatentCache
 from dsa_hybrid.ops.target import resolve_backend
 
@@ -22,6 +33,9 @@ Backend = Literal["auto", "xla", "pallas_tpu"]
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Rows gathered per XLA block: keep the float32 gather under ~128 MiB.
 _GATHER_BUDGET = 1 << 25
+# The backward gathers each block again and also builds its row gradients: smaller blocks (~32 MiB of
+# float32 rows), so its transient memory stays a fraction of the forward's.
+_BACKWARD_BUDGET = 1 << 23
 
 
 def sparse_mla(
@@ -58,11 +72,11 @@ def sparse_mla(
     Returns `(out float32 [T, h, d_v], lse float32 [T, h])`, `lse` the natural-log sum of exp of the scaled
     logits. Jit-able (`scale`, `d_v` and `backend` static).
     """
-    d_v = _check_query(q, cache, d_v)
+    d_v = _check_query(q, cache, d_v, scale)
     _check_slots(q, slots, topk_length)
     if num_splits != 1:
         T, K = slots.shape
-        if num_splits < 1 or K % num_splits:
+        if check_int("num_splits", num_splits, 1) < 1 or K % num_splits:
             raise ValueError(f"num_splits: must be >= 1 and divide K = {K}, got {num_splits}")
         valid = valid_mask(cache, slots, topk_length)
         split_slots = jnp.where(valid, slots, -1).reshape(T * num_splits, K // num_splits)
@@ -92,11 +106,13 @@ def merge_splits(out: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
     return merged, jnp.where(empty, jnp.inf, jnp.log(safe) + m[:, 0])
 
 
-def _check_query(q: Any, cache: Any, d_v: int | None) -> int:
-    """Check the cache, `q` and `d_v` of an attention call; returns `d_v` (default: the latent width)."""
+def _check_query(q: Any, cache: Any, d_v: int | None, scale: Any = 1.0) -> int:
+    """Check the cache, `q`, `d_v` and `scale` of an attention call; returns `d_v` (default: the latent width)."""
     if not isinstance(cache, LatentCache):
         raise TypeError(f"cache: expected a LatentCache, got {type(cache).__name__}")
-    d_v = cache.latent_dim if d_v is None else d_v
+    check_array("q", q)
+    check_scale("scale", scale)
+    d_v = cache.latent_dim if d_v is None else check_int("d_v", d_v, -(2**31), 2**31 - 1)
     if q.ndim != 3 or q.shape[2] != cache.width:
         raise ValueError(f"q: expected [T, h, {cache.width}], got {list(q.shape)}")
     if q.dtype not in (jnp.float32, jnp.bfloat16):
@@ -107,8 +123,11 @@ def _check_query(q: Any, cache: Any, d_v: int | None) -> int:
 
 
 def _check_slots(q: Any, slots: Any, topk_length: Any) -> None:
-    if slots.ndim != 2 or slots.shape[0] != q.shape[0]:
-        raise ValueError(f"slots: expected [{q.shape[0]}, K], got {list(slots.shape)}")
+    check_array("slots", slots)
+    if topk_length is not None:
+        check_array("topk_length", topk_length)
+    if slots.ndim != 2 or slots.shape[0] != q.shape[0] or slots.shape[1] < 1:
+        raise ValueError(f"slots: expected [{q.shape[0]}, K] with K >= 1, got {list(slots.shape)}")
     if not jnp.issubdtype(slots.dtype, jnp.integer):
         raise TypeError(f"slots: expected integers, got {slots.dtype}")
     if topk_length is not None and (
@@ -128,8 +147,9 @@ def valid_mask(cache: LatentCache, slots: jax.Array, topk_length: jax.Array | No
 
 
 def attend(q: jax.Array, rows: jax.Array, valid: jax.Array, scale: float, d_v: int) -> tuple[jax.Array, jax.Array]:
-    """Softmax attention of `q` `[T, h, D]` over `rows` `[T, K, D]` where `valid` `[T, K]`, float32."""
-    logits = scale * jnp.einsum("thd,tkd->thk", q.astype(jnp.float32), rows, precision=_HIGHEST)
+    """Softmax attention of `q` `[T, h, D]` over `rows` `[T, K, D]` where `valid` `[T, K]`, in `rows`'s
+    dtype (float32; float64 for the gradient checks)."""
+    logits = scale * jnp.einsum("thd,tkd->thk", q.astype(rows.dtype), rows, precision=_HIGHEST)
     logits = jnp.where(valid[:, None, :], logits, -jnp.inf)
     m = logits.max(axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)  # empty rows: every logit is −inf
@@ -145,19 +165,161 @@ def attend(q: jax.Array, rows: jax.Array, valid: jax.Array, scale: float, d_v: i
 def _sparse_mla_xla(
     q: jax.Array, cache: LatentCache, slots: jax.Array, topk_length: jax.Array | None, scale: float, d_v: int
 ) -> tuple[jax.Array, jax.Array]:
+    valid = valid_mask(cache, slots, topk_length)
+    return _lean_attention(float(scale), d_v, q, cache, slots, valid)
+
+
+def sparse_attention(
+    q: jax.Array,
+    kv: jax.Array,
+    indices: jax.Array,
+    *,
+    scale: float,
+    d_v: int | None = None,
+    topk_length: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """`sparse_mla`'s XLA path over a plain row array instead of a paged cache, for training.
+
+    Args:
+        q: `[T, h, D]` absorbed queries, float32, bfloat16 or (with x64 enabled) float64.
+        kv: `[N, D]` latent rows `[c_kv | k_pe]`, float32 or float64 (computation runs in the wider of
+            float32 and `q`'s / `kv`'s dtype).
+        indices: int `[T, K]` rows of `kv` each query attends to; −1 or ≥ N are skipped.
+        scale: the softmax scale; d_v: value width, the first `d_v` columns (default `D`).
+        topk_length: optional int `[T]`: row `t` uses only its first `topk_length[t]` entries.
+
+    Returns `(out [T, h, d_v], lse [T, h])` as `sparse_mla` (an empty row: 0 and +inf). Differentiable in
+    `q` and `kv` with the memory-lean backward (module docstring). Jit-able (`scale`, `d_v` static).
+    """
+    if q.ndim != 3 or kv.ndim != 2 or q.shape[2] != kv.shape[1]:
+        raise ValueError(f"q, kv: expected [T, h, D] and [N, D], got {list(q.shape)} and {list(kv.shape)}")
+    if not jnp.issubdtype(q.dtype, jnp.floating) or not jnp.issubdtype(kv.dtype, jnp.floating):
+        raise TypeError(f"q, kv: expected floating dtypes, got {q.dtype} and {kv.dtype}")
+    d_v = kv.shape[1] if d_v is None else d_v
+    if not 0 < d_v <= kv.shape[1]:
+        raise ValueError(f"d_v: must be in (0, {kv.shape[1]}], got {d_v}")
+    if indices.ndim != 2 or indices.shape[0] != q.shape[0] or not jnp.issubdtype(indices.dtype, jnp.integer):
+        raise ValueError(
+            f"indices: expected integers of shape [{q.shape[0]}, K], got {indices.dtype} {list(indices.shape)}"
+        )
+    _check_slots(q, indices, topk_length)
+    valid = (indices >= 0) & (indices < kv.shape[0])
+    if topk_length is not None:
+        valid &= jnp.arange(indices.shape[1])[None, :] < topk_length[:, None]
+    return _lean_attention(float(scale), d_v, q, kv, indices, valid)
+
+
+# ----- the memory-lean custom VJP (shared by `sparse_mla`'s XLA path and `sparse_attention`) --------
+# `src` is a plain `[N, D]` row array or a `LatentCache` (a pytree argument: a float32 cache gets the
+# gradient of its rows, other formats none). The static arguments come first (nondiff_argnums).
+Rows = Any  # jax.Array | LatentCache
+
+
+def _gather(src: Rows, slots: jax.Array, acc: Any) -> jax.Array:
+    """Rows of `slots` (out-of-range entries read row 0; the caller masks them), in dtype `acc`."""
+    if isinstance(src, LatentCache):
+        return src.rows(slots, acc)
+    src = jnp.asarray(src)
+    return src[jnp.clip(slots, 0, src.shape[0] - 1)].astype(acc)
+
+
+def _acc_dtype(q: jax.Array, src: Rows) -> Any:
+    dtypes = [q.dtype] + ([] if isinstance(src, LatentCache) else [jnp.asarray(src).dtype])
+    return jnp.dtype(jnp.float64 if jnp.float64 in dtypes else jnp.float32)
+
+
+def _block_rows(T: int, K: int, D: int, budget: int | None = None) -> int:
+    """Query rows gathered per block: keep one gathered block under `budget` elements (default
+    `_GATHER_BUDGET`)."""
+    budget = _GATHER_BUDGET if budget is None else budget
+    return max(1, min(T, budget // max(1, K * D)))
+
+
+def _blocked(a: jax.Array, block: int) -> jax.Array:
+    pad = -a.shape[0] % block
+    return jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(-1, block, *a.shape[1:])
+
+
+def _lean_forward(scale, d_v, q, src, slots, valid):
     T, h, D = q.shape
     K = slots.shape[1]
-    valid = valid_mask(cache, slots, topk_length)
-    block = max(1, min(T, _GATHER_BUDGET // max(1, K * D)))
+    acc = _acc_dtype(q, src)
+    block = _block_rows(T, K, D)
     if block >= T:
-        return attend(q, cache.rows(slots), valid, scale, d_v)
+        return attend(q.astype(acc), _gather(src, slots, acc), valid, scale, d_v)
     # Long prefills: gather and attend `block` tokens at a time.
-    pad = -T % block
-    qb = jnp.pad(q, ((0, pad), (0, 0), (0, 0))).reshape(-1, block, h, D)
-    sb = jnp.pad(slots, ((0, pad), (0, 0))).reshape(-1, block, K)
-    vb = jnp.pad(valid, ((0, pad), (0, 0))).reshape(-1, block, K)
-    out, lse = jax.lax.map(lambda a: attend(a[0], cache.rows(a[1]), a[2], scale, d_v), (qb, sb, vb))
+    qb, sb, vb = _blocked(q, block), _blocked(slots, block), _blocked(valid, block)
+    out, lse = jax.lax.map(lambda a: attend(a[0].astype(acc), _gather(src, a[1], acc), a[2], scale, d_v), (qb, sb, vb))
     return out.reshape(-1, h, d_v)[:T], lse.reshape(-1, h)[:T]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _lean_attention(scale, d_v, q, src, slots, valid):
+    return _lean_forward(scale, d_v, q, src, slots, valid)
+
+
+def _lean_fwd(scale, d_v, q, src, slots, valid):
+    out, lse = _lean_forward(scale, d_v, q, src, slots, valid)
+    # Residuals: the inputs (no copies) and the outputs; no gathered rows, no probabilities.
+    return (out, lse), (q, src, slots, valid, out, lse)
+
+
+def _block_grads(scale, d_v, src, q, slots, valid, out, lse, d_out, d_lse):
+    """One block's `dq` `[B, h, D]` and row gradients `[B, K, D]` (zero at invalid entries)."""
+    acc = _acc_dtype(q, src)
+    rows = _gather(src, slots, acc)
+    qf = q.astype(acc)
+    logits = scale * jnp.einsum("thd,tkd->thk", qf, rows, precision=_HIGHEST)
+    live = valid[:, None, :] & jnp.isfinite(lse)[..., None]  # empty rows (lse = +inf) get nothing
+    p = jnp.where(live, jnp.exp(jnp.where(live, logits - lse[..., None], 0.0)), 0.0)
+    d_out, d_lse = d_out.astype(acc), d_lse.astype(acc)
+    dp = jnp.einsum("thv,tkv->thk", d_out, rows[..., :d_v], precision=_HIGHEST)
+    delta = jnp.sum(d_out * out.astype(acc), axis=-1)  # [B, h]: Σ_v dO · O, FlashAttention's D
+    ds = p * (dp - delta[..., None] + jnp.where(jnp.isfinite(d_lse), d_lse, 0.0)[..., None])
+    dq = scale * jnp.einsum("thk,tkd->thd", ds, rows, precision=_HIGHEST)
+    d_rows = scale * jnp.einsum("thk,thd->tkd", ds, qf, precision=_HIGHEST)
+    d_rows = d_rows.at[..., :d_v].add(jnp.einsum("thk,thv->tkv", p, d_out, precision=_HIGHEST))
+    return dq, jnp.where(valid[..., None], d_rows, 0.0)
+
+
+def _lean_bwd(scale, d_v, res, cts):
+    q, src, slots, valid, out, lse = res
+    d_out, d_lse = cts
+    T, h, D = q.shape
+    K = slots.shape[1]
+    is_cache = isinstance(src, LatentCache)
+    trainable = not is_cache or src.kind == "f32"  # bf16 / FP8 caches hold integer words: no gradient
+    data = src.data if is_cache else jnp.asarray(src)
+    n_rows = src.num_slots if is_cache else data.shape[0]
+
+    def scatter(d_data: jax.Array, s: jax.Array, v: jax.Array, g: jax.Array) -> jax.Array:
+        idx = jnp.where(v, s, n_rows).reshape(-1)  # invalid entries are dropped
+        return d_data.at[idx].add(g.reshape(-1, D).astype(d_data.dtype), mode="drop")
+
+    d_data0 = jnp.zeros((n_rows, D), data.dtype if trainable else jnp.float32)
+    block = _block_rows(T, K, D, _BACKWARD_BUDGET)
+    if block >= T:
+        dq, d_rows = _block_grads(scale, d_v, src, q, slots, valid, out, lse, d_out, d_lse)
+        d_data = scatter(d_data0, slots, valid, d_rows) if trainable else None
+    else:
+        xs = tuple(_blocked(a, block) for a in (q, slots, valid, out, lse, d_out, d_lse))
+
+        def step(d_data: jax.Array, a: tuple) -> tuple[jax.Array, jax.Array]:
+            qb, sb, vb, ob, lb, dob, dlb = a
+            dqb, d_rows = _block_grads(scale, d_v, src, qb, sb, vb, ob, lb, dob, dlb)
+            return (scatter(d_data, sb, vb, d_rows) if trainable else d_data), dqb
+
+        d_data, dq = jax.lax.scan(step, d_data0, xs)
+        dq = dq.reshape(-1, h, D)[:T]
+        d_data = d_data if trainable else None
+    d_src = None
+    if d_data is not None:
+        d_data = d_data.reshape(data.shape)
+        d_src = dataclasses.replace(src, data=d_data) if is_cache else d_data
+    return dq.astype(q.dtype), d_src, None, None
+
+
+_lean_attention.defvjp(_lean_fwd, _lean_bwd)
 
 
 def prefix_mla(
@@ -175,8 +337,10 @@ def prefix_mla(
     whose pages are `block_tables[t]` (int32 `[T, max_pages]`, −1 padded). This is `sparse_mla` with the
     selection of dsa.md §5 when `p_t + 1 ≤ K` (every visible token), read page by page instead of row by
     row. `lengths` int32 `[T]` (0 gives `out = 0`, `lse = +inf`). Other arguments as in `sparse_mla`."""
-    d_v = _check_query(q, cache, d_v)
+    d_v = _check_query(q, cache, d_v, scale)
     T = q.shape[0]
+    check_array("block_tables", block_tables)
+    check_array("lengths", lengths)
     if block_tables.ndim != 2 or block_tables.shape[0] != T or not jnp.issubdtype(block_tables.dtype, jnp.integer):
         raise ValueError(
             f"block_tables: expected integers of shape [{T}, max_pages], "
