@@ -4,7 +4,8 @@ Every figure is a ratio against a baseline timed in the same process on the same
 thread count (one), as docs/performance.md asks; absolute times are printed for context. Rows: host top-k, host
 indexer score + top-k (with the machine's FMA peak), sparse vs dense MLA (the plot: cost per decode
 token against context length), one DSA layer's decode step with the indexer on the host vs on the
-device and what "auto" picks, and end to end against Hugging Face transformers when it is installed.
+device and what "auto" picks, and end to end against Hugging Face transformers when it is installed:
+decode tokens/s, and prefill time of one prompt for each placement.
 
 Run it as `dsa-hybrid bench` (which starts `python -m dsa_hybrid.cli.bench` with every library pinned to
 one thread before numpy and JAX load). `--quick` runs every row at small sizes (a smoke test).
@@ -178,15 +179,38 @@ def bench_layer_placement(t: Table, lengths: list[int], cfg_name: str) -> None:
 
 def _steady_decode_seconds(engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
     """Median seconds of the engine's decode-only steps after the first two (which compile), and the outputs."""
+    _, s, out = _prefill_and_decode(engine, prompts, new_tokens)
+    return s, out
+
+
+def _prefill_and_decode(engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, float, list[list[int]]]:
+    """Run `prompts` to completion: `(prefill CPU seconds, median seconds of the decode-only steps after
+    the first two, the outputs)`. The prefill figure is the process CPU time of every step until the last
+    prompt token is computed (the process is pinned to one core, so CPU time is that core's time,
+    whatever else the machine runs); it includes compilation unless the engine has run a prompt of the
+    same length before (`_warm_prefill_seconds`)."""
     ids = [engine.add_request(p, new_tokens) for p in prompts]
     times = []
+    prefill = 0.0
     while engine.has_unfinished():
         decoding = all(r.computed >= r.num_prompt for r in engine.running) and not engine.waiting
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         engine.step()
         if decoding:
             times.append(time.perf_counter() - t0)
-    return float(np.median(times[2:] or times)), [engine.finished[i].output for i in ids]
+        else:
+            prefill += time.process_time() - c0
+    return prefill, float(np.median(times[2:] or times or [0.0])), [engine.finished[i].output for i in ids]
+
+
+def _warm_prefill_seconds(engine, length: int, vocab: int, warm: bool = False) -> float:
+    """CPU seconds of the prefill of a fresh random prompt of `length` tokens, after the same prefill of
+    another prompt has compiled every step's shapes (skipped when `warm`: the engine already ran one).
+    Fresh tokens, so no prefix is shared."""
+    rng = np.random.default_rng(length)
+    if not warm:
+        _prefill_and_decode(engine, [rng.integers(0, vocab, length).tolist()], 1)
+    return _prefill_and_decode(engine, [rng.integers(0, vocab, length).tolist()], 1)[0]
 
 
 def bench_overlap(t: Table, context: int, requests: int = 4) -> None:
@@ -212,24 +236,21 @@ def bench_overlap(t: Table, context: int, requests: int = 4) -> None:
         t.row(mb, f"{s * 1e3:.1f}", f"{requests / s:.1f}", f"{base / s:.2f}×")
 
 
-def bench_end_to_end(t: Table, context: int, new_tokens: int) -> None:
-    """Decode tokens/s of the Engine against transformers' DeepseekV32ForCausalLM on the same weights."""
-    t.title(f"end to end: decode at {context} tokens of context, DSAConfig.small() weights, 1 thread")
+def _hf_model(cfg):
+    """transformers' DeepseekV32ForCausalLM (eager: dense attention + top-k mask) with random weights, and
+    the same weights as `ModelParams` (through a safetensors checkpoint). None without torch/transformers."""
     try:
-        import torch
-        from transformers.models.deepseek_v32 import modeling_deepseek_v32 as v32
+        torch: Any = importlib.import_module("torch")
+        v32: Any = importlib.import_module("transformers.models.deepseek_v32.modeling_deepseek_v32")
     except ImportError:
-        t.row("skipped: needs torch and transformers (pip install torch transformers)")
-        return
+        return None
+    import json
     import tempfile
 
     from dsa_hybrid.models.causal_lm import ModelParams
     from dsa_hybrid.models.checkpoint import write_safetensors
-    from dsa_hybrid.models.config import DSAConfig
-    from dsa_hybrid.serving.engine import Engine
 
     torch.set_num_threads(1)
-    cfg = DSAConfig.small()
     hf = cfg.to_hf_config()
     hf.pop("model_type")
     hf_cfg = v32.DeepseekV32Config(**hf)
@@ -237,25 +258,54 @@ def bench_end_to_end(t: Table, context: int, new_tokens: int) -> None:
     torch.manual_seed(0)
     model = v32.DeepseekV32ForCausalLM(hf_cfg).float().eval()
     with tempfile.TemporaryDirectory() as d:
-        import json
-
-        (open(os.path.join(d, "config.json"), "w")).write(
-            json.dumps(hf_cfg.to_dict() | {"model_type": "deepseek_v32"}, default=str)
-        )
+        with open(os.path.join(d, "config.json"), "w") as f:
+            f.write(json.dumps(hf_cfg.to_dict() | {"model_type": "deepseek_v32"}, default=str))
         weights = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
         write_safetensors(os.path.join(d, "model.safetensors"), weights)
         params = ModelParams.from_checkpoint(d, cfg)
-    prompt = np.random.default_rng(4).integers(0, cfg.vocab_size, context).tolist()
+    return torch, model, params
 
-    # transformers: chunked prefill into its cache, then timed greedy decode steps. (`past_key_values`
-    # works in every 5.x release; the newer spelling `cache` does not.)
+
+def _hf_prefill(torch: Any, model: Any, prompt: list[int], chunk: int = 1024) -> tuple[float, Any, Any]:
+    """transformers' chunked prefill into its cache: `(CPU seconds, the cache, the last logits)`. (The
+    whole prompt at once would hold `heads × L × L` attention scores: 32 GiB at 32K.)"""
+    # `past_key_values` works in every 5.x release; the newer spelling `cache` does not.
     warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
+    ids = torch.tensor([prompt])
+    past: Any = None
+    out: Any = None
+    c0 = time.process_time()
     with torch.no_grad():
-        past, ids = None, torch.tensor([prompt])
-        for start in range(0, context, 1024):
-            out = model(input_ids=ids[:, start : start + 1024], past_key_values=past, use_cache=True)
+        for start in range(0, len(prompt), chunk):
+            out = model(input_ids=ids[:, start : start + chunk], past_key_values=past, use_cache=True)
             past = out.past_key_values
-        tok = out.logits[:, -1:].argmax(-1)
+    return time.process_time() - c0, past, out.logits
+
+
+def _engine(params, cfg, context: int, new_tokens: int, placement: str, indexer: str = "fp8"):
+    from dsa_hybrid.serving.engine import Engine
+
+    return Engine(params, cfg, num_pages=-(-(context + new_tokens) // 64) + 1, page_size=64, max_tokens_per_step=1024,
+                  max_model_len=context + new_tokens, placement=placement, latent_kind="f32", indexer=indexer,
+                  host_threads=1, backend="xla")  # fmt: skip
+
+
+def bench_end_to_end(t: Table, context: int, new_tokens: int, prefill_lengths: tuple[int, ...] = ()) -> None:
+    """Against transformers' DeepseekV32ForCausalLM on the same weights: decode tokens/s at `context`, and
+    prefill time (chunks of 1024 tokens both sides) at each of `prefill_lengths` and at `context`."""
+    from dsa_hybrid.models.config import DSAConfig
+
+    t.title(f"end to end: decode at {context} tokens of context, DSAConfig.small() weights, 1 thread")
+    cfg = DSAConfig.small()
+    hf = _hf_model(cfg)
+    if hf is None:
+        t.row("skipped: needs torch and transformers (pip install torch transformers)")
+        return
+    torch, model, params = hf
+    prompt = np.random.default_rng(4).integers(0, cfg.vocab_size, context).tolist()
+    hf_prefill_s, past, logits = _hf_prefill(torch, model, prompt)
+    with torch.no_grad():  # transformers: timed greedy decode steps after the prefill
+        tok = logits[:, -1:].argmax(-1)
         t0 = time.perf_counter()
         hf_tokens = [int(tok)]
         for _ in range(new_tokens - 1):
@@ -263,22 +313,40 @@ def bench_end_to_end(t: Table, context: int, new_tokens: int) -> None:
             past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
             hf_tokens.append(int(tok))
         hf_s = (time.perf_counter() - t0) / (new_tokens - 1)
+    del past
 
     row: dict[str, tuple[float, list[int]]] = {}
+    prefill_s = {}
     # transformers runs the exact indexer (float32 keys): "device, exact" is the same computation, so its
     # tokens must agree; the FP8 indexer (as deployed) may select differently near the top-k boundary.
     for placement, indexer in (("device", "exact"), ("device", "fp8"), ("host", "fp8"), ("auto", "fp8")):
-        engine = Engine(params, cfg, num_pages=-(-(context + new_tokens) // 64) + 1, page_size=64,
-                        max_tokens_per_step=1024, max_model_len=context + new_tokens, placement=placement,
-                        latent_kind="f32", indexer=indexer, host_threads=1, backend="xla")  # fmt: skip
-        s, (out,) = _steady_decode_seconds(engine, [prompt], new_tokens)
+        engine = _engine(params, cfg, context, new_tokens, placement, indexer)
+        _, s, (out,) = _prefill_and_decode(engine, [prompt], new_tokens)
         row[f"{placement}, {indexer} indexer"] = (s, out)
+        if indexer == "fp8" and placement != "auto":  # compiled by the run above: a second prompt, timed
+            prefill_s[placement] = _warm_prefill_seconds(engine, context, cfg.vocab_size, warm=True)
     t.header("", "ms / token", "tokens/s", "× transformers", "tokens equal to transformers'")
     t.row("transformers (dense + mask, exact indexer)", f"{hf_s * 1e3:.1f}", f"{1 / hf_s:.1f}", "1.0×", "—")
     for name, (s, toks) in row.items():
         agree = next((i for i, (a, b) in enumerate(zip(toks, hf_tokens, strict=True)) if a != b), new_tokens)
         t.row(f"dsa_hybrid Engine, {name}", f"{s * 1e3:.1f}", f"{1 / s:.1f}", f"{hf_s / s:.1f}×",
               f"first {agree} of {new_tokens}")  # fmt: skip
+
+    prefill = {context: (hf_prefill_s, prefill_s)}
+    for L in sorted(set(prefill_lengths) - {context}):
+        short = np.random.default_rng(6).integers(0, cfg.vocab_size, L).tolist()
+        hf_pre = _hf_prefill(torch, model, short)[0]
+        prefill[L] = (hf_pre, {p: _warm_prefill_seconds(_engine(params, cfg, L, 1, p), L, cfg.vocab_size)
+                               for p in ("device", "host")})  # fmt: skip
+    t.title(
+        "end to end: prefill of one prompt, DSAConfig.small() weights, FP8 indexer, 1 thread, chunks of "
+        "1024 tokens (CPU seconds; the Engine's after a first prompt of the same length compiled its steps)"
+    )
+    t.header("L", "transformers s", "Engine device s", "Engine host s", "device × transformers",
+             "host × transformers")  # fmt: skip
+    for L, (hf_pre, ours) in sorted(prefill.items()):
+        t.row(L, f"{hf_pre:.1f}", f"{ours['device']:.1f}", f"{ours['host']:.1f}", f"{hf_pre / ours['device']:.1f}×",
+              f"{hf_pre / ours['host']:.1f}×")  # fmt: skip
 
 
 def plot(points: list[tuple[int, float, float]], path: str, out: TextIO) -> None:
@@ -322,7 +390,7 @@ def run_bench(quick: bool = False, plot_path: str | None = "dsa_bench.png", out:
     points = bench_sparse_mla(t, [2048, 4096] if quick else [4096, 8192, 16_384, 32_768, 65_536])
     bench_layer_placement(t, [2048, 4096] if quick else [4096, 16_384, 65_536], "small" if quick else "deepseek_v32")
     bench_overlap(t, 1024 if quick else 8192)
-    bench_end_to_end(t, 1024 if quick else 32_768, 6 if quick else 16)
+    bench_end_to_end(t, 1024 if quick else 32_768, 6 if quick else 16, () if quick else (16_384,))
     if plot_path:
         plot(points, plot_path, out)
 

@@ -32,12 +32,14 @@ checks them); keys in the pages are finite by construction.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsa_hybrid.ops.checks import check_alloc, check_array, check_int
 from dsa_hybrid.ops.latent_cache import quantize_rows
 from dsa_hybrid.ops.target import resolve_backend, target_is_tpu
 
@@ -66,10 +68,9 @@ class IndexerPages:
     @staticmethod
     def create(num_pages: int, page_size: int = 64, head_dim: int = 128) -> IndexerPages:
         """All-zero pages (the bytes of a fresh host cache)."""
-        if num_pages < 1 or page_size < 1 or head_dim & (head_dim - 1):
-            raise ValueError(
-                f"need num_pages, page_size >= 1 and a power-of-two head_dim, got {num_pages}, {page_size}, {head_dim}"
-            )
+        num_pages, page_size, head_dim = _check_sizes(num_pages, page_size, head_dim, 2)
+        if head_dim & (head_dim - 1):
+            raise ValueError(f"head_dim: expected a power-of-two head_dim, got {head_dim}")
         return IndexerPages(
             jnp.zeros((num_pages, page_size, head_dim), jnp.uint8),
             jnp.zeros((num_pages, 1, page_size), jnp.float32),
@@ -124,7 +125,8 @@ class IndexerPages:
         """Pages with keys quantized elsewhere written at `slots` `[n]` (−1 / out of range skipped): `codes`
         float8_e4m3fn (or their uint8 bit patterns) `[n, D]` of Hadamard-rotated keys, `scales` float32
         `[n]` (`quantize_keys`). Jit-able."""
-        n = check_rows("codes", codes, None, (self.head_dim,))
+        raw = getattr(check_array("codes", codes), "dtype", None) == jnp.uint8  # bit patterns: integers
+        n = check_rows("codes", codes, None, (self.head_dim,), integer=raw)
         check_rows("scales", scales, n, ())
         check_rows("slots", slots, n, (), integer=True)
         page, off = _page_and_offset(slots, self.num_pages, self.page_size)
@@ -135,10 +137,19 @@ class IndexerPages:
         )
 
 
+def _check_sizes(num_pages: Any, page_size: Any, head_dim: Any, bytes_per_value: int) -> tuple[int, int, int]:
+    """The sizes of a new indexer cache, checked (ints >= 1, at most `MAX_ARRAY_BYTES` in all)."""
+    num_pages, page_size = check_int("num_pages", num_pages, 1), check_int("page_size", page_size, 1)
+    head_dim = check_int("head_dim", head_dim, 1)
+    check_alloc("num_pages × page_size × head_dim", (num_pages, page_size, head_dim), bytes_per_value)
+    return num_pages, page_size, head_dim
+
+
 def check_rows(name: str, x: Any, n: int | None, tail: tuple[int, ...], integer: bool = False) -> int:
     """Check that `x` has shape `[n, *tail]` (any `n` when None) and, with `integer`, an integer dtype;
     returns its row count. ValueError / TypeError naming `x` otherwise. Works on traced arrays."""
-    shape = tuple(getattr(x, "shape", ()))
+    check_array(name, x)
+    shape = tuple(x.shape)
     want = ["n" if n is None else n, *tail]
     if len(shape) != len(want) or shape[1:] != tail or (n is not None and shape[0] != n):
         raise ValueError(f"{name}: expected shape {want}, got {list(shape)}")
@@ -193,6 +204,8 @@ class ExactIndexerKeys:
 
     @staticmethod
     def create(num_pages: int, page_size: int = 64, head_dim: int = 128) -> ExactIndexerKeys:
+        """All-zero float32 keys `[num_pages, page_size, head_dim]` (sizes checked as `IndexerPages.create`)."""
+        num_pages, page_size, head_dim = _check_sizes(num_pages, page_size, head_dim, 4)
         return ExactIndexerKeys(jnp.zeros((num_pages, page_size, head_dim), jnp.float32))
 
     def write(self, slots: jax.Array, keys: jax.Array) -> ExactIndexerKeys:
@@ -250,7 +263,8 @@ def select_topk_device(
     k: int,
     *,
     quantize_queries: bool = True,
-    key_chunk: int = 4096,
+    key_chunk: int | None = None,
+    row_block: int | None = None,
     backend: str = "auto",
     interpret: Any = False,
 ) -> jax.Array:
@@ -261,18 +275,25 @@ def select_topk_device(
         pages: the `IndexerPages` (FP8, as deployed) or `ExactIndexerKeys` (float32; then the queries
             are neither rotated nor quantized); block_tables: int32 `[T, max_pages]`, row `t`'s sequence's pages
             (−1 padded); positions: int32 `[T]`, row `t` sees keys `0 .. positions[t]`.
-        k: entries per row; key_chunk: keys scored per step (rounded to whole pages).
+        k: entries per row.
+        key_chunk: keys scored per scan step (rounded to whole pages). None: `XLA_KEY_CHUNK` on the XLA
+            path; on the Pallas path, which scores all rows of a step at once, at most 4096 and fewer for
+            big batches, so that rows × keys × D stays near 2^26.
+        row_block: the XLA path's query rows per block (None: `row_block_size`). The Pallas path ignores it.
         backend: "auto" (the default: "pallas_tpu" for FP8 `IndexerPages` when the target is a TPU, see
             `ops.target`; "xla" otherwise), "xla" (gather + einsum, anywhere) or "pallas_tpu" (FP8
             `IndexerPages` only: the kernel of `ops.tpu.indexer`, which streams key pages through VMEM;
             `interpret=True` or `pltpu.InterpretParams(...)` simulates it off a TPU).
 
     Returns int32 `[T, k]` positions, ascending, −1 padded (rows with `positions[t] + 1 ≤ k` select
-    every visible key). Jit-able with `k`, `quantize_queries` and `key_chunk` static.
+    every visible key). Jit-able with `k`, `quantize_queries`, `key_chunk` and `row_block` static.
+    ValueError / TypeError naming the argument for a wrong shape, dtype or option.
     """
     if not isinstance(pages, (IndexerPages, ExactIndexerKeys)):
         raise TypeError(f"pages: expected IndexerPages or ExactIndexerKeys, got {type(pages).__name__}")
-    if getattr(q, "ndim", 0) != 3 or q.shape[2] != pages.head_dim:
+    for name, a in (("q", q), ("weights", weights), ("block_tables", block_tables), ("positions", positions)):
+        check_array(name, a)
+    if q.ndim != 3 or q.shape[2] != pages.head_dim:
         raise ValueError(f"q: expected shape [T, H, {pages.head_dim}], got {list(getattr(q, 'shape', ()))}")
     T, H = q.shape[:2]
     check_rows("q", q, T, (H, pages.head_dim))  # the dtype
@@ -281,16 +302,13 @@ def select_topk_device(
     if block_tables.ndim != 2:
         raise ValueError(f"block_tables: expected shape [{T}, max_pages], got {list(block_tables.shape)}")
     check_rows("block_tables", block_tables, T, (block_tables.shape[1],), integer=True)
-    if k < 1:
-        raise ValueError(f"k: must be >= 1, got {k}")
+    k = check_int("k", k, 1)
+    if key_chunk is not None:
+        key_chunk = check_int("key_chunk", key_chunk, 1)
+    if row_block is not None:
+        row_block = check_int("row_block", row_block, 1)
     S = pages.page_size
     T, max_pages = block_tables.shape
-    pages_per_chunk = max(1, min(max_pages, key_chunk // S))
-    n_chunks = -(-max_pages // pages_per_chunk)
-    tables = jnp.pad(block_tables, ((0, 0), (0, n_chunks * pages_per_chunk - max_pages)), constant_values=-1)
-    quantize = quantize_queries and pages.rotated
-    q8, head_w = prepare_queries(q, weights, quantize, rotate=pages.rotated)
-    chunk_len = pages_per_chunk * S
     if backend == "auto":  # Pallas scores FP8 pages when the target is a TPU; exact keys always use XLA
         backend = "pallas_tpu" if isinstance(pages, IndexerPages) and target_is_tpu(q, pages) else "xla"
     if backend not in ("xla", "pallas_tpu"):
@@ -299,49 +317,160 @@ def select_topk_device(
         raise ValueError("backend='pallas_tpu' scores FP8 IndexerPages; use backend='xla' for ExactIndexerKeys")
     if backend == "pallas_tpu":
         resolve_backend(backend, q, pages, interpret=interpret)  # a TPU target, or interpret mode
+    if key_chunk is None:
+        key_chunk = XLA_KEY_CHUNK if backend == "xla" else max(S, min(4096, (1 << 26) // (T * pages.head_dim)))
+    pages_per_chunk = max(1, min(max_pages, key_chunk // S))
+    n_chunks = -(-max_pages // pages_per_chunk)
+    tables = jnp.pad(block_tables, ((0, 0), (0, n_chunks * pages_per_chunk - max_pages)), constant_values=-1)
+    quantize = quantize_queries and pages.rotated
+    q8, head_w = prepare_queries(q, weights, quantize, rotate=pages.rotated)
+    chunk_len = pages_per_chunk * S
+
+    if backend == "xla":
+        return _select_xla_blocks(q8, head_w, pages, tables, positions, k, pages_per_chunk, row_block)
+
+    from dsa_hybrid.ops.tpu.indexer import score_pages_tpu
+    from dsa_hybrid.ops.tpu.topk import topk_select
+
+    assert isinstance(pages, IndexerPages)  # the Pallas scorer reads FP8 pages only
 
     def chunk_scores(tab: jax.Array, c: jax.Array) -> jax.Array:
         """`[T, chunk_len]` scores of the pages `tab` (positions from `c · chunk_len`), −inf where invisible."""
         safe = jnp.clip(tab, 0, pages.num_pages - 1)
         pos = c * chunk_len + jnp.arange(chunk_len, dtype=jnp.int32)
         visible = (pos[None, :] <= positions[:, None]) & (jnp.repeat(tab, S, axis=1) >= 0)
-        if backend == "pallas_tpu":
-            from dsa_hybrid.ops.tpu.indexer import score_pages_tpu
-
-            assert isinstance(pages, IndexerPages)  # the Pallas scorer reads FP8 pages only
-            u = score_pages_tpu(q8, head_w, pages.codes, safe, exact_in_bf16=quantize, interpret=interpret)
-            scores = u * pages.scales[safe].reshape(T, -1)  # the key scale after the head sum, as the host
-            return jnp.where(visible, scores + 0.0, -jnp.inf)
-        keys, sk = pages.gather(safe)  # FP8 keys: exact e4m3 values
-        dots = jnp.einsum("thd,tld->thl", q8, keys, precision=_HIGHEST)
-        scores = jnp.einsum("th,thl->tl", head_w, jnp.maximum(dots, 0.0), precision=_HIGHEST) * sk
-        return jnp.where(visible, scores + 0.0, -jnp.inf)  # + 0.0: −0.0 ties with +0.0
-
-    from dsa_hybrid.ops.tpu.topk import topk_select, topk_select_xla
-
-    width = jnp.full((T,), k + chunk_len, jnp.int32)  # every column of `[running | chunk]`
+        u = score_pages_tpu(q8, head_w, pages.codes, safe, exact_in_bf16=quantize, interpret=interpret)
+        scores = u * pages.scales[safe].reshape(T, -1)  # the key scale after the head sum, as the host
+        return jnp.where(visible, scores + 0.0, -jnp.inf)
 
     def chunk_step(carry, c):
-        best_val, best_pos = carry
         tab = jax.lax.dynamic_slice_in_dim(tables, c * pages_per_chunk, pages_per_chunk, axis=1)  # [T, ppc]
-        scores = chunk_scores(tab, c)
-        pos = c * chunk_len + jnp.arange(chunk_len, dtype=jnp.int32)
-        vals = jnp.concatenate([best_val, scores], axis=1)
-        cand = jnp.concatenate([best_pos, jnp.broadcast_to(pos, (T, chunk_len))], axis=1)
-        # The k best columns, ascending, ties to the lowest column. `cand` is nondecreasing along a row
-        # (the running entries: unfilled −1 first, then ascending positions; the chunk's positions are
-        # larger), so ties go to the lowest position and the kept entries stay in that order.
-        if backend == "pallas_tpu":
-            cols = topk_select(vals, width, k, interpret=interpret)
-        else:
-            cols = topk_select_xla(vals, width, k)
-        return (jnp.take_along_axis(vals, cols, axis=1), jnp.take_along_axis(cand, cols, axis=1)), None
+        merge = functools.partial(topk_select, interpret=interpret)
+        return _merge(carry, chunk_scores(tab, c), c * chunk_len, k, merge), None
 
-    init = (jnp.full((T, k), -jnp.inf, jnp.float32), jnp.full((T, k), -1, jnp.int32))
-    (best_val, best_pos), _ = jax.lax.scan(chunk_step, init, jnp.arange(n_chunks))
+    best, _ = jax.lax.scan(chunk_step, _empty_running(T, k), jnp.arange(n_chunks))
+    return _finish(*best)
+
+
+def _empty_running(rows: int, k: int) -> tuple[jax.Array, jax.Array]:
+    """The running top-k before any key: `k` unfilled (−inf, position −1) entries per row."""
+    return jnp.full((rows, k), -jnp.inf, jnp.float32), jnp.full((rows, k), -1, jnp.int32)
+
+
+def _merge(
+    running: tuple[jax.Array, jax.Array], scores: jax.Array, first: jax.Array, k: int, select: Any = None
+) -> tuple[jax.Array, jax.Array]:
+    """The running top-k `(values [R, k], positions [R, k])` merged with a chunk's `scores` `[R, C]` of the
+    positions `first .. first + C − 1` (−inf where invisible), by the exact select `select`
+    (`topk_select_xla` by default) of `[running | chunk]`.
+
+    The k best columns come back ascending, ties to the lowest column. The candidates are nondecreasing
+    along a row (the running entries: unfilled −1 first, then ascending positions; the chunk's
+    positions are larger), so ties go to the lowest position and the kept entries stay in that order."""
+    from dsa_hybrid.ops.tpu.topk import topk_select_xla
+
+    best_val, best_pos = running
+    R, C = scores.shape
+    pos = first + jnp.arange(C, dtype=jnp.int32)
+    vals = jnp.concatenate([best_val, scores], axis=1)
+    cand = jnp.concatenate([best_pos, jnp.broadcast_to(pos, (R, C))], axis=1)
+    cols = (select or topk_select_xla)(vals, jnp.full((R,), k + C, jnp.int32), k)
+    return jnp.take_along_axis(vals, cols, axis=1), jnp.take_along_axis(cand, cols, axis=1)
+
+
+def _finish(best_val: jax.Array, best_pos: jax.Array) -> jax.Array:
+    """The running top-k as the selection: positions ascending, then −1 padding.
+
+    Unfilled entries (−inf: fewer than k visible keys) are the leftmost ones (an unfilled running entry
+    ties every invisible key of a chunk and sits in a lower column): rotate them to the end as the
+    −1 padding. No sort: the rest is already ascending."""
+    k = best_val.shape[1]
     chosen = jnp.where(best_val > -jnp.inf, best_pos, -1)
-    # Unfilled entries (−inf: fewer than k visible keys) are the leftmost ones (an unfilled running entry
-    # ties every invisible key of a chunk and sits in a lower column): rotate them to the end as the
-    # −1 padding. No sort: the rest is already ascending.
     unfilled = jnp.sum(best_val == -jnp.inf, axis=1, dtype=jnp.int32)
     return jnp.take_along_axis(chosen, (jnp.arange(k, dtype=jnp.int32)[None, :] + unfilled[:, None]) % k, axis=1)
+
+
+# The XLA path's defaults, measured on one Zen 4 core at both models' widths (docs/performance.md): keys
+# per scan step, and the bytes of one row block's per-chunk temporaries (`row_block_size`).
+XLA_KEY_CHUNK = 2048
+ROW_BLOCK_BYTES = 16 << 20
+
+
+def row_block_size(rows: int, heads: int, head_dim: int, chunk: int) -> int:
+    """Query rows the XLA path scores together (a power of two, at most the next power of two of `rows`):
+    as many as keep one key chunk's temporaries near `ROW_BLOCK_BYTES`: the `[B, heads, chunk]` float32
+    products, and, when the block's rows read different pages, their own gathered keys
+    `[B, chunk, head_dim]`."""
+    per_row = chunk * (heads + head_dim) * 4
+    b = max(1, ROW_BLOCK_BYTES // per_row)
+    return min(1 << (b.bit_length() - 1), 1 << max(0, rows - 1).bit_length())
+
+
+def _select_xla_blocks(
+    q8: jax.Array,
+    head_w: jax.Array,
+    pages: IndexerPages | ExactIndexerKeys,
+    tables: jax.Array,
+    positions: jax.Array,
+    k: int,
+    pages_per_chunk: int,
+    row_block: int | None,
+) -> jax.Array:
+    """The XLA path of `select_topk_device`: rows in blocks of `B`, one block after another.
+
+    A block whose rows read the same pages (each row's table equals the block's, or is −1 where it has
+    no page: the rows of one sequence, and padding rows) gathers each key chunk once and scores all its
+    rows × heads against it as one matmul `[B·H, D] × [D, chunk]`; the causal mask comes from each
+    row's position and its own table. A block mixing sequences gathers each row's keys (the decode
+    case: every row reads other pages anyway). Chunks past the block's last position are skipped, so a
+    causal prefill scans about half the keys and a table wider than the rows need costs almost nothing.
+    Each block keeps its own running top-k `[B, k]`: temporaries are bounded by the block, not by `T`."""
+    T, H, D = q8.shape
+    S = pages.page_size
+    C = pages_per_chunk * S
+    n_chunks = tables.shape[1] // pages_per_chunk
+    B = row_block or row_block_size(T, H, D, C)
+    nb = -(-T // B)
+    pad = nb * B - T
+
+    def blocks(a: jax.Array, fill: float | int) -> jax.Array:
+        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
+        return a.reshape(nb, B, *a.shape[1:])
+
+    # Padding rows: position −1 (they see nothing) and an all −1 table (they share any block's pages).
+    xs = (blocks(q8, 0), blocks(head_w, 0), blocks(tables, -1), blocks(positions.astype(jnp.int32), -1))
+
+    def block(args: tuple[jax.Array, jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        qb, wb, tb, pb = args  # [B, H, D], [B, H], [B, n_chunks · ppc], [B]
+        common = jnp.max(tb, axis=0)  # the block's pages, where any row has one
+        shared = jnp.all((tb == common[None, :]) | (tb < 0))
+        last = jnp.max(pb)
+        q_rows = qb.reshape(B * H, D)
+
+        def scores_shared(tab: jax.Array, common_tab: jax.Array) -> jax.Array:
+            keys, sk = pages.gather(jnp.clip(common_tab, 0, pages.num_pages - 1)[None, :])  # [1, C, D]
+            dots = jnp.dot(q_rows, keys[0].T, precision=_HIGHEST).reshape(B, H, C)
+            return jnp.einsum("bh,bhl->bl", wb, jnp.maximum(dots, 0.0), precision=_HIGHEST) * sk
+
+        def scores_per_row(tab: jax.Array, common_tab: jax.Array) -> jax.Array:
+            keys, sk = pages.gather(jnp.clip(tab, 0, pages.num_pages - 1))  # [B, C, D]
+            dots = jnp.einsum("bhd,bld->bhl", qb, keys, precision=_HIGHEST)
+            return jnp.einsum("bh,bhl->bl", wb, jnp.maximum(dots, 0.0), precision=_HIGHEST) * sk
+
+        def chunk_step(running: tuple[jax.Array, jax.Array], c: jax.Array) -> tuple[tuple[jax.Array, jax.Array], None]:
+            def merge(running: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+                tab = jax.lax.dynamic_slice_in_dim(tb, c * pages_per_chunk, pages_per_chunk, axis=1)  # [B, ppc]
+                common_tab = jax.lax.dynamic_slice_in_dim(common, c * pages_per_chunk, pages_per_chunk)
+                scores = jax.lax.cond(shared, scores_shared, scores_per_row, tab, common_tab)
+                pos = c * C + jnp.arange(C, dtype=jnp.int32)
+                visible = (pos[None, :] <= pb[:, None]) & (jnp.repeat(tab, S, axis=1) >= 0)
+                scores = jnp.where(visible, scores + 0.0, -jnp.inf)  # + 0.0: −0.0 ties with +0.0
+                return _merge(running, scores, c * C, k)
+
+            # A chunk no row of the block sees would leave the running top-k as it is: skip it.
+            return jax.lax.cond(c * C <= last, merge, lambda r: r, running), None
+
+        best, _ = jax.lax.scan(chunk_step, _empty_running(B, k), jnp.arange(n_chunks))
+        return _finish(*best)
+
+    return jax.lax.map(block, xs).reshape(nb * B, k)[:T]

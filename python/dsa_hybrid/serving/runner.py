@@ -7,8 +7,9 @@ every cache, and the host caches hold no sequences of their own.
 
 One step (`execute`):
 1. `build_batch` flattens the chunks into rows (token, absolute position, cache slot, its request's block
-   table), the tables only as wide as this step needs, rounded up to a power of two of blocks, and the
-   rows padded to a power of two on the device (`models.causal_lm.padded_rows`), so few shapes compile.
+   table), the tables only as wide as this step needs, rounded up to one of 8 widths per octave
+   (`table_width`), and the rows padded to a power of two on the device (`models.causal_lm.padded_rows`),
+   so few shapes compile.
 2. The placement: "device", "host", or per step under "auto", whichever `PlacementCosts` predicts faster.
 3. The forward: `models.causal_lm.forward_jit` (everything on the device; under "host"/"auto" the keys it
    wrote are then copied to the host caches with `write_slots`, so both indexer caches always hold the
@@ -44,7 +45,7 @@ from dsa_hybrid.models.config import DSAConfig
 from dsa_hybrid.ops.sparse_mla import Backend
 from dsa_hybrid.ops.target import target_device
 from dsa_hybrid.serving.placement import PlacementCosts
-from dsa_hybrid.serving.sampling import sample
+from dsa_hybrid.serving.sampling import sample_request
 from dsa_hybrid.serving.scheduler import ScheduledChunk, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,22 @@ class Batch:
     @property
     def num_rows(self) -> int:
         return int(self.tokens.size)
+
+
+WIDTHS_PER_OCTAVE = 8
+
+
+def table_width(pages: int, limit: int) -> int:
+    """The block-table width (in pages) a step whose widest table has `pages` pages is padded to: exact
+    below `2 · WIDTHS_PER_OCTAVE` pages, then rounded up to a multiple of `2^(floor(log2 pages) − 3)`,
+    i.e. 8 widths per octave. The padding is under 12.5% of the width (and costs the device indexer
+    almost nothing: it skips the key chunks past a block's last position), and a context growing to `n`
+    pages compiles about `8 · log2 n − 17` widths, not one program per width. Capped at `limit` (the
+    longest table a request may have), never below `pages`."""
+    if pages < 1:
+        raise ValueError(f"pages: must be >= 1, got {pages}")
+    step = 1 << max(0, pages.bit_length() - 1 - (WIDTHS_PER_OCTAVE.bit_length() - 1))
+    return max(pages, min(limit, -(-pages // step) * step))
 
 
 def build_batch(chunks: tuple[ScheduledChunk, ...] | list[ScheduledChunk], block_size: int, width: int) -> Batch:
@@ -184,17 +201,17 @@ class ModelRunner:
             return self.placement
         assert self.cost_model is not None
         visible = int(batch.positions.sum()) + batch.num_rows
-        return self.cost_model.choose(visible, padded, batch.block_tables.shape[1] * self.page_size)
+        # The device indexer reads keys up to its rows' last position (it skips chunks past it), not
+        # the whole padded table.
+        device_keys = min(batch.block_tables.shape[1] * self.page_size, int(batch.positions.max()) + 1)
+        return self.cost_model.choose(visible, padded, device_keys)
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         """Run the step `out` describes; returns the sampled tokens (nothing of the scheduler's state is
         touched: the caller commits them)."""
         t0 = time.perf_counter()
         widest = max(len(c.block_table) for c in out.chunks)
-        # Tables only as wide as this step needs (a power of two of blocks: few compilations), since the
-        # device indexer scans every column.
-        width = min(self.max_pages_per_seq, 1 << (widest - 1).bit_length())
-        batch = build_batch(out.chunks, self.page_size, max(width, widest))
+        batch = build_batch(out.chunks, self.page_size, table_width(widest, self.max_pages_per_seq))
         padded = padded_rows(batch.num_rows)
         where = self.choose_placement(batch, padded)
         t1 = time.perf_counter()
@@ -248,7 +265,7 @@ class ModelRunner:
         try:
             for j, i in enumerate(drawn):
                 c = samplers[i]
-                tokens[c.request_id] = sample(full[j], c.sampling, c.rng)
+                tokens[c.request_id] = sample_request(c.request_id, full[j], c.sampling, c.rng)
         except BaseException:
             for i, state in zip(drawn, states, strict=True):
                 samplers[i].rng.bit_generator.state = state
