@@ -16,9 +16,12 @@ The engine is three parts with narrow interfaces between them (vLLM's seams, doc
   layer, pipelined over micro-batches — or "auto", from a cost model measured at start-up,
   `placement.PlacementCosts`), the forward, and sampling.
 
-A step that raises commits nothing: the same chunks run again on the next step (and if the failure cost
-the device caches, which are donated to the forward, every running request is recomputed from its tokens).
-Either way the requests' tokens are those they would have had.
+A step is a transaction (docs/errors.md): if anything raises before it is committed, every request and
+every block goes back to its state before the step (`Scheduler.snapshot` / `restore`: queues, progress,
+tokens, generator states, block tables and pool reference counts) and the next step runs as the failed
+one would have (if the failure cost the device caches, which are donated to the forward, every running
+request is recomputed from its tokens). One request whose token cannot be sampled ends alone with finish
+reason "error". Either way every other request's tokens are those it would have had.
 
 Logging goes to the `dsa_hybrid.serving` loggers (preemptions, finished requests at DEBUG; the cost model
 at INFO; failed steps at WARNING / ERROR).
@@ -26,8 +29,12 @@ at INFO; failed steps at WARNING / ERROR).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import numbers
+import signal
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -42,8 +49,8 @@ from dsa_hybrid.serving.compile_cache import enable_compilation_cache
 from dsa_hybrid.serving.kv_manager import KVManager
 from dsa_hybrid.serving.placement import PlacementCosts
 from dsa_hybrid.serving.runner import PLACEMENTS, ModelRunner
-from dsa_hybrid.serving.sampling import SamplingParams
-from dsa_hybrid.serving.scheduler import FINISH_REASONS, Request, RequestOutput, Scheduler
+from dsa_hybrid.serving.sampling import SamplingError, SamplingParams
+from dsa_hybrid.serving.scheduler import FINISH_REASONS, Request, RequestOutput, Scheduler, SchedulerState
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +110,33 @@ class FinishedRequests(Mapping[int, RequestOutput]):
 
     def __len__(self) -> int:
         return len(self._outputs)
+
+
+def _integer(name: str, value: object) -> int:
+    """`value` as an int: Python or numpy integers only (TypeError for a bool, a float, a string, None)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) for the duration: a KeyboardInterrupt that arrives is raised at the end,
+    so a commit or a roll-back is never cut in half. Only in the main thread and only when Python's default
+    handler is installed (otherwise a no-op)."""
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 class Engine:
@@ -217,24 +251,73 @@ class Engine:
 
     # ----- requests ------------------------------------------------------------------------------
     def add_request(
-        self, token_ids: Iterable[int], max_new_tokens: int | None = None, sampling: SamplingParams | None = None
+        self,
+        token_ids: Iterable[int] | np.ndarray,
+        max_new_tokens: int | None = None,
+        sampling: SamplingParams | None = None,
+        *,
+        request_id: int | None = None,
     ) -> int:
-        """Queue a request; returns its id. `sampling` defaults to greedy (its `stop_token_ids`, `stop`
-        sequences and `ignore_eos` are the request's stop conditions). `max_new_tokens` None: as many as
-        `max_model_len` (and the pool) allow. ValueError, naming the argument, for an empty prompt, a
-        prompt that leaves no room under `max_model_len`, a too-long request, or token ids outside the
-        vocabulary."""
-        prompt = [int(t) for t in token_ids]
-        if not prompt:
-            raise ValueError("token_ids must be non-empty")
+        """Queue a request; returns its id.
+
+        Args:
+            token_ids: the prompt, a non-empty 1-D sequence (list, tuple, numpy integer array) of token ids
+                in `[0, vocab_size)`.
+            max_new_tokens: at most this many new tokens (>= 1); None: as many as `max_model_len` and the
+                pool allow.
+            sampling: a `SamplingParams` (default greedy); its `stop_token_ids`, `stop` sequences and
+                `ignore_eos` are the request's stop conditions.
+            request_id: the id to use (an int >= 0 no waiting or running request has); None: the next free
+                one.
+
+        Everything is checked before anything changes (a refused request leaves the engine as it was, and
+        consumes no id): TypeError for token ids that are not integers (floats, bools, strings, a 2-D
+        array), a `sampling` that is not a `SamplingParams`, a non-integer `max_new_tokens` or
+        `request_id`; ValueError, naming the argument, for an empty prompt, token ids or stop ids outside
+        the vocabulary, a prompt that leaves no room under `max_model_len`, `max_new_tokens < 1` or past
+        `max_model_len`, a request that alone needs more pages than the pool has (it could never run),
+        or a `request_id` already waiting or running."""
+        r = self._new_request(token_ids, max_new_tokens, sampling, request_id, taken=())
+        self.scheduler.add(r)
+        self._next_id = max(self._next_id, r.id + 1)
+        return r.id
+
+    def _new_request(
+        self, token_ids: object, max_new_tokens: object, sampling: object, request_id: object, taken: Iterable[int]
+    ) -> Request:
+        """A checked `Request` (see `add_request`), not yet queued; `taken`: ids also in use."""
+        taken = set(taken)
+        prompt = self._check_prompt(token_ids)
+        vocab = self.cfg.vocab_size
+        if max_new_tokens is not None:
+            max_new_tokens = _integer("max_new_tokens", max_new_tokens)
+        if sampling is None:
+            sampling = SamplingParams()
+        elif not isinstance(sampling, SamplingParams):
+            raise TypeError(f"sampling must be a SamplingParams or None, got {type(sampling).__name__}")
+        if sampling.max_token_id() >= vocab:
+            raise ValueError(
+                f"sampling: stop token id {sampling.max_token_id()} lies outside the vocabulary [0, {vocab})"
+            )
+        if request_id is None:
+            rid = self._next_id
+            while rid in self.scheduler.live or rid in taken:
+                rid += 1
+        else:
+            rid = _integer("request_id", request_id)
+            if rid < 0:
+                raise ValueError(f"request_id must be >= 0, got {rid}")
+            if rid in self.scheduler.live or rid in taken:
+                raise ValueError(f"request_id {rid} is already waiting or running")
         room = self.max_model_len - len(prompt)
         if room < 1:
             raise ValueError(
                 f"token_ids: a prompt of {len(prompt)} tokens leaves no room for a new token under "
                 f"max_model_len {self.max_model_len}"
             )
+        capacity = self.num_pages * self.page_size
         if max_new_tokens is None:
-            max_new_tokens = min(room, self.num_pages * self.page_size - len(prompt))
+            max_new_tokens = min(room, capacity - len(prompt))
         elif max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1 (or None), got {max_new_tokens}")
         elif max_new_tokens > room:
@@ -242,16 +325,38 @@ class Engine:
                 f"max_new_tokens: prompt + max_new_tokens = {len(prompt) + max_new_tokens} exceeds max_model_len "
                 f"{self.max_model_len} (None generates up to it)"
             )
-        if max_new_tokens < 1 or len(prompt) + max_new_tokens > self.num_pages * self.page_size:
-            raise ValueError("the request alone needs more pages than the pool has")
-        if min(prompt) < 0 or max(prompt) >= self.cfg.vocab_size:
-            raise ValueError(f"token_ids must lie in [0, {self.cfg.vocab_size})")
-        sampling = sampling or SamplingParams()
-        rid = self._next_id
-        self._next_id += 1
-        rng = np.random.default_rng(sampling.seed)
-        self.scheduler.add(Request(rid, prompt, len(prompt), max_new_tokens, sampling, rng))
-        return rid
+        if max_new_tokens < 1 or len(prompt) + max_new_tokens > capacity:
+            raise ValueError(
+                f"token_ids: a prompt of {len(prompt)} tokens + {max(max_new_tokens, 1)} new ones needs more "
+                f"pages than the pool has ({self.num_pages} pages of {self.page_size} tokens): it could never run"
+            )
+        return Request(rid, prompt, len(prompt), max_new_tokens, sampling, np.random.default_rng(sampling.seed))
+
+    def _check_prompt(self, token_ids: object) -> list[int]:
+        """`token_ids` as a list of ints, checked (see `add_request`)."""
+        if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, (Iterable, np.ndarray)):
+            raise TypeError(f"token_ids must be a sequence of integer token ids, got {type(token_ids).__name__}")
+        arr = token_ids if isinstance(token_ids, np.ndarray) else None
+        if arr is None:
+            items = list(token_ids)
+            if any(isinstance(t, (bool, np.bool_)) or not isinstance(t, numbers.Integral) for t in items):
+                bad = next(t for t in items if isinstance(t, (bool, np.bool_)) or not isinstance(t, numbers.Integral))
+                raise TypeError(f"token_ids must be integers, got {type(bad).__name__} {bad!r}")
+            prompt = [int(t) for t in items]
+        else:
+            if arr.ndim != 1:
+                raise TypeError(f"token_ids must be 1-D, got an array of shape {arr.shape}")
+            if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+                raise TypeError(f"token_ids must have an integer dtype, got {arr.dtype}")
+            prompt = arr.tolist()
+        if not prompt:
+            raise ValueError("token_ids must be non-empty")
+        lo, hi = min(prompt), max(prompt)
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            raise ValueError(
+                f"token_ids must lie in the vocabulary [0, {self.cfg.vocab_size}), got {lo if lo < 0 else hi}"
+            )
+        return prompt
 
     def abort(self, rid: int) -> RequestOutput:
         """Drop a waiting or running request; its pages return to the pool and its output so far is
@@ -269,24 +374,38 @@ class Engine:
         return self._step()[0]
 
     def _step(self) -> tuple[dict[int, list[int]], list[RequestOutput]]:
+        """One step as a transaction: schedule, execute, commit. If anything raises before the commit is
+        complete (a late bad argument, the host path, a KeyboardInterrupt, a donated buffer), every request
+        and every block goes back to where it was before the step (`Scheduler.restore`) and the exception
+        propagates; a `SamplingError` (one request's logits could not be sampled) instead finishes that
+        request alone with reason "error" and the step returns nothing else (the others run again on the
+        next step, to the tokens they would have had)."""
         t0 = time.perf_counter()
-        out = self.scheduler.schedule()
-        st = self.stats
-        st.preemptions += len(out.preempted)
-        st.shared_tokens += out.shared_tokens
-        if not out:
-            return {}, []
-        t1 = time.perf_counter()
+        before = self.scheduler.snapshot()
         try:
+            out = self.scheduler.schedule()
+            if not out:
+                self.stats.preemptions += len(out.preempted)
+                return {}, []
+            t1 = time.perf_counter()
             result = self.runner.execute(out)
+            with _sigint_deferred():  # the commit: no KeyboardInterrupt half-way through it
+                new, done = self.scheduler.update_from_output(out, result.tokens)
+        except SamplingError as e:
+            self._roll_back(before)
+            culprit = self.scheduler.fail(e.request_id, str(e)).to_output()
+            self.finished.add(culprit)
+            logger.warning("request %d failed and was finished alone: %s", e.request_id, e)
+            return {}, [culprit]
         except BaseException:
-            st.failed_steps += 1
-            self._recover()
+            self._roll_back(before)
             raise
-        new, done = self.scheduler.update_from_output(out, result.tokens)
         for o in done:
             self.finished.add(o)
         t2 = time.perf_counter()
+        st = self.stats
+        st.preemptions += len(out.preempted)
+        st.shared_tokens += out.shared_tokens
         st.steps += 1
         st.steps_by_placement[result.placement] += 1
         st.prompt_tokens_computed += out.prompt_tokens
@@ -299,16 +418,20 @@ class Engine:
         st.seconds["sample"] += secs["sample"]
         return new, done
 
-    def _recover(self) -> None:
-        """After a step raised: nothing was committed. If the device caches were lost (donated to the
-        failed forward), start from empty ones and recompute every running request."""
-        if self.runner.caches_lost():
-            logger.error("a step failed and took the device caches with it: every running request is recomputed")
-            self.runner.reset_caches()
-            self.stats.preemptions += len(self.scheduler.running)
-            self.scheduler.preempt_all()
-        else:
-            logger.warning("a step failed; nothing of it was committed and its chunks run again on the next step")
+    def _roll_back(self, before: SchedulerState) -> None:
+        """After a step raised: every request and block as before it (`Scheduler.restore`). If the device
+        caches were lost (donated to the failed forward), start from empty ones and recompute every
+        running request (their tokens do not change)."""
+        with _sigint_deferred():
+            self.stats.failed_steps += 1
+            self.scheduler.restore(before)
+            if self.runner.caches_lost():
+                logger.error("a step failed and took the device caches with it: every running request is recomputed")
+                self.runner.reset_caches()
+                self.stats.preemptions += len(self.scheduler.running)
+                self.scheduler.preempt_all()
+            else:
+                logger.warning("a step failed; every request and page is as before it")
 
     def generate(
         self,
@@ -317,10 +440,17 @@ class Engine:
         sampling: SamplingParams | None = None,
         on_tokens: Callable[[int, list[int]], None] | None = None,
     ) -> list[list[int]]:
-        """Add every prompt, run steps until all are done, return their outputs in order. `on_tokens(id,
-        tokens)` streams each step's new tokens. (The outputs are collected as requests finish, so they
-        do not depend on how many `finished` keeps.)"""
-        ids = [self.add_request(p, max_new_tokens, sampling) for p in prompts]
+        """Add every prompt, run steps until all are done, return their outputs in order. Every prompt is
+        checked (as `add_request` does) before any is queued: one bad prompt refuses the call and leaves the
+        engine as it was. `on_tokens(id, tokens)` streams each step's new tokens. (The outputs are collected
+        as requests finish, so they do not depend on how many `finished` keeps.)"""
+        reqs: list[Request] = []  # every prompt checked before any is queued: a bad one refuses them all
+        for p in prompts:
+            reqs.append(self._new_request(p, max_new_tokens, sampling, None, taken=[r.id for r in reqs]))
+        for r in reqs:
+            self.scheduler.add(r)
+            self._next_id = max(self._next_id, r.id + 1)
+        ids = [r.id for r in reqs]
         outputs: dict[int, list[int]] = {}
         while self.has_unfinished():
             new, done = self._step()

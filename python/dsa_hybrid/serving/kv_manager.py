@@ -157,6 +157,42 @@ class KVManager:
         if self.prefix is not None:
             self.prefix.forget(r)
 
+    # ----- transactions ------------------------------------------------------------------------
+    def snapshot(self) -> dict[int, list[int]]:
+        """Every request's block table (copies): what `restore` brings back after a failed step."""
+        return {rid: list(t) for rid, t in self._tables.items()}
+
+    def restore(self, tables: dict[int, list[int]], holders: Sequence[Holder]) -> None:
+        """Undo everything since `snapshot()` returned `tables`: each request holds exactly those blocks
+        again and every block's reference count is the number of tables holding it (blocks taken since
+        are released, blocks given back since are taken back from the free list; the free list's order
+        may differ, which no result depends on). `holders` are the live requests at the snapshot (their
+        `computed` already restored): the prefix index is rebuilt from them."""
+        want = np.zeros(self.num_blocks, np.int64)
+        for t in tables.values():
+            np.add.at(want, np.asarray(t, np.int64), 1)
+        have = self.pool.refcounts().astype(np.int64)
+        extra = np.repeat(np.arange(self.num_blocks), np.maximum(have - want, 0)).astype(np.int32)
+        if extra.size:
+            self.pool.release(extra)
+        held = have - np.maximum(have - want, 0)  # counts after the release
+        refill = np.flatnonzero((held == 0) & (want > 0))
+        if refill.size:  # given back during the failed step: take exactly those off the free list again
+            taken = self.pool.allocate(self.pool.num_free)
+            keep = np.isin(taken, refill)
+            if (~keep).any():
+                self.pool.release(taken[~keep])
+            held[refill] = 1
+        more = np.repeat(np.arange(self.num_blocks), np.maximum(want - held, 0)).astype(np.int32)
+        if more.size:
+            self.pool.retain(more)
+        self._tables = {rid: list(t) for rid, t in tables.items()}
+        if self.prefix is not None:
+            self.prefix = PrefixIndex(self.block_size)
+            for r in holders:
+                if r.id in self._tables:
+                    self.prefix.register(r)
+
     # ----- prefixes ----------------------------------------------------------------------------
     def mark_computed(self, r: Holder) -> None:
         """`r.computed` grew: its whole computed blocks become adoptable by others."""

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +37,9 @@ from dsa_hybrid.serving.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-FINISH_REASONS = ("length", "stop", "eos", "abort")
+# "error": the request alone failed inside a step (its logits could not be sampled); `RequestOutput.error`
+# says why, and the other requests went on untouched.
+FINISH_REASONS = ("length", "stop", "eos", "abort", "error")
 
 
 @dataclasses.dataclass
@@ -51,6 +54,7 @@ class Request:
     rng: np.random.Generator
     computed: int = 0  # tokens whose keys and latents are in the caches
     finish_reason: str | None = None
+    error: str | None = None  # why it failed (finish reason "error")
 
     @property
     def prompt(self) -> list[int]:
@@ -65,17 +69,19 @@ class Request:
         return self.finish_reason is not None
 
     def to_output(self) -> RequestOutput:
-        return RequestOutput(self.id, self.prompt, self.output, self.finish_reason)
+        return RequestOutput(self.id, self.prompt, self.output, self.finish_reason, self.error)
 
 
 @dataclasses.dataclass(frozen=True)
 class RequestOutput:
-    """A finished request: its prompt, its output tokens and why it ended (`FINISH_REASONS`)."""
+    """A finished request: its prompt, its output tokens and why it ended (`FINISH_REASONS`; `error` is the
+    message when the reason is "error")."""
 
     id: int
     prompt: list[int]
     output: list[int]
     finish_reason: str | None
+    error: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +121,17 @@ class SchedulerOutput:
         return bool(self.chunks)
 
 
+@dataclasses.dataclass(frozen=True)
+class SchedulerState:
+    """What `Scheduler.snapshot` saves and `Scheduler.restore` brings back: the queues, every live request's
+    progress (computed count, token count, finish reason, generator state) and the block tables."""
+
+    waiting: tuple[Request, ...]
+    running: tuple[Request, ...]
+    progress: tuple[tuple[Request, int, int, str | None, Mapping[str, Any] | None], ...]
+    tables: dict[int, list[int]]
+
+
 class Scheduler:
     """The waiting and running requests and the policy of the module docstring.
 
@@ -150,6 +167,13 @@ class Scheduler:
         self._finish(r, "abort")
         return r
 
+    def fail(self, request_id: int, message: str) -> Request:
+        """Finish a waiting or running request with reason "error" (`message` kept as its `error`); its
+        blocks go back. KeyError if unknown."""
+        r = self.abort(request_id)
+        r.finish_reason, r.error = "error", message
+        return r
+
     def has_unfinished(self) -> bool:
         return bool(self.live)
 
@@ -158,6 +182,30 @@ class Scheduler:
         the caches' contents were lost."""
         for r in reversed(list(self.running)):
             self._preempt(r)
+
+    # ----- transactions --------------------------------------------------------------------------
+    def snapshot(self) -> SchedulerState:
+        """The state a failed step goes back to (`restore`). Cheap: lists of references, a few ints per
+        request, the block tables, and the generator state of requests that draw (not greedy)."""
+        progress = tuple(
+            (r, r.computed, len(r.tokens), r.finish_reason, None if r.sampling.greedy else r.rng.bit_generator.state)
+            for r in self.live.values()
+        )
+        return SchedulerState(tuple(self.waiting), tuple(self.running), progress, self.kv.snapshot())
+
+    def restore(self, state: SchedulerState) -> None:
+        """Undo everything since `snapshot()` returned `state` (a step's scheduling, admissions, preemptions,
+        prefix adoptions, block allocations, a partial commit, tokens drawn): afterwards every request and
+        every block is as it was, so the next step runs as the failed one would have."""
+        self.live = {}
+        for r, computed, n_tokens, reason, rng_state in state.progress:
+            r.computed, r.finish_reason = computed, reason
+            del r.tokens[n_tokens:]
+            if rng_state is not None:
+                r.rng.bit_generator.state = rng_state
+            self.live[r.id] = r
+        self.waiting, self.running = list(state.waiting), list(state.running)
+        self.kv.restore(state.tables, list(self.live.values()))
 
     # ----- blocks --------------------------------------------------------------------------------
     def _preempt(self, r: Request) -> None:
