@@ -25,7 +25,7 @@ Rows are laid out DP-major: the `T` rows of a step are `dp` equal groups of `T /
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -34,11 +34,20 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dsa_hybrid.layers.dsa_attention import DSACaches, dsa_attention, linear, rms_norm
+from dsa_hybrid.layers.dsa_attention import (
+    DSACaches,
+    Projections,
+    attend,
+    dsa_attention,
+    linear,
+    project_write_keys,
+    rms_norm,
+)
 from dsa_hybrid.layers.weights import dense
 from dsa_hybrid.models.causal_lm import BlockParams, ModelParams, create_caches, embed, lm_head
 from dsa_hybrid.models.config import DSAConfig
 from dsa_hybrid.models.moe import route
+from dsa_hybrid.ops.checks import check_int
 from dsa_hybrid.ops.sparse_mla import Backend
 from dsa_hybrid.parallel.mesh import DP, TP, mesh_shape
 from dsa_hybrid.parallel.rules import cache_specs, check_model_divides, named, param_specs
@@ -200,7 +209,10 @@ def create_sharded_caches(
     cfg: DSAConfig, mesh: Mesh, pages_per_rank: int, page_size: int = 16, **kw: Any
 ) -> tuple[DSACaches, ...]:
     """Empty caches for every layer, `pages_per_rank` pages on each DP rank (`dp · pages_per_rank` in
-    all), sharded `P("dp")` (`kw` as in `DSACaches.create`). Each device allocates only its shard."""
+    all), sharded `P("dp")` (`kw` as in `DSACaches.create`). Each device allocates only its shard.
+    `pages_per_rank` and `page_size` integers >= 1 (TypeError / ValueError naming them)."""
+    check_int("pages_per_rank", pages_per_rank, 1)
+    check_int("page_size", page_size, 1)
     dp, _ = mesh_shape(mesh)
     abstract = jax.eval_shape(lambda: create_caches(cfg, dp * pages_per_rank, page_size, **kw))
     shardings = named(mesh, cache_specs(abstract, mesh))
@@ -208,20 +220,30 @@ def create_sharded_caches(
     return zeros()
 
 
-def place_rows(mesh: Mesh, per_rank: Sequence[dict[str, np.ndarray]]) -> dict[str, jax.Array]:
+def place_rows(
+    mesh: Mesh, per_rank: Sequence[dict[str, np.ndarray]], rows: int | None = None, width: int | None = None
+) -> dict[str, jax.Array]:
     """Rows of one step from `dp` per-rank dicts (`tokens`, `positions`, `slots` int `[n_r]`,
-    `block_tables` int `[n_r, W_r]`, rank-local pages): padded to the longest rank (padding rows: slot
-    −1, table −1, position 0) and to a common table width, concatenated DP-major and sharded
-    `P("dp")`. Returns the four global arrays."""
+    `block_tables` int `[n_r, W_r]`, rank-local pages): padded to the longest rank, or to `rows` rows per
+    rank (padding rows: slot −1, table −1, position 0), and to a common table width (at least `width`),
+    concatenated DP-major and sharded `P("dp")`. Returns the four global arrays (`T = dp · rows`)."""
     dp, _ = mesh_shape(mesh)
     if len(per_rank) != dp:
         raise ValueError(f"per_rank: expected {dp} ranks' rows, got {len(per_rank)}")
-    n = max(1, max(len(r["tokens"]) for r in per_rank))
-    width = max(1, max(np.asarray(r["block_tables"]).reshape(len(r["tokens"]), -1).shape[1] for r in per_rank))
+    longest = max(len(r["tokens"]) for r in per_rank)
+    if rows is not None and rows < longest:
+        raise ValueError(f"rows: {rows} rows per rank cannot hold a rank's {longest} rows")
+    n = max(1, longest if rows is None else rows)
+
+    def table(r: dict[str, np.ndarray]) -> np.ndarray:
+        tab = np.asarray(r["block_tables"], np.int32)
+        return tab.reshape(len(r["tokens"]), -1) if tab.size else tab.reshape(len(r["tokens"]), 0)
+
+    width = max(1, max(table(r).shape[1] for r in per_rank), width or 0)
     out: dict[str, list[np.ndarray]] = {"tokens": [], "positions": [], "slots": [], "block_tables": []}
     for r in per_rank:
         m = len(r["tokens"])
-        tab = np.asarray(r["block_tables"], np.int32).reshape(m, -1)
+        tab = table(r)
         out["tokens"].append(np.pad(np.asarray(r["tokens"], np.int32), (0, n - m)))
         out["positions"].append(np.pad(np.asarray(r["positions"], np.int32), (0, n - m)))
         out["slots"].append(np.pad(np.asarray(r["slots"], np.int32), (0, n - m), constant_values=-1))
@@ -248,9 +270,20 @@ def generate_greedy_sharded(
     dp, _ = mesh_shape(mesh)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts: expected at least one non-empty prompt")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
-    seqs = [[int(t) for t in p] for p in prompts]
+    check_int("max_new_tokens", max_new_tokens, 1)
+    check_int("page_size", page_size, 1)
+    seqs = []
+    for j, p in enumerate(prompts):
+        ids = np.asarray(p)
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(
+                f"prompts[{j}]: expected a sequence of integer token ids, got {ids.dtype} {list(ids.shape)}"
+            )
+        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+            raise ValueError(
+                f"prompts[{j}]: token ids must be in [0, {cfg.vocab_size}), got [{ids.min()}, {ids.max()}]"
+            )
+        seqs.append(ids.tolist())
     pages_per_seq = -(-(max(len(p) for p in seqs) + max_new_tokens) // page_size)
     rank_of = [j % dp for j in range(len(seqs))]
     local = [sum(1 for i in range(j) if rank_of[i] == rank_of[j]) for j in range(len(seqs))]  # index on its rank
@@ -323,3 +356,187 @@ def layer_topk_copies(
         out_specs=P(TP, DP, None), check_vma=False,
     )  # fmt: skip
     return jax.jit(f)(blk.input_norm, blk.attn, x, positions, slots, block_tables, cache)
+
+
+# ----- the engine's pieces: processes and ranks, the host-indexer forward, replicated sampling inputs ---
+
+
+def local_dp_ranks(mesh: Mesh) -> tuple[int, ...]:
+    """The DP ranks with at least one device in this process (`jax.process_index()`): the ranks whose
+    rows and cache shards this process can read (`array.addressable_shards`). All ranks in one process."""
+    me = jax.process_index()
+    return tuple(r for r in range(mesh.devices.shape[0]) if any(d.process_index == me for d in mesh.devices[r]))
+
+
+def rank_shards(array: jax.Array, rows_per_rank: int) -> dict[int, np.ndarray]:
+    """This process's rows of a `P("dp")`-sharded `array` (rows DP-major, `rows_per_rank` per rank), by DP
+    rank, read from its addressable shards only: nothing of another process's ranks is fetched. A rank's
+    rows are replicated over `"tp"`; one copy is read."""
+    out: dict[int, np.ndarray] = {}
+    for shard in array.addressable_shards:
+        start = shard.index[0].start or 0
+        rank = start // rows_per_rank
+        if rank not in out:
+            out[rank] = np.asarray(shard.data)
+    return out
+
+
+def _project_keys(cfg_local: DSAConfig, eps: float, norm_w, attn_p, x, pos, slots, index):
+    """Per device: the layer's projections and its new indexer keys, quantized and written (host steps)."""
+    proj, codes, scales, index = project_write_keys(attn_p, cfg_local, rms_norm(x, norm_w, eps), pos, slots, index)
+    return proj, codes, scales, index
+
+
+def _attend(cfg_local: DSAConfig, backend: Backend, attn_p, proj, slots, tables, latent, topk, pos):
+    """Per device: attention over the host's selection `topk`, then the `psum` over `"tp"` (host steps)."""
+    out, latent = attend(attn_p, cfg_local, proj, slots, tables, latent, topk, backend, pos)
+    return jax.lax.psum(out, TP), latent
+
+
+def _proj_specs() -> Projections:
+    """`Projections` of `T` DP-major rows: the absorbed queries split by head over `"tp"`, the rest (the
+    latent rows and the indexer's, computed alike on every TP rank) by rows only."""
+    rows = P(DP)
+    return Projections(P(DP, TP), rows, rows, rows, rows, rows)  # type: ignore[arg-type]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh"), donate_argnames=("index",))
+def host_project_jit(blk, cfg: DSAConfig, mesh: Mesh, x, positions, slots, index):
+    """One indexer layer's first half on `mesh` (for the host indexer; `blk` the layer's `BlockParams`):
+    `(proj, codes [T, D_I] e4m3fn,
+    scales [T] f32, index)`, the new keys quantized once and written to the device pages (donated), so
+    the device and host indexer caches hold the same bytes. Rows DP-major as in `forward_sharded`."""
+    _, tp = mesh_shape(mesh)
+    bspec = param_specs(blk, mesh)
+    ispec = jax.tree_util.tree_map(lambda _: P(DP), index)
+    f = jax.shard_map(
+        functools.partial(_project_keys, local_config(cfg, tp), cfg.rms_norm_eps),
+        mesh=mesh,
+        in_specs=(bspec.input_norm, bspec.attn, HIDDEN, ROWS, ROWS, ispec),
+        out_specs=(_proj_specs(), ROWS, ROWS, ispec),
+        check_vma=False,
+    )
+    return f(blk.input_norm, blk.attn, x, positions, slots, index)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "backend"), donate_argnames=("latent",))
+def host_attend_jit(blk, cfg: DSAConfig, mesh: Mesh, x, proj, positions, slots, block_tables, latent, topk, backend):
+    """One indexer layer's second half on `mesh`: attention over the host's selection `topk` int32
+    `[T, K]` (−1: none), the latent rows written (`latent` donated), the MLP. Returns `(x, latent)`."""
+    _, tp = mesh_shape(mesh)
+    bspec = param_specs(blk, mesh)
+    lspec = jax.tree_util.tree_map(lambda _: P(DP), latent)
+    attn = jax.shard_map(
+        functools.partial(_attend, local_config(cfg, tp), backend),
+        mesh=mesh,
+        in_specs=(bspec.attn, _proj_specs(), ROWS, TABLES, lspec, TABLES, ROWS),
+        out_specs=(HIDDEN, lspec),
+        check_vma=False,
+    )
+    h, latent = attn(blk.attn, proj, slots, block_tables, latent, topk, positions)
+    mlp = jax.shard_map(functools.partial(_mlp, cfg, tp), mesh=mesh, in_specs=(bspec, HIDDEN, HIDDEN), out_specs=HIDDEN)
+    return mlp(blk, x, h), latent
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "backend"), donate_argnames=("cache",))
+def shared_layer_jit(blk, cfg: DSAConfig, mesh: Mesh, x, positions, slots, block_tables, cache, topk, backend):
+    """A layer without indexer (GLM-5 "shared") on `mesh`, attending over the previous layer's `topk`."""
+    _, tp = mesh_shape(mesh)
+    bspec = param_specs(blk, mesh)
+    cspec = cache_specs(cache, mesh)
+    attn = jax.shard_map(
+        functools.partial(_attention, local_config(cfg, tp), backend, cfg.rms_norm_eps),
+        mesh=mesh,
+        in_specs=(bspec.input_norm, bspec.attn, HIDDEN, ROWS, ROWS, TABLES, cspec, TABLES),
+        out_specs=(HIDDEN, cspec, TABLES),
+        check_vma=False,
+    )
+    h, cache, _ = attn(blk.input_norm, blk.attn, x, positions, slots, block_tables, cache, topk)
+    mlp = jax.shard_map(functools.partial(_mlp, cfg, tp), mesh=mesh, in_specs=(bspec, HIDDEN, HIDDEN), out_specs=HIDDEN)
+    return mlp(blk, x, h), cache
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def embed_sharded(params: ModelParams, mesh: Mesh, tokens: jax.Array) -> jax.Array:
+    """The embedding of DP-major rows, sharded `P("dp", None)`."""
+    return jax.lax.with_sharding_constraint(embed(params, tokens), NamedSharding(mesh, HIDDEN))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh"))
+def lm_head_sharded(params: ModelParams, cfg: DSAConfig, mesh: Mesh, x: jax.Array) -> jax.Array:
+    """Logits float32 `[T, vocab]`, sharded `P("dp", "tp")`."""
+    return jax.lax.with_sharding_constraint(lm_head(params, cfg, x), NamedSharding(mesh, P(DP, TP)))
+
+
+def forward_sharded_host(
+    params: ModelParams,
+    cfg: DSAConfig,
+    mesh: Mesh,
+    arrays: Mapping[str, jax.Array],
+    per_rank: Mapping[int, Mapping[str, np.ndarray]],
+    caches: tuple[DSACaches, ...],
+    host_caches: Mapping[int, Sequence[Any]],
+    backend: Backend = "auto",
+    threads: int | None = None,
+) -> tuple[jax.Array, tuple[DSACaches, ...]]:
+    """`forward_sharded` with every indexer layer's selection on the host, per DP rank.
+
+    `arrays`: the step's global rows (`place_rows`: `tokens`, `positions`, `slots`, `block_tables`, `T =
+    dp · n` rows DP-major). `per_rank[r]`: DP rank `r`'s real rows as numpy (`positions`, `slots` `[m_r]`,
+    `block_tables` `[m_r, W]`, rank-local pages), for every rank of this process (`local_dp_ranks`).
+    `host_caches[r]`: rank `r`'s `IndexerKeyCache` per layer (None for a layer without indexer), paged as
+    its cache shard. Per indexer layer: a sharded program projects and writes the new keys
+    (`host_project_jit`); each process reads only its own ranks' keys and queries (`rank_shards`, its
+    addressable shards), writes them to those ranks' host caches and selects there
+    (`IndexerKeyCache.write_slots`, `select_paged`); the selection goes back to the same devices
+    (`put`: every process builds only its own shards) for attention and MLP (`host_attend_jit`). No
+    process reads or sends another's keys. The caches passed in are consumed. Returns `(logits [T,
+    vocab] sharded P("dp", "tp"), caches)`."""
+    dp, _ = mesh_shape(mesh)
+    check_model_divides(cfg, mesh)
+    T = int(arrays["tokens"].shape[0])
+    n = T // dp
+    K = cfg.index_topk
+    pos, slots, tables = arrays["positions"], arrays["slots"], arrays["block_tables"]
+    x = embed_sharded(params, mesh, arrays["tokens"])
+    new_caches = list(caches)
+    topk: jax.Array | None = None
+    for i, blk in enumerate(params.blocks):
+        cache = new_caches[i]
+        if cfg.layer_indexer_type(i) == "shared":
+            if topk is None:
+                raise ValueError(f"cfg: layer {i} is 'shared' but no earlier layer selects")
+            x, cache = shared_layer_jit(blk, cfg, mesh, x, pos, slots, tables, cache, topk, backend)
+            new_caches[i] = cache
+            continue
+        proj, codes, scales, index = host_project_jit(blk, cfg, mesh, x, pos, slots, cache.index)
+        parts = [rank_shards(a, n) for a in (codes, scales, proj.q_idx, proj.w_idx)]
+        sel = np.full((T, K), -1, np.int32)
+        for r, rows in per_rank.items():
+            m = len(rows["slots"])
+            if m == 0:
+                continue
+            host = host_caches[r][i]
+            c, s, q, w = (part[r][:m] for part in parts)
+            host.write_slots(np.asarray(rows["slots"], np.int32), np.ascontiguousarray(c).view(np.uint8), s)
+            sel[r * n : r * n + m] = host.select_paged(
+                np.ascontiguousarray(rows["block_tables"], np.int32), np.asarray(rows["positions"]),
+                np.ascontiguousarray(q), np.ascontiguousarray(w), K, threads=threads,
+            )  # fmt: skip
+        topk = put(sel, NamedSharding(mesh, TABLES))
+        x, latent = host_attend_jit(blk, cfg, mesh, x, proj, pos, slots, tables, cache.latent, topk, backend)
+        new_caches[i] = DSACaches(latent, index)
+    return lm_head_sharded(params, cfg, mesh, x), tuple(new_caches)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def replicated_argmax(logits: jax.Array, mesh: Mesh) -> jax.Array:
+    """int32 `[T]`: each row's argmax (ties: the lowest id), replicated on every device (readable in
+    every process)."""
+    return jax.lax.with_sharding_constraint(jnp.argmax(logits, axis=-1).astype(jnp.int32), NamedSharding(mesh, P()))
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def replicated_rows(logits: jax.Array, rows: jax.Array, mesh: Mesh) -> jax.Array:
+    """float32 `[n, vocab]`: logits rows `rows` (int32 `[n]`, global indices), replicated on every device."""
+    return jax.lax.with_sharding_constraint(logits[rows], NamedSharding(mesh, P()))

@@ -8,4 +8,6 @@ the parts it is built from, each usable and tested alone:
 - `serving.runner`: `ModelRunner` executes a step on the device or with the indexer on the host (batch
   assembly, placement, forward, host caches, sampling).
 - `serving.placement`: the placement cost model (`PlacementCosts`); `serving.sampling`: `SamplingParams`.
+- `serving.mesh`: the engine on a device mesh (`Engine(..., mesh=...)`): `MeshScheduler` (a pool and a
+  scheduler per DP rank, requests placed by load) and `MeshRunner` (every rank's rows in one sharded step).
 """

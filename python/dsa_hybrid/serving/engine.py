@@ -23,6 +23,12 @@ one would have (if the failure cost the device caches, which are donated to the 
 request is recomputed from its tokens). One request whose token cannot be sampled ends alone with finish
 reason "error". Either way every other request's tokens are those it would have had.
 
+On a device mesh (`Engine(..., mesh=parallel.mesh.make_mesh(dp, tp))`, `serving.mesh`) every DP rank has
+its own page pool, block tables and prefix index (`num_pages` pages each), a new request is placed on
+the least loaded rank and stays there, every rank's rows run in one sharded program per step, and the
+tokens are those of one device. Several `jax.distributed` processes each run the same driver with the
+same requests in the same order (SPMD); see docs/parallel.md.
+
 Logging goes to the `dsa_hybrid.serving` loggers (preemptions, finished requests at DEBUG; the cost model
 at INFO; failed steps at WARNING / ERROR).
 """
@@ -38,6 +44,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -47,10 +54,14 @@ from dsa_hybrid.models.config import DSAConfig
 from dsa_hybrid.ops.sparse_mla import Backend
 from dsa_hybrid.serving.compile_cache import enable_compilation_cache
 from dsa_hybrid.serving.kv_manager import KVManager
+from dsa_hybrid.serving.mesh import MeshRunner, MeshScheduler, MeshSchedulerState
 from dsa_hybrid.serving.placement import PlacementCosts
 from dsa_hybrid.serving.runner import PLACEMENTS, ModelRunner
 from dsa_hybrid.serving.sampling import SamplingError, SamplingParams
 from dsa_hybrid.serving.scheduler import FINISH_REASONS, Request, RequestOutput, Scheduler, SchedulerState
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +174,10 @@ class Engine:
         micro_batches: row groups pipelined in host steps (1: no overlap).
         prefix_sharing: adopt other live requests' computed pages for equal leading tokens.
         max_finished: how many finished requests `finished` keeps (the most recent ones).
+        mesh: a `("dp", "tp")` mesh (`parallel.mesh.make_mesh`) to serve on: `num_pages` pages per DP rank,
+            one pool per rank, requests placed on ranks by load, `max_tokens_per_step` per rank and step,
+            `placement` "device" or "host" ("auto" is refused), `cost_model` and `micro_batches` unused.
+            None: one device (`ModelRunner`).
     """
 
     def __init__(
@@ -183,6 +198,7 @@ class Engine:
         micro_batches: int = 2,
         prefix_sharing: bool = True,
         max_finished: int = 1024,
+        mesh: Mesh | None = None,
     ) -> None:
         if max_tokens_per_step < 1 or num_pages < 1 or micro_batches < 1:
             raise ValueError("max_tokens_per_step, num_pages and micro_batches must be >= 1")
@@ -191,29 +207,61 @@ class Engine:
         self.cfg, self.page_size, self.max_model_len = cfg, page_size, max_model_len
         self.finished = FinishedRequests(max_finished)
         enable_compilation_cache()
-        self.runner = ModelRunner(
-            params, cfg, num_pages=num_pages, page_size=page_size, max_model_len=max_model_len,
-            max_tokens_per_step=max_tokens_per_step, latent_kind=latent_kind, indexer=indexer, backend=backend,
-            placement=placement, cost_model=cost_model, host_threads=host_threads, micro_batches=micro_batches,
-        )  # fmt: skip
-        self.kv = KVManager(num_pages, page_size, prefix_sharing=prefix_sharing)
-        self.scheduler = Scheduler(self.kv, max_tokens_per_step=max_tokens_per_step, eos_token_ids=cfg.eos_token_id)
+        self.mesh = mesh
+        self.runner: ModelRunner | MeshRunner
+        self.scheduler: Scheduler | MeshScheduler
+        if mesh is None:
+            self.runner = ModelRunner(
+                params, cfg, num_pages=num_pages, page_size=page_size, max_model_len=max_model_len,
+                max_tokens_per_step=max_tokens_per_step, latent_kind=latent_kind, indexer=indexer, backend=backend,
+                placement=placement, cost_model=cost_model, host_threads=host_threads, micro_batches=micro_batches,
+            )  # fmt: skip
+            self.kvs = [KVManager(num_pages, page_size, prefix_sharing=prefix_sharing)]
+            self.scheduler = Scheduler(
+                self.kvs[0], max_tokens_per_step=max_tokens_per_step, eos_token_ids=cfg.eos_token_id
+            )
+        else:
+            self.runner = MeshRunner(
+                params, cfg, mesh, pages_per_rank=num_pages, page_size=page_size, max_model_len=max_model_len,
+                latent_kind=latent_kind, indexer=indexer, backend=backend, placement=placement,
+                host_threads=host_threads,
+            )  # fmt: skip
+            self.kvs = [KVManager(num_pages, page_size, prefix_sharing=prefix_sharing) for _ in range(self.runner.dp)]
+            self.scheduler = MeshScheduler(
+                self.kvs, max_tokens_per_step=max_tokens_per_step, eos_token_ids=cfg.eos_token_id
+            )
+        self.kv = self.kvs[0]
         self.stats = EngineStats()
         self._next_id = 0
 
     # ----- views of the parts ----------------------------------------------------------------------
     @property
     def pool(self) -> BlockPool:
-        """The one block pool (`KVManager.pool`)."""
+        """The one block pool (`KVManager.pool`); on a mesh DP rank 0's (`pools` lists every rank's)."""
         return self.kv.pool
 
     @property
+    def pools(self) -> list[BlockPool]:
+        """Every DP rank's block pool (one on one device)."""
+        return [kv.pool for kv in self.kvs]
+
+    @property
     def num_pages(self) -> int:
+        """Pages of one pool (on a mesh: of each DP rank's)."""
         return self.kv.num_blocks
 
     @property
     def free_pages(self) -> list[int]:
-        return self.kv.pool.free_blocks().tolist()
+        """The free pages; on a mesh numbered globally (page `p` of rank `r` is `r · num_pages + p`)."""
+        return [r * self.num_pages + p for r, kv in enumerate(self.kvs) for p in kv.pool.free_blocks().tolist()]
+
+    def rank_of(self, request_id: int) -> int:
+        """The DP rank a waiting or running request lives on (0 on one device). KeyError if unknown."""
+        if isinstance(self.scheduler, MeshScheduler):
+            return self.scheduler.rank_of(request_id)
+        if request_id not in self.scheduler.live:
+            raise KeyError(f"request {request_id} is not waiting or running")
+        return 0
 
     @property
     def preemptions(self) -> int:
@@ -418,13 +466,17 @@ class Engine:
         st.seconds["sample"] += secs["sample"]
         return new, done
 
-    def _roll_back(self, before: SchedulerState) -> None:
+    def _roll_back(self, before: SchedulerState | MeshSchedulerState) -> None:
         """After a step raised: every request and block as before it (`Scheduler.restore`). If the device
         caches were lost (donated to the failed forward), start from empty ones and recompute every
         running request (their tokens do not change)."""
         with _sigint_deferred():
             self.stats.failed_steps += 1
-            self.scheduler.restore(before)
+            if isinstance(self.scheduler, MeshScheduler):
+                self.scheduler.restore(before)
+            else:
+                assert isinstance(before, SchedulerState)
+                self.scheduler.restore(before)
             if self.runner.caches_lost():
                 logger.error("a step failed and took the device caches with it: every running request is recomputed")
                 self.runner.reset_caches()
@@ -465,5 +517,6 @@ class Engine:
     def cache_bytes(self) -> dict[str, int]:
         """Bytes of every cache (capacity) and of the pages held now, summed over layers."""
         sizes = self.runner.cache_bytes()
-        held = (self.num_pages - self.kv.num_free) / self.num_pages
+        total = self.num_pages * len(self.kvs)
+        held = (total - sum(kv.num_free for kv in self.kvs)) / total
         return {**sizes, "held": int(held * sum(sizes.values()))}
