@@ -17,6 +17,9 @@ The package is laid out by job (docs/architecture.md); this module only names th
   (indexer on the device or the host). `models`: `ModelParams`, `generate_greedy`, `load_layer_params`.
 - `serving`: `Engine`, `SamplingParams`, `PlacementCosts` — continuous batching, prefix sharing,
   preemption, sampling, and the indexer placed on the host or the device per step.
+- `text`: `Tokenizer`, `StreamDecoder` — a checkpoint's tokenizer.json (needs `tokenizers`:
+  `pip install "dsa_hybrid[hf]"`) and incremental decoding; `chat_prompt`, `encode_dsv32`,
+  `render_chat_template` — the chat encodings of DeepSeek-V3.2 (tools included) and GLM-5.
 
 Everything that needs JAX is imported on first use (JAX costs seconds of start-up).
 """
@@ -52,6 +55,8 @@ if TYPE_CHECKING:
     from dsa_hybrid.serving.engine import Engine
     from dsa_hybrid.serving.placement import PlacementCosts
     from dsa_hybrid.serving.sampling import SamplingParams
+    from dsa_hybrid.text.chat import chat_prompt, encode_dsv32, render_chat_template
+    from dsa_hybrid.text.tokenizer import StreamDecoder, Tokenizer
 
 # Public name -> the module that defines it, imported on first use.
 _LAZY = {
@@ -71,6 +76,11 @@ _LAZY = {
     "Engine": "dsa_hybrid.serving.engine",
     "SamplingParams": "dsa_hybrid.serving.sampling",
     "PlacementCosts": "dsa_hybrid.serving.placement",
+    "Tokenizer": "dsa_hybrid.text.tokenizer",
+    "StreamDecoder": "dsa_hybrid.text.tokenizer",
+    "chat_prompt": "dsa_hybrid.text.chat",
+    "encode_dsv32": "dsa_hybrid.text.chat",
+    "render_chat_template": "dsa_hybrid.text.chat",
 }
 
 
@@ -106,6 +116,11 @@ __all__ = [
     "Engine",
     "SamplingParams",
     "PlacementCosts",
+    "Tokenizer",
+    "StreamDecoder",
+    "chat_prompt",
+    "encode_dsv32",
+    "render_chat_template",
     "DSAConfig",
     "YarnScaling",
     "cpu_features",

@@ -1,33 +1,42 @@
 """Generate the Hugging Face parity golden files in this folder. Needs torch and transformers >= 5.24
 (not CI dependencies: CI only reads the files). Run from the repository root:
 
-    python tests/golden/make_golden.py
+    python tests/golden/make_golden.py [dense|moe|quant]
 
-For each model type (DeepSeek-V3.2 and GLM-MoE-DSA) it builds a tiny config, a random attention layer
-in transformers (eager attention, float32), runs it on random hidden states of 40 tokens (index_topk 16,
-so selection drops tokens), and writes `<model>/config.json`, `<model>/model.safetensors` (the layer's
-weights under their checkpoint names) and `<model>/io.npz` (inputs, outputs, top-k indices). Seeds are
-chosen so that no row's top-k depends on tie-breaking: the gap between the k-th and (k+1)-th indexer
-score (recomputed in float64) must exceed 1e-4 relative.
+Set GOLDEN_OUT=DIR to write elsewhere (to compare a fresh run with the committed files first: torch's
+float32 sums may differ in the last bit between versions and thread counts, and np.savez stamps times).
 
-`python tests/golden/make_golden.py moe` writes only the MoE language models (`<model>_moe_lm/`): tiny
-DeepseekV32ForCausalLM (group-limited routing that drops groups) and GlmMoeDsaForCausalLM (with "shared"
-indexer layers), their first layer dense and the others MoE, a random `e_score_correction_bias`; the
-checkpoint is written with one tensor per expert (`mlp.experts.{e}.{gate,up,down}_proj.weight`), as the
-released checkpoints are; `io.npz` holds the prompt, the prompt's logits and 12 greedy tokens.
+`dense` (the default) writes the attention-layer goldens: for each model type (DeepSeek-V3.2 and
+GLM-MoE-DSA) a tiny config, a random attention layer in transformers (eager attention, float32), run on
+random hidden states of 40 tokens (index_topk 16, so selection drops tokens), as `<model>/config.json`,
+`<model>/model.safetensors` (the layer's weights under their checkpoint names) and `<model>/io.npz`
+(inputs, outputs, top-k indices). Seeds are chosen so that no row's top-k depends on tie-breaking: the
+gap between the k-th and (k+1)-th indexer score (recomputed in float64) must exceed 1e-4 relative. It also
+writes `deepseek_v32_lm/`, a tiny all-dense DeepseekV32ForCausalLM.
 
-`python tests/golden/make_golden.py quant` writes the same two MoE language models at wider sizes
-(hidden 192, dense MLP 320, so weights span several 128 × 128 blocks, ragged at the edges) as they are
-released: `<model>_moe_lm_bf16/` with every tensor in bfloat16, and `<model>_moe_lm_fp8/` with every
-linear weight FP8 e4m3fn + `weight_scale_inv` blocks (as DeepSeek's checkpoints: not the embedding, the LM
-head, the norms, the router or the indexer's `weights_proj`, which stay bfloat16) and a
-`quantization_config` in config.json. transformers runs in float32 on exactly the stored values (bf16
-widened, FP8 dequantized: what the checkpoint means), so the goldens test the resident formats' math.
+`moe` writes the MoE language models (`<model>_moe_lm/`): tiny DeepseekV32ForCausalLM (group-limited
+routing that drops groups) and GlmMoeDsaForCausalLM (with "shared" indexer layers), their first layer
+dense and the others MoE, a random `e_score_correction_bias`; the checkpoint is written with one tensor
+per expert (`mlp.experts.{e}.{gate,up,down}_proj.weight`), as the released checkpoints are.
+
+`quant` writes the same two MoE language models at wider sizes (hidden 192, dense MLP 320, so weights
+span several 128 × 128 blocks, ragged at the edges) as they are released: `<model>_moe_lm_bf16/` with
+every tensor in bfloat16, and `<model>_moe_lm_fp8/` with every linear weight FP8 e4m3fn +
+`weight_scale_inv` blocks (as DeepSeek's checkpoints: not the embedding, the LM head, the norms, the
+router or the indexer's `weights_proj`, which stay bfloat16) and a `quantization_config` in config.json.
+transformers runs in float32 on exactly the stored values (bf16 widened, FP8 dequantized: what the
+checkpoint means), so the goldens test the resident formats' math.
+
+Every language-model golden's `io.npz` holds the 30-token prompt, 12 greedy tokens (`generated`; fewer
+when transformers stopped at EOS, which is then the last), and from the prompt's forward pass the logits,
+each decoder layer's output (`layer_out [L, 30, hidden]`) and each layer's top-k selection (`topk
+[L, 30, 16]`, from hooks on the indexers; a "shared" layer repeats the previous full layer's).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -38,6 +47,7 @@ from transformers.models.deepseek_v32 import modeling_deepseek_v32 as v32
 from transformers.models.glm_moe_dsa import modeling_glm_moe_dsa as glm
 
 HERE = Path(__file__).resolve().parent
+OUT = Path(os.environ.get("GOLDEN_OUT", HERE))  # where to write (compare a fresh run before replacing)
 sys.path.insert(0, str(HERE.parents[1] / "python"))
 from dsa_hybrid import DSAConfig  # noqa: E402
 from dsa_hybrid import reference as ref  # noqa: E402
@@ -110,52 +120,12 @@ def generate(model_type: str, seed: int) -> float:
     gap = boundary_gap(ref.indexer_scores(q_i, w_i, k_i), cfg.index_topk)
     if gap < 1e-4:
         return gap
-    d = HERE / model_type
-    d.mkdir(exist_ok=True)
+    d = OUT / model_type
+    d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps(hf_cfg.to_dict() | {"model_type": model_type}, indent=1, default=str))
     write_safetensors(d / "model.safetensors", tensors)
     np.savez_compressed(d / "io.npz", x=x[0].numpy(), out=out[0].numpy(), topk=topk[0].numpy(), seed=seed)
     return gap
-
-
-def generate_lm(seed: int) -> bool:
-    """A tiny all-dense DeepseekV32ForCausalLM: greedy generation of 12 tokens after a 30-token prompt
-    (longer than index_topk = 16). Kept only if generation with and without the KV cache agree and every
-    step's top logit leads the runner-up by a margin (no tie decides a token)."""
-    cfg = DSAConfig.tiny("deepseek_v32").replace(index_n_heads=8)  # 2 layers, both dense
-    hf = cfg.to_hf_config()
-    hf.pop("model_type")
-    hf_cfg = v32.DeepseekV32Config(**hf)
-    hf_cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = v32.DeepseekV32ForCausalLM(hf_cfg).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(
-                1.0 + 0.1 * torch.randn_like(p)
-                if "norm" in name and name.endswith("weight")
-                else 0.1 * torch.randn_like(p)
-            )
-    prompt = torch.randint(0, cfg.vocab_size, (1, 30))
-    with torch.no_grad():
-        cached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True, output_scores=True,
-                                return_dict_in_generate=True)  # fmt: skip
-        uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)
-    new = cached.sequences[0, 30:]
-    if not torch.equal(new, uncached[0, 30:]):
-        return False
-    margins = [float((s[0].topk(2).values[0] - s[0].topk(2).values[1]) / s[0].abs().max()) for s in cached.scores]
-    if min(margins) < 1e-3:
-        return False
-    d = HERE / "deepseek_v32_lm"
-    d.mkdir(exist_ok=True)
-    (d / "config.json").write_text(json.dumps(hf_cfg.to_dict() | {"model_type": "deepseek_v32"}, indent=1, default=str))
-    write_safetensors(
-        d / "model.safetensors", {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
-    )
-    np.savez_compressed(d / "io.npz", prompt=prompt[0].numpy(), generated=new.numpy(), seed=seed)
-    print(f"deepseek_v32_lm: seed {seed}, smallest top-logit margin {min(margins):.2e}")
-    return True
 
 
 def moe_tiny(model_type: str) -> DSAConfig:
@@ -211,14 +181,8 @@ def stored(state: dict[str, np.ndarray], fmt: str | None) -> tuple[dict[str, np.
     return out, values
 
 
-def generate_moe_lm(model_type: str, seed: int, fmt: str | None = None) -> bool:
-    cfg = moe_tiny(model_type) if fmt is None else quant_tiny(model_type)
-    hf = cfg.to_hf_config()
-    hf.pop("model_type")
-    hf_cfg = MODELS[model_type][0](**hf)
-    hf_cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = LM_CLASSES[model_type](hf_cfg).float().eval()
+def randomize(model: torch.nn.Module) -> None:
+    """Every weight random (norms near 1), and a random `e_score_correction_bias` where there is one."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(
@@ -229,9 +193,12 @@ def generate_moe_lm(model_type: str, seed: int, fmt: str | None = None) -> bool:
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(0.05 * torch.randn_like(b))
-        # The weights as the checkpoint stores them (bf16 / FP8), loaded back as their float32 values.
-        files, values = stored(per_expert({k: v.numpy() for k, v in model.state_dict().items()}), fmt)
-        fused = {k: v for k, v in model.state_dict().items()}
+
+
+def load_values(model: torch.nn.Module, values: dict[str, np.ndarray]) -> None:
+    """Copy the checkpoint's float32 values (per-expert names) into transformers' fused parameters."""
+    with torch.no_grad():
+        fused = model.state_dict()
         for k in fused:
             if k.endswith("mlp.experts.gate_up_proj"):
                 p = k.removesuffix("gate_up_proj")
@@ -240,14 +207,57 @@ def generate_moe_lm(model_type: str, seed: int, fmt: str | None = None) -> bool:
                 fused[k].copy_(torch.from_numpy(np.stack(gu)))
             elif k.endswith("mlp.experts.down_proj"):
                 p = k.removesuffix("down_proj")
-                fused[k].copy_(
-                    torch.from_numpy(np.stack([values[f"{p}{e}.down_proj.weight"] for e in range(fused[k].shape[0])]))
-                )
+                E = fused[k].shape[0]
+                fused[k].copy_(torch.from_numpy(np.stack([values[f"{p}{e}.down_proj.weight"] for e in range(E)])))
             elif k in values:
                 fused[k].copy_(torch.from_numpy(np.ascontiguousarray(values[k])))
-    prompt = torch.randint(0, cfg.vocab_size, (1, 30))
+
+
+def per_layer(model: torch.nn.Module, cfg: DSAConfig, prompt: torch.Tensor) -> dict[str, np.ndarray]:
+    """The prompt's logits `[T, vocab]`, each decoder layer's output `[L, T, hidden]` and each layer's
+    top-k selection `[L, T, K]` int32 (a "shared" layer's is the previous full layer's; in rows `t < K`
+    the entries beyond position t are arbitrary masked positions), from forward hooks."""
+    outs: list[torch.Tensor] = []
+    sel: dict[int, torch.Tensor] = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        hooks.append(layer.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o)))
+        if getattr(layer.self_attn, "indexer", None) is not None:
+            hooks.append(layer.self_attn.indexer.register_forward_hook(lambda m, a, o, i=i: sel.__setitem__(i, o)))
     with torch.no_grad():
         logits = model(prompt, use_cache=False).logits[0]
+    for h in hooks:
+        h.remove()
+    topk = []
+    for i in range(cfg.num_hidden_layers):
+        topk.append(sel[i][0] if i in sel else topk[-1])
+    return {
+        "logits": logits.numpy(),
+        "layer_out": torch.stack(outs)[:, 0].numpy(),
+        "topk": torch.stack(topk).numpy().astype(np.int32),
+    }
+
+
+def generate_lm(name: str, model_type: str, cfg: DSAConfig, seed: int, fmt: str | None = None) -> bool:
+    """A tiny `DeepseekV32ForCausalLM` / `GlmMoeDsaForCausalLM` of config `cfg`, written to `OUT/name` with
+    its checkpoint stored in `fmt` (None: float32, "bf16", "fp8"): greedy generation of 12 tokens after a
+    30-token prompt (longer than index_topk = 16), plus `per_layer`'s logits, layer outputs and top-k sets
+    of the prompt. Kept only if generation with and without the KV cache agree and every step's top logit
+    leads the runner-up by a margin (no tie decides a token)."""
+    hf = cfg.to_hf_config()
+    hf.pop("model_type")
+    hf_cfg = MODELS[model_type][0](**hf)
+    hf_cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = LM_CLASSES[model_type](hf_cfg).float().eval()
+    randomize(model)
+    # The weights as the checkpoint stores them (bf16 / FP8), loaded back as their float32 values.
+    state = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    files, values = stored(per_expert(state), fmt)
+    load_values(model, values)
+    prompt = torch.randint(0, cfg.vocab_size, (1, 30))
+    recorded = per_layer(model, cfg, prompt)
+    with torch.no_grad():
         cached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True, output_scores=True,
                                 return_dict_in_generate=True)  # fmt: skip
         uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)
@@ -257,37 +267,38 @@ def generate_moe_lm(model_type: str, seed: int, fmt: str | None = None) -> bool:
     margins = [float((s[0].topk(2).values[0] - s[0].topk(2).values[1]) / s[0].abs().max()) for s in cached.scores]
     if min(margins) < 1e-3:
         return False
-    d = HERE / (f"{model_type}_moe_lm" if fmt is None else f"{model_type}_moe_lm_{fmt}")
-    d.mkdir(exist_ok=True)
+    d = OUT / name
+    d.mkdir(parents=True, exist_ok=True)
     extra: dict = {"model_type": model_type}
     if fmt == "fp8":
         extra["quantization_config"] = {
             "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]
         }  # fmt: skip
     (d / "config.json").write_text(json.dumps(hf_cfg.to_dict() | extra, indent=1, default=str))
-    if fmt is None:
-        state = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
-        files = per_expert(state)
     write_safetensors(d / "model.safetensors", files)
-    np.savez_compressed(d / "io.npz", prompt=prompt[0].numpy(), logits=logits.numpy(), generated=new.numpy(), seed=seed)
+    np.savez_compressed(d / "io.npz", prompt=prompt[0].numpy(), generated=new.numpy(), seed=seed, **recorded)
     print(f"{d.name}: seed {seed}, smallest top-logit margin {min(margins):.2e}")
     return True
 
 
+def lm_goldens(which: str) -> list[tuple[str, str, DSAConfig, str | None]]:
+    """(directory, model type, config, storage format) of the language-model goldens of `which`."""
+    if which == "dense":
+        return [("deepseek_v32_lm", "deepseek_v32", DSAConfig.tiny("deepseek_v32").replace(index_n_heads=8), None)]
+    if which == "moe":
+        return [(f"{m}_moe_lm", m, moe_tiny(m), None) for m in LM_CLASSES]
+    return [(f"{m}_moe_lm_{f}", m, quant_tiny(m), f) for m in LM_CLASSES for f in ("bf16", "fp8")]
+
+
 def main() -> None:
-    if sys.argv[1:] == ["quant"]:
-        for model_type in LM_CLASSES:
-            for fmt in ("bf16", "fp8"):
-                if not any(generate_moe_lm(model_type, seed, fmt) for seed in range(20)):
-                    raise SystemExit(f"{model_type}_moe_lm_{fmt}: no seed whose greedy generation is free of ties")
+    which = sys.argv[1] if len(sys.argv) > 1 else "dense"
+    if which not in ("dense", "moe", "quant"):
+        raise SystemExit(f"usage: make_golden.py [dense|moe|quant], got {which!r}")
+    for name, model_type, cfg, fmt in lm_goldens(which):
+        if not any(generate_lm(name, model_type, cfg, seed, fmt) for seed in range(20)):
+            raise SystemExit(f"{name}: no seed whose greedy generation is free of ties")
+    if which != "dense":
         return
-    if sys.argv[1:] == ["moe"]:
-        for model_type in LM_CLASSES:
-            if not any(generate_moe_lm(model_type, seed) for seed in range(20)):
-                raise SystemExit(f"{model_type}_moe_lm: no seed whose greedy generation is free of ties")
-        return
-    if not any(generate_lm(seed) for seed in range(20)):
-        raise SystemExit("deepseek_v32_lm: no seed whose greedy generation is free of ties")
     for model_type in MODELS:
         for seed in range(100):
             gap = generate(model_type, seed)

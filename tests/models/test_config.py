@@ -7,7 +7,13 @@ from hypothesis import given
 
 from dsa_hybrid import DSAConfig, YarnScaling, testing
 
-# Hugging Face config.json excerpts as the model repositories ship them (attention-relevant keys).
+# Hugging Face config.json excerpts as the model repositories ship them (attention-relevant and MoE keys).
+# Checked against the released files' values, huggingface.co/deepseek-ai/DeepSeek-V3.2/blob/main/config.json
+# and huggingface.co/zai-org/GLM-5/blob/main/config.json, as mirrored (each key, with these values, as its
+# loader's default) in github.com/jd-opensource/xllm xllm/models/llm/deepseek_v32.h and .../glm5.h
+# (`REGISTER_MODEL_ARGS`); GLM-5's MoE keys also in a GLM-5-family snapshot check (first_k_dense_replace 3,
+# 256 routed, 1 shared, 8 per token). Both releases also carry `num_nextn_predict_layers: 1` (one MTP layer,
+# skipped by the loader) and their `eos_token_id` (1; [154820, 154827, 154829]), which the presets leave out.
 V32_HF = {
     "architectures": ["DeepseekV32ForCausalLM"],
     "model_type": "deepseek_v32",
@@ -100,6 +106,31 @@ def test_glm5_preset_matches_spec_table():
     assert c.rope_theta == 1e6 and c.rope_scaling is None
     assert (c.indexer_rope_pairing, c.mla_rope_pairing) == ("interleaved", "interleaved")
     assert c.softmax_scale == pytest.approx(256**-0.5)
+
+
+# The released MoE routing of each model (config.json keys), recorded from the sources cited above.
+RELEASED_MOE = {
+    "deepseek_v32": dict(
+        first_k_dense_replace=3, n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8,
+        moe_intermediate_size=2048, n_group=8, topk_group=4, routed_scaling_factor=2.5, norm_topk_prob=True,
+        intermediate_size=18432,
+    ),
+    "glm_moe_dsa": dict(
+        first_k_dense_replace=3, n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8,
+        moe_intermediate_size=2048, n_group=1, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+        intermediate_size=12288,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", [DSAConfig.deepseek_v32, DSAConfig.glm5])
+def test_presets_moe_fields_match_the_released_configs(preset):
+    c = preset()
+    want = RELEASED_MOE[c.model_type]
+    assert {k: getattr(c, k) for k in want} == want
+    assert [c.layer_mlp_type(i) for i in (0, 2, 3, c.num_hidden_layers - 1)] == ["dense", "dense", "sparse", "sparse"]
+    hf = V32_HF if c.model_type == "deepseek_v32" else GLM5_HF
+    assert {k: hf[k] for k in want} == want  # the excerpts above agree with the recorded values
 
 
 def test_hf_configs_load_to_the_presets(tmp_path):

@@ -28,7 +28,7 @@ import numpy as np
 
 from dsa_hybrid.layers.weights import FP8_BLOCK, Fp8Weight
 from dsa_hybrid.layers.weights import dequantize_fp8_blocks as dequantize_fp8_blocks
-from dsa_hybrid.layers.weights import quantize_fp8_blocks as quantize_fp8_blocks
+from dsa_hybrid.layers.weights import quantize_fp8_blocks as quantize_fp8_blocks_unchecked
 from dsa_hybrid.models.config import DSAConfig
 
 _DTYPES = {
@@ -66,6 +66,25 @@ __all__ = [
 
 class CheckpointError(ValueError):
     """A checkpoint file or index that does not describe itself consistently (names the file and field)."""
+
+
+def quantize_fp8_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FP8-quantize a float weight `w [..., out, in]` as DeepSeek's checkpoints are made: per 128 × 128
+    block `scale = amax / 448`, `codes = e4m3fn(W / scale)`. Returns `(codes [..., out, in]
+    float8_e4m3fn, scale_inv [..., ceil(out / 128), ceil(in / 128)] float32)`. `TypeError` names `w`
+    when it is not a real (integer or float) array, `ValueError` when it has fewer than 2 dimensions, an
+    empty one, or a NaN / infinite entry (a block's scale would be NaN: every code of it lost)."""
+    a = np.asarray(w)
+    real = np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)
+    if a.dtype == np.bool_ or not (real or a.dtype in (np.dtype(ml_dtypes.bfloat16), FP8)):
+        raise TypeError(f"w: expected a real (float or integer) array, got dtype {a.dtype}")
+    if a.ndim < 2:
+        raise ValueError(f"w: expected a weight of shape [..., out, in] (2-D or more), got shape {list(a.shape)}")
+    if a.size == 0:
+        raise ValueError(f"w: expected a non-empty weight, got shape {list(a.shape)}")
+    if not np.isfinite(a.astype(np.float32)).all():
+        raise ValueError("w: the weight has NaN or infinite entries (their 128 x 128 blocks cannot be scaled)")
+    return quantize_fp8_blocks_unchecked(a)
 
 
 def _is_int(v: Any) -> bool:
@@ -308,6 +327,10 @@ class Checkpoint:
         return self.file(name).nbytes(name)
 
     def scale_name(self, name: str) -> str:
+        """The name of the FP8 block scales of weight `name` (`"….weight"` → `"….weight_scale_inv"`);
+        `TypeError` naming `name` when it is not a string."""
+        if not isinstance(name, str):
+            raise TypeError(f"name: expected a tensor name (str), got {type(name).__name__}")
         return name.removesuffix("weight") + "weight_scale_inv"
 
     def weight(self, name: str, weights: str = "float32") -> np.ndarray | Fp8Weight:
@@ -344,7 +367,12 @@ class Checkpoint:
         return total
 
     def layers_beyond(self, num_layers: int) -> list[int]:
-        """Layer numbers `>= num_layers` that have tensors (MTP / next-n layers), sorted."""
+        """Layer numbers `>= num_layers` that have tensors (MTP / next-n layers), sorted. `ValueError` /
+        `TypeError` naming `num_layers` unless it is an integer >= 0."""
+        if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)):
+            raise TypeError(f"num_layers: expected an integer >= 0, got {type(num_layers).__name__}")
+        if num_layers < 0:
+            raise ValueError(f"num_layers: expected an integer >= 0, got {num_layers}")
         found = set()
         for name in self.index:
             if name.startswith("model.layers."):

@@ -216,7 +216,13 @@ class DSAConfig:
         return self.indexer_types[layer] if self.indexer_types else "full"
 
     def layer_mlp_type(self, layer: int) -> MlpType:
-        """ "sparse" if layer `layer`'s MLP is the MoE block (`models.moe`), "dense" if a SwiGLU MLP."""
+        """ "sparse" if layer `layer`'s MLP is the MoE block (`models.moe`), "dense" if a SwiGLU MLP.
+        `IndexError` naming the layer unless `0 <= layer < num_hidden_layers`, `TypeError` for a
+        non-integer `layer`."""
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise TypeError(f"layer: expected an integer layer number, got {type(layer).__name__}")
+        if not 0 <= layer < self.num_hidden_layers:
+            raise IndexError(f"layer {layer} out of range for {self.num_hidden_layers} layers")
         if self.mlp_layer_types:
             return self.mlp_layer_types[layer]
         return self._derived_mlp_type(layer)
@@ -260,16 +266,8 @@ class DSAConfig:
             num_hidden_layers=61,
             vocab_size=129280,
             intermediate_size=18432,
-            first_k_dense_replace=3,
             max_position_embeddings=163840,
-            n_routed_experts=256,
-            n_shared_experts=1,
-            num_experts_per_tok=8,
-            n_group=8,
-            topk_group=4,
-            norm_topk_prob=True,
-            routed_scaling_factor=2.5,
-            moe_intermediate_size=2048,
+            **_released_mlp(n_group=8, topk_group=4),
         )
 
     @classmethod
@@ -295,16 +293,8 @@ class DSAConfig:
             num_hidden_layers=78,
             vocab_size=154880,
             intermediate_size=12288,
-            first_k_dense_replace=3,
             max_position_embeddings=202752,
-            n_routed_experts=256,
-            n_shared_experts=1,
-            num_experts_per_tok=8,
-            n_group=1,
-            topk_group=1,
-            norm_topk_prob=True,
-            routed_scaling_factor=2.5,
-            moe_intermediate_size=2048,
+            **_released_mlp(n_group=1, topk_group=1),
         )
 
     @classmethod
@@ -535,6 +525,25 @@ class DSAConfig:
         if self.eos_token_id:  # one id as an int, several as a list (as the model repositories write it)
             d["eos_token_id"] = self.eos_token_id[0] if len(self.eos_token_id) == 1 else list(self.eos_token_id)
         return d
+
+
+def _released_mlp(n_group: int, topk_group: int) -> dict[str, Any]:
+    """The MLP fields DeepSeek-V3.2 and GLM-5 share in their released config.json: the first 3 layers
+    dense, then MoE with 256 routed experts of width 2048, 1 shared expert, 8 experts per token,
+    normalized sigmoid weights scaled by 2.5; they differ only in group-limited routing (DeepSeek-V3.2:
+    8 groups, 4 kept; GLM-5: none). Values as in huggingface.co/deepseek-ai/DeepSeek-V3.2/config.json and
+    huggingface.co/zai-org/GLM-5/config.json (tests/models/test_config.py records them field by field)."""
+    return dict(
+        first_k_dense_replace=3,
+        n_routed_experts=256,
+        n_shared_experts=1,
+        num_experts_per_tok=8,
+        n_group=n_group,
+        topk_group=topk_group,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        moe_intermediate_size=2048,
+    )
 
 
 # Bounds on config.json sizes: far above any released model, low enough that a hostile value is refused
