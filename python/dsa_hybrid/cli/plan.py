@@ -1,5 +1,8 @@
 """`dsa-hybrid plan`: compile a full-size model for a TPU slice ahead of time (libtpu, no chip) and print
 its per-device HBM, collectives and cost (`parallel.plan`); `--table` prints the docs/parallel.md tables.
+
+Every flag is checked by the parser (docs/errors.md): an absurd size, an unknown TPU generation or step
+is a usage error (one line, exit status 2) before libtpu is loaded.
 """
 
 from __future__ import annotations
@@ -7,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from typing import TextIO
 
 TABLE_TOPOLOGIES = ("v5p:4x4x4", "v6e:8x8", "tpu7x:2x2x4")
@@ -16,15 +20,56 @@ GENERATIONS = ("v5e", "v5p", "v6e", "tpu7x")
 SLICE_TEMP_FLOOR = 3 << 30
 
 
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: an integer in `[lo, hi]`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must lie in [{lo}, {hi}], got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _topology(text: str) -> str:
+    """An argparse type: `<generation>:<shape>` with a known generation (libtpu checks the shape later)."""
+    gen, _, shape = text.partition(":")
+    if gen not in GENERATIONS or not shape:
+        raise argparse.ArgumentTypeError(
+            f"expected <generation>:<shape> with a generation of {GENERATIONS}, got {text!r}"
+        )
+    return text
+
+
+def _steps(text: str) -> str:
+    """An argparse type: a comma-separated subset of decode, prefill."""
+    steps = [s.strip() for s in text.split(",") if s.strip()]
+    if not steps or any(s not in ("decode", "prefill") for s in steps):
+        raise argparse.ArgumentTypeError(f"expected decode, prefill or decode,prefill, got {text!r}")
+    return text
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=["deepseek_v32", "glm_moe_dsa"], default="deepseek_v32")
-    p.add_argument("--topology", default="v5p:4x4x4", help="a libtpu topology, e.g. v5p:4x4x4, v6e:8x8, tpu7x:2x2x4")
-    p.add_argument("--context", type=int, default=131072, help="tokens per sequence in the caches (default 131072)")
-    p.add_argument("--batch", type=int, default=32, help="sequences, spread over the DP ranks (default 32)")
+    p.add_argument("--topology", type=_topology, default="v5p:4x4x4",
+                   help="a libtpu topology, e.g. v5p:4x4x4, v6e:8x8, tpu7x:2x2x4")  # fmt: skip
+    p.add_argument("--context", type=_int_in(1, 2**24), default=131072,
+                   help="tokens per sequence in the caches (default 131072)")  # fmt: skip
+    p.add_argument(
+        "--batch", type=_int_in(1, 2**20), default=32, help="sequences, spread over the DP ranks (default 32)"
+    )
     p.add_argument("--weights", choices=["fp8", "bf16"], default="fp8", help="resident weight format (default fp8)")
-    p.add_argument("--tp", type=int, default=None, help="tensor-parallel width (default: 8, or less to divide)")
-    p.add_argument("--prefill-chunk", type=int, default=256, help="new tokens per DP rank in the prefill step")
-    p.add_argument("--steps", default="decode,prefill", help="steps to compile: decode, prefill or both")
+    p.add_argument(
+        "--tp", type=_int_in(1, 1024), default=None, help="tensor-parallel width (default: 8, or less to divide)"
+    )
+    p.add_argument("--prefill-chunk", type=_int_in(1, 2**20), default=256,
+                   help="new tokens per DP rank in the prefill step")  # fmt: skip
+    p.add_argument("--steps", type=_steps, default="decode,prefill", help="steps to compile: decode, prefill or both")
     p.add_argument("--full", action="store_true",
                    help="also compile 0- and 1-layer programs to scale collectives and cost to all layers")  # fmt: skip
     p.add_argument("--table", action="store_true",

@@ -96,7 +96,17 @@ def sparse_mla_host(
 def fma_peak_gflops(seconds: float = 0.2, repeats: int = 3) -> float:
     """This core's float32 FMA peak in GFLOP/s on the SIMD path in use (`cpu_features()["simd_path"]`):
     independent FMA chains timed by the calling thread's CPU time (so other processes on the machine do
-    not lower it), the best of `repeats` runs of about `seconds` each. One core, one thread."""
+    not lower it), the best of `repeats` runs of about `seconds` each. One core, one thread.
+    `seconds` a real number in (0, 60], `repeats` an integer in [1, 100] (TypeError / ValueError)."""
+    if isinstance(seconds, (bool, np.bool_)) or not isinstance(seconds, (int, float, np.floating, np.integer)):
+        raise TypeError(f"seconds: expected a real number, got {type(seconds).__name__} {seconds!r}")
+    if not 0 < float(seconds) <= 60:  # NaN fails this too
+        raise ValueError(f"seconds: must be in (0, 60], got {seconds}")
+    if isinstance(repeats, (bool, np.bool_)) or not isinstance(repeats, (int, np.integer)):
+        raise TypeError(f"repeats: expected an integer, got {type(repeats).__name__} {repeats!r}")
+    if not 1 <= int(repeats) <= 100:
+        raise ValueError(f"repeats: must be in [1, 100], got {repeats}")
+    seconds, repeats = float(seconds), int(repeats)
     iters = 1 << 16
     while True:
         t0 = time.thread_time()
@@ -107,7 +117,7 @@ def fma_peak_gflops(seconds: float = 0.2, repeats: int = 3) -> float:
         iters *= 4
     iters = max(1, int(iters * seconds / max(dt, 1e-9)))
     best = 0.0
-    for _ in range(max(1, repeats)):
+    for _ in range(repeats):
         t0 = time.thread_time()
         flops = _core.fma_loop(iters)
         dt = time.thread_time() - t0

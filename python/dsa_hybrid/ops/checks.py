@@ -51,3 +51,42 @@ def check_alloc(name: str, shape: tuple[int, ...], itemsize: int) -> None:
     nbytes = math.prod(shape) * itemsize
     if nbytes > MAX_ARRAY_BYTES:
         raise MemoryError(f"{name}: {shape} would take {nbytes} bytes, over the limit of 2**40 (refused)")
+
+
+def check_real(name: str, value: Any, lo: float | None = None, *, open_low: bool = False) -> float:
+    """`value` as a finite float (>= `lo`, or > `lo` with `open_low`): TypeError for a bool or a
+    non-number, ValueError for NaN, inf or a value out of range."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
+    x = float(value)
+    if not math.isfinite(x):
+        raise ValueError(f"{name}: must be finite, got {value}")
+    if lo is not None and (x <= lo if open_low else x < lo):
+        raise ValueError(f"{name}: must be {'>' if open_low else '>='} {lo}, got {value}")
+    return x
+
+
+def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> Any:
+    """`value` if it is one of `choices` (compared with `==`, types kept): ValueError naming `name` otherwise."""
+    if not any(type(value) is type(c) and value == c for c in choices):
+        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+    return value
+
+
+def check_int_array(name: str, x: Any, ndim: int, *, dtype_error: type[Exception] = ValueError) -> Any:
+    """`x` must be an integer array (not bool) of `ndim` dimensions: TypeError if it is no array,
+    `dtype_error` (ValueError by default) for a non-integer dtype, ValueError for the wrong rank."""
+    check_array(name, x)
+    if not np.issubdtype(np.dtype(x.dtype), np.integer):
+        raise dtype_error(f"{name}: expected integers, got {x.dtype} {list(x.shape)}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got {x.dtype} {list(x.shape)}")
+    return x
+
+
+def is_concrete(x: Any) -> bool:
+    """Whether `x`'s values can be read now (a numpy array or a committed jax.Array; not a tracer under
+    `jit`, `grad` or `vmap`)."""
+    import jax
+
+    return not isinstance(x, jax.core.Tracer)

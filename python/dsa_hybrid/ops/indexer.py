@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsa_hybrid.ops.checks import check_alloc, check_array, check_int
+from dsa_hybrid.ops.checks import check_alloc, check_array, check_int, check_int_array, is_concrete
 from dsa_hybrid.ops.latent_cache import quantize_rows
 from dsa_hybrid.ops.target import resolve_backend, target_is_tpu
 
@@ -96,6 +96,7 @@ class IndexerPages:
     def gather(self, pages: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys of whole pages (`pages` int32 `[T, n]`) as exact float32 values `[T, n·page_size, D]`
         and their scales `[T, n·page_size]`."""
+        check_pages(pages, self.num_pages)
         T = pages.shape[0]
         keys = _as_fp8(self.codes[pages]).reshape(T, -1, self.head_dim).astype(jnp.float32)
         return keys, self.scales[pages].reshape(T, -1)
@@ -216,12 +217,24 @@ class ExactIndexerKeys:
         return ExactIndexerKeys(self.keys.at[page, off].set(keys.astype(jnp.float32), mode="drop"))
 
     def gather(self, pages: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """As `IndexerPages.gather`: exact keys `[T, n·page_size, D]` and unit scales."""
+        check_pages(pages, self.keys.shape[0])
         T = pages.shape[0]
         keys = self.keys[pages].reshape(T, -1, self.head_dim)
         return keys, jnp.ones(keys.shape[:2], jnp.float32)
 
 
 jax.tree_util.register_dataclass(ExactIndexerKeys, data_fields=["keys"], meta_fields=[])
+
+
+def check_pages(pages: Any, num_pages: int) -> None:
+    """`pages` for a gather: an integer array `[T, n]` (TypeError / ValueError naming `pages`); when its
+    values are concrete, each in `[0, num_pages)` (IndexError; under `jit` XLA would clamp them)."""
+    check_int_array("pages", pages, 2, dtype_error=TypeError)
+    if is_concrete(pages) and pages.size:
+        lo, hi = int(np.min(pages)), int(np.max(pages))
+        if lo < 0 or hi >= num_pages:
+            raise IndexError(f"pages: page ids must be in [0, {num_pages}), got values in [{lo}, {hi}]")
 
 
 def hadamard(x: jax.Array) -> jax.Array:

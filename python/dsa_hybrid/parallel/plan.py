@@ -34,11 +34,21 @@ from dsa_hybrid.layers.weights import FP8_BLOCK, Fp8Weight
 from dsa_hybrid.models.causal_lm import BlockParams, ModelParams, create_caches
 from dsa_hybrid.models.config import DSAConfig
 from dsa_hybrid.models.moe import MoEParams
+from dsa_hybrid.ops.checks import check_choice, check_int
 from dsa_hybrid.ops.sparse_mla import Backend
 from dsa_hybrid.parallel.mesh import DP, make_mesh, mesh_shape
 from dsa_hybrid.parallel.rules import cache_specs, check_model_divides, param_specs
 
+# The plan's entry points (the rest of the module, the abstract inputs and compile steps, serves them and
+# `tpu/compile.py`).
+__all__ = [
+    "CHIPS", "MODELS", "Chip", "Plan", "StepPlan", "abstract_params", "chip_of", "choose_tp", "default_tp",
+    "format_plan", "plan", "smallest_slice", "topology_devices",
+]  # fmt: skip
+
 GiB = 1 << 30
+WEIGHT_FORMATS = ("fp8", "bf16", "float32")
+LATENT_KINDS = ("bf16", "fp8", "f32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +75,9 @@ COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter", "coll
 
 
 def chip_of(topology: str) -> str:
-    """`"v5p"` of `"v5p:4x4x4"`; an unknown generation raises `ValueError`."""
+    """`"v5p"` of `"v5p:4x4x4"`; an unknown generation raises `ValueError` (a non-string `TypeError`)."""
+    if not isinstance(topology, str):
+        raise TypeError(f"topology: expected a string such as 'v5p:4x4x4', got {type(topology).__name__}")
     chip = topology.split(":", 1)[0]
     if chip not in CHIPS:
         raise ValueError(f"topology: unknown TPU generation {chip!r} in {topology!r}; expected one of {sorted(CHIPS)}")
@@ -74,10 +86,10 @@ def chip_of(topology: str) -> str:
 
 def topology_devices(topology: str) -> list[Any]:
     """The devices of a TPU topology (`"v6e:8x8"`), from libtpu without a chip."""
+    chip_of(topology)  # a bad name is refused before libtpu is loaded
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
-    chip_of(topology)
     try:
         return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
     except Exception as e:  # noqa: BLE001 - libtpu's own errors, re-raised with the argument named
@@ -287,7 +299,9 @@ class Plan:
 
 
 def default_tp(cfg: DSAConfig, devices: int) -> int:
-    """The TP width the plan uses: 8 (one host's chips), less on smaller slices, dividing the heads."""
+    """The TP width the plan uses: 8 (one host's chips), less on smaller slices, dividing the heads.
+    `ValueError` for `devices` < 1."""
+    devices = check_int("devices", devices, 1)
     tp = min(8, devices)
     while cfg.num_attention_heads % tp or devices % tp:
         tp //= 2
@@ -297,8 +311,13 @@ def default_tp(cfg: DSAConfig, devices: int) -> int:
 def choose_tp(cfg: DSAConfig, chip: str, devices: int, *, context: int, batch: int, weights: str, page_size: int,
               latent_kind: str, headroom: int = GiB) -> int:  # fmt: skip
     """The plan's default TP width: the largest of 8, 4, 2, 1 with which the weights and caches (shard
-    arithmetic) leave `headroom` bytes of each device's HBM for temporaries; `default_tp` if none does."""
-    spec = CHIPS[chip]
+    arithmetic) leave `headroom` bytes of each device's HBM for temporaries; `default_tp` if none does.
+    `ValueError` for an unknown `chip` or sizes < 1."""
+    spec = CHIPS[check_choice("chip", chip, tuple(CHIPS))]
+    devices, context, batch = (
+        check_int(n, v, 1) for n, v in (("devices", devices), ("context", context), ("batch", batch))
+    )
+    page_size = check_int("page_size", page_size, 1)
     for tp in (8, 4, 2, 1):
         if devices % tp or cfg.num_attention_heads % tp or batch % (devices // tp):
             continue
@@ -344,16 +363,33 @@ def plan(model: str, topology: str, *, context: int = 131072, batch: int = 32, w
             that program's, not scaled to the full model); for tests.
         steps: which steps to compile, "decode" and / or "prefill".
         log: called with a line of progress per compiled program.
+
+    Every argument is checked before libtpu is asked for anything: `TypeError` for a bool / float /
+    string size, a non-string `topology`, a `cfg` that is not a `DSAConfig`, a `log` that is not callable;
+    `ValueError` for an unknown `model`, TPU generation, `weights` or `latent_kind`, sizes < 1, `steps`
+    other than "decode" / "prefill", and (once the devices are known) a `tp` or `batch` that does not
+    divide, or a model that does not split over the mesh.
     """
     if cfg is None:
         if model not in MODELS:
             raise ValueError(f"model: expected one of {sorted(MODELS)}, got {model!r}")
         cfg = MODELS[model]()
+    elif not isinstance(cfg, DSAConfig):
+        raise TypeError(f"cfg: expected a DSAConfig, got {type(cfg).__name__}")
     chip = chip_of(topology)
+    for name, v in (("context", context), ("batch", batch), ("prefill_chunk", prefill_chunk), ("page_size", page_size)):
+        check_int(name, v, -(2**31))
     if context < 1 or batch < 1 or prefill_chunk < 1:
         raise ValueError("context, batch, prefill_chunk: expected >= 1")
-    if not steps or any(s not in ("decode", "prefill") for s in steps):
-        raise ValueError(f"steps: expected 'decode' and / or 'prefill', got {list(steps)}")
+    page_size = check_int("page_size", page_size, 1)
+    check_choice("weights", weights, WEIGHT_FORMATS)
+    check_choice("latent_kind", latent_kind, LATENT_KINDS)
+    if tp is not None:
+        tp = check_int("tp", tp, 1)
+    if isinstance(steps, str) or not steps or any(s not in ("decode", "prefill") for s in steps):
+        raise ValueError(f"steps: expected 'decode' and / or 'prefill', got {steps!r}")
+    if log is not None and not callable(log):
+        raise TypeError(f"log: expected a callable or None, got {type(log).__name__}")
     devs = topology_devices(topology) if devices is None else list(devices)
     if tp is None:
         tp = choose_tp(cfg, chip, len(devs), context=context, batch=batch, weights=weights, page_size=page_size,
@@ -426,8 +462,14 @@ def smallest_slice(cfg: DSAConfig, chip: str, *, context: int, batch: int, weigh
     """The fewest chips (a power of two up to the generation's largest slice) on which `cfg`'s weights
     and caches (exact shard arithmetic on an abstract mesh) plus `temp_bytes` fit each device's HBM, and
     the TP width that fits there: `(chips, tp)`, trying tp = 8, 4, 2, 1 (dp = devices / tp must divide
-    `batch`). None if no slice does."""
-    spec = CHIPS[chip]
+    `batch`). None if no slice does. `ValueError` for an unknown `chip` or `weights`, sizes < 1 or a
+    negative `temp_bytes`."""
+    spec = CHIPS[check_choice("chip", chip, tuple(CHIPS))]
+    check_choice("weights", weights, WEIGHT_FORMATS)
+    context, batch, page_size = (
+        check_int(n, v, 1) for n, v in (("context", context), ("batch", batch), ("page_size", page_size))
+    )
+    temp_bytes = check_int("temp_bytes", temp_bytes, 0, 2**62)
     n = 1
     while n <= spec.max_chips:
         devices = n * spec.devices_per_chip
@@ -457,7 +499,9 @@ def _gib(b: float) -> str:
 
 def format_plan(p: Plan) -> str:
     """The plan as text: HBM per device against capacity, then per step the collectives and the cost
-    against the chip's roofline."""
+    against the chip's roofline. `TypeError` if `p` is not a `Plan`."""
+    if not isinstance(p, Plan):
+        raise TypeError(f"p: expected a Plan, got {type(p).__name__}")
     c = CHIPS[p.chip]
     lines = [
         f"{p.model} on {p.topology}: {p.devices} devices ({p.devices // c.devices_per_chip} chips), mesh dp={p.dp} x "

@@ -33,6 +33,11 @@ from jax.sharding import PartitionSpec as P
 from dsa_hybrid.models.config import DSAConfig
 from dsa_hybrid.parallel.mesh import DP, TP, mesh_shape
 
+__all__ = [
+    "COL_SPLIT", "EXPERTS", "REPLICATED", "ROW_SPLIT", "VOCAB", "cache_specs", "check_model_divides",
+    "describe_params", "named", "param_rule", "param_specs", "path_check", "path_string",
+]  # fmt: skip
+
 ROW_SPLIT = "tp-rows"  # dim 0 over "tp"
 COL_SPLIT = "tp-cols"  # dim 1 over "tp"
 EXPERTS = "experts"  # dim 0 over ("dp", "tp")
@@ -66,17 +71,24 @@ def _names(path: tuple[Any, ...]) -> list[str]:
     return out
 
 
+def path_check(path: Any) -> tuple[Any, ...]:
+    """`path` if it is a key path (a tuple or list of keys), else `TypeError` naming it."""
+    if not isinstance(path, (tuple, list)):
+        raise TypeError(f"path: expected a key path (a tuple), got {type(path).__name__}")
+    return tuple(path)
+
+
 def path_string(path: tuple[Any, ...]) -> str:
-    """`blocks.3.attn.q_b` for a `tree_flatten_with_path` key path."""
-    return ".".join(_names(path))
+    """`blocks.3.attn.q_b` for a `tree_flatten_with_path` key path (`TypeError` for a non-sequence)."""
+    return ".".join(_names(path_check(path)))
 
 
 def param_rule(path: tuple[Any, ...]) -> str:
     """The rule name (`"tp-rows"`, `"tp-cols"`, `"experts"`, `"vocab"`, `"replicated"`) of the parameter
     leaf at `path` (a key path of `ModelParams`, or of one `BlockParams`), by its field names: the rule
     of the parameter the leaf belongs to, so the leaves of a pytree-valued weight (FP8 codes and scales)
-    share it."""
-    names = _names(path)
+    share it. `TypeError` for a `path` that is not a tuple of keys."""
+    names = _names(path_check(path))
     if names and names[0] in _TOP:
         return _TOP[names[0]]
     if len(names) >= 2 and names[0] == "blocks":
@@ -146,13 +158,17 @@ def cache_specs(caches: Any, mesh: Mesh) -> Any:
 
 
 def named(mesh: Mesh, specs: Any) -> Any:
-    """`NamedSharding`s of a pytree of `PartitionSpec`s."""
+    """`NamedSharding`s of a pytree of `PartitionSpec`s (`TypeError` for a `mesh` that is no `Mesh`)."""
+    if not isinstance(mesh, (Mesh, jax.sharding.AbstractMesh)):
+        raise TypeError(f"mesh: expected a jax.sharding.Mesh, got {type(mesh).__name__}")
     return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
 
 
 def check_model_divides(cfg: DSAConfig, mesh: Mesh) -> None:
     """`ValueError` unless the model splits over the mesh: heads and MLP widths over `"tp"`, routed
-    experts over every device."""
+    experts over every device (`TypeError` if `cfg` is not a `DSAConfig`)."""
+    if not isinstance(cfg, DSAConfig):
+        raise TypeError(f"cfg: expected a DSAConfig, got {type(cfg).__name__}")
     dp, tp = mesh_shape(mesh)
     if cfg.num_attention_heads % tp:
         raise ValueError(f"mesh: {cfg.num_attention_heads} attention heads do not divide over tp={tp}")

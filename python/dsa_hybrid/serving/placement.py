@@ -40,12 +40,29 @@ from dsa_hybrid.layers import dsa_attention as layer_mod
 from dsa_hybrid.layers.dsa_attention import DSACaches, DSAParams, dsa_attention
 from dsa_hybrid.models.causal_lm import padded_rows
 from dsa_hybrid.models.config import DSAConfig
+from dsa_hybrid.ops.checks import check_choice, check_int
 from dsa_hybrid.ops.indexer import quantize_keys
 from dsa_hybrid.serving.compile_cache import cache_dir
 
 logger = logging.getLogger(__name__)
 
 ENV_REMEASURE = "DSA_HYBRID_REMEASURE"
+
+
+def check_measure_args(page_size: Any, lengths: Any, rows: Any, threads: Any, repeats: Any, latent_kind: Any) -> None:
+    """The settings of a cost-model measurement, before anything is timed: `page_size`, `repeats` and
+    every entry of `lengths` / `rows` integers >= 1 (non-empty tuples), `threads` None or >= 1,
+    `latent_kind` one of the latent cache formats (TypeError / ValueError naming the argument)."""
+    check_int("page_size", page_size, 1)
+    check_int("repeats", repeats, 1, 1000)
+    if threads is not None:
+        check_int("threads", threads, 1, 1024)
+    for name, values in (("lengths", lengths), ("rows", rows)):
+        if not isinstance(values, (tuple, list)) or not values:
+            raise TypeError(f"{name}: expected a non-empty tuple of integers, got {values!r}")
+        for v in values:
+            check_int(name, v, 1)
+    check_choice("latent_kind", latent_kind, ("bf16", "fp8", "f32"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +76,11 @@ class PlacementCosts:
     device_per_key: float
 
     def predict(self, visible_keys: int, device_rows: int, table_keys: int) -> dict[str, float]:
+        """Predicted seconds of one step on each side: `visible_keys` the host scans, `device_rows` ×
+        `table_keys` the device scores (all integers >= 0; TypeError / ValueError naming them)."""
+        visible_keys = check_int("visible_keys", visible_keys, 0, 2**62)
+        device_rows = check_int("device_rows", device_rows, 0, 2**62)
+        table_keys = check_int("table_keys", table_keys, 0, 2**62)
         return {
             "host": self.host_fixed + self.host_per_key * visible_keys,
             "device": self.device_fixed + self.device_per_key * device_rows * table_keys,
@@ -104,6 +126,7 @@ class PlacementCosts:
         latent_kind: str = "bf16",
     ) -> tuple[PlacementCosts, list[dict[str, Any]]]:
         """`measure`, and the points it fitted (where, rows, length, work, median wall and CPU seconds)."""
+        check_measure_args(page_size, lengths, rows, threads, repeats, latent_kind)
         host_work: list[float] = []
         host_s: list[float] = []
         dev_work: list[float] = []
@@ -148,6 +171,8 @@ class PlacementCosts:
         """The cost model stored for this key (see `cache_key`), else `measure`d and stored. Returns the
         costs and "loaded" or "measured". `refresh` (default: `$DSA_HYBRID_REMEASURE` set to 1) measures
         even when a model is stored; with the cache directory off nothing is loaded or stored."""
+        check_measure_args(page_size, lengths, rows, threads, repeats, latent_kind)
+        check_choice("indexer", indexer, ("fp8", "exact"))
         if refresh is None:
             refresh = os.environ.get(ENV_REMEASURE, "").strip().lower() in {"1", "true", "yes", "on"}
         weights = sorted({str(a.dtype) for a in jax.tree.leaves(params) if hasattr(a, "dtype")})

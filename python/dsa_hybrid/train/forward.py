@@ -21,10 +21,12 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dsa_hybrid.layers.dsa_attention import DSAParams, project
 from dsa_hybrid.models.causal_lm import ModelParams, embed, lm_head, pre_norm, residual_mlp
 from dsa_hybrid.models.config import DSAConfig
+from dsa_hybrid.ops.checks import check_array, check_choice, check_int, check_int_array, is_concrete
 from dsa_hybrid.ops.sparse_mla import sparse_attention
 
 AttentionMode = Literal["dense", "sparse", "random", "window"]
@@ -57,7 +59,20 @@ def indexer_scores(q_idx: jax.Array, w_idx: jax.Array, k_idx: jax.Array, q_pos: 
     keys `0 … L−1`: `I[t, s] = Σ_j w[t, j] · ReLU(D_I^(−1/2) · qI[t, j] · kI[s])`, −inf for `s > q_pos[t]`.
 
     `q_idx` `[R, H_I, D_I]`, `w_idx` `[R, H_I]` (already × `H_I^(−1/2)`, as `project` returns it),
-    `k_idx` `[L, D_I]`, float32. Returns `[R, L]`; differentiable (ReLU, weights) in all three."""
+    `k_idx` `[L, D_I]`, float32. Returns `[R, L]`; differentiable (ReLU, weights) in all three.
+    Shapes that do not fit raise `ValueError` naming the argument (`TypeError` for a non-array)."""
+    for name, a in (("q_idx", q_idx), ("w_idx", w_idx), ("k_idx", k_idx)):
+        check_array(name, a)
+    check_int_array("q_pos", q_pos, 1)
+    if q_idx.ndim != 3:
+        raise ValueError(f"q_idx: expected [R, H_I, D_I], got {list(q_idx.shape)}")
+    R, H, D = q_idx.shape
+    if tuple(w_idx.shape) != (R, H):
+        raise ValueError(f"w_idx: expected [{R}, {H}], got {list(w_idx.shape)}")
+    if k_idx.ndim != 2 or k_idx.shape[1] != D:
+        raise ValueError(f"k_idx: expected [L, {D}], got {list(k_idx.shape)}")
+    if q_pos.shape[0] != R:
+        raise ValueError(f"q_pos: expected [{R}], got {list(q_pos.shape)}")
     d = q_idx.shape[-1]
     dots = jnp.einsum("rjd,sd->rjs", q_idx, k_idx, precision=_HIGHEST) * d**-0.5
     scores = jnp.einsum("rj,rjs->rs", w_idx, jax.nn.relu(dots), precision=_HIGHEST)
@@ -215,23 +230,48 @@ def forward_train(
         query_block: attention and selection run over blocks of this many queries, so no `[L, L]` buffer
             larger than `query_block × L` per head is built (the aux rows' own `[R, L]` excepted).
 
+    Raises (before any work; docs/errors.md): `TypeError` for `params` / `cfg` / `tokens` of the wrong
+    type, a bool or float `k` / `query_block`, quantized weights; `ValueError` for an unknown `mode`,
+    `tokens` that are not integers `[B, L]` (B, L >= 1) or (when concrete) hold ids outside the
+    vocabulary, `k` / `query_block` < 1, a block count unlike the config's, `aux_rows` not integers
+    `[R]`; `IndexError` for concrete `aux_rows` outside `[0, L)`.
+
     Returns `(logits, aux)`: `aux` one `LayerAux` per layer, each field with a leading batch axis.
     Jit-able with `cfg`, `mode`, `k`, `query_block` static; differentiable (the main model through the
     attention, the indexer only through `aux[i].scores`).
     """
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if not isinstance(params, ModelParams):
+        raise TypeError(f"params: expected ModelParams, got {type(params).__name__}")
+    if not isinstance(cfg, DSAConfig):
+        raise TypeError(f"cfg: expected a DSAConfig, got {type(cfg).__name__}")
+    check_choice("mode", mode, MODES)
+    check_array("tokens", tokens)
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens: expected integers of shape [B, L], got {tokens.dtype} {list(tokens.shape)}")
-    k = cfg.index_topk if k is None else k
-    if k < 1:
-        raise ValueError(f"k: must be >= 1, got {k}")
+    if tokens.shape[0] < 1 or tokens.shape[1] < 1:
+        raise ValueError(f"tokens: expected at least one sequence of at least one token, got {list(tokens.shape)}")
+    if is_concrete(tokens):
+        lo, hi = int(np.min(np.asarray(tokens))), int(np.max(np.asarray(tokens)))
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"tokens: ids must lie in [0, {cfg.vocab_size}), got min {lo}, max {hi}")
+    k = cfg.index_topk if k is None else check_int("k", k, 1)
+    query_block = check_int("query_block", query_block, 1)
+    if len(params.blocks) != cfg.num_hidden_layers:
+        raise ValueError(f"params: {len(params.blocks)} blocks for a config of {cfg.num_hidden_layers} layers")
     for i, blk in enumerate(params.blocks):
         for name in ("q_a", "q_b", "kv_a", "kv_b", "o"):
             if not isinstance(getattr(blk.attn, name), jax.Array):
                 raise TypeError(
                     f"params.blocks[{i}].attn.{name}: training needs float arrays (load with weights='float32')"
                 )
+    if aux_rows is not None:
+        if isinstance(aux_rows, (list, tuple)):
+            aux_rows = np.asarray(aux_rows)
+        check_int_array("aux_rows", aux_rows, 1)
+        if is_concrete(aux_rows) and aux_rows.size:
+            lo, hi = int(np.min(np.asarray(aux_rows))), int(np.max(np.asarray(aux_rows)))
+            if lo < 0 or hi >= tokens.shape[1]:
+                raise IndexError(f"aux_rows: positions must lie in [0, {tokens.shape[1]}), got min {lo}, max {hi}")
     L = tokens.shape[1]
     rows = jnp.arange(L, dtype=jnp.int32) if aux_rows is None else jnp.asarray(aux_rows, jnp.int32)
     key = jax.random.PRNGKey(0) if key is None else key

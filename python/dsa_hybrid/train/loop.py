@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ import numpy as np
 from dsa_hybrid.layers.dsa_attention import INDEXER_PARAMS
 from dsa_hybrid.models.causal_lm import ModelParams
 from dsa_hybrid.models.config import DSAConfig
+from dsa_hybrid.ops.checks import check_choice, check_int, check_real
 from dsa_hybrid.train.forward import forward_train
 from dsa_hybrid.train.losses import indexer_kl_loss, lm_loss
 
@@ -40,7 +42,10 @@ Batch = tuple[np.ndarray, np.ndarray, np.ndarray]  # tokens, targets, weights: [
 
 
 def indexer_mask(params: ModelParams) -> ModelParams:
-    """A pytree like `params` with True at the indexer's weights (`INDEXER_PARAMS`), False elsewhere."""
+    """A pytree like `params` with True at the indexer's weights (`INDEXER_PARAMS`), False elsewhere.
+    `TypeError` if `params` is not a `ModelParams`."""
+    if not isinstance(params, ModelParams):
+        raise TypeError(f"params: expected ModelParams, got {type(params).__name__}")
     mask = jax.tree_util.tree_map(lambda _: False, params)
     blocks = tuple(
         dataclasses.replace(
@@ -62,7 +67,12 @@ def _merge(a: Any, b: Any) -> Any:
 def stage_loss(
     params: ModelParams, cfg: DSAConfig, batch: tuple[jax.Array, jax.Array, jax.Array], stage: Stage, k: int
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The loss a stage minimises and its parts (`lm`, `kl`: mean per sequence, summed over layers)."""
+    """The loss a stage minimises and its parts (`lm`, `kl`: mean per sequence, summed over layers).
+    `ValueError` for an unknown `stage` or a `batch` that is not three arrays; `k` as in `forward_train`."""
+    check_choice("stage", stage, STAGES)
+    if not isinstance(batch, (tuple, list)) or len(batch) != 3:
+        raise ValueError("batch: expected (tokens, targets, weights)")
+    k = check_int("k", k, 1)
     tokens, targets, weights = batch
     if stage == "dense":
         logits, _ = forward_train(params, cfg, tokens, mode="dense")
@@ -99,7 +109,11 @@ class History:
     seconds: list[float] = dataclasses.field(default_factory=list)
 
     def last(self, name: str, n: int = 1) -> float:
-        """Mean of the last `n` logged values of `name`."""
+        """Mean of the last `n` logged values of `name` (`KeyError` for a loss never logged, `ValueError`
+        for `n` < 1)."""
+        n = check_int("n", n, 1)
+        if name not in self.losses or not self.losses[name]:
+            raise KeyError(f"name: no loss {name!r} logged (have {sorted(self.losses)})")
         v = self.losses[name][-n:]
         return float(np.mean(v))
 
@@ -108,6 +122,11 @@ class ProgressBar:
     """A one-line progress bar on `stream` (rewritten in place on a terminal, else a line each 10 %)."""
 
     def __init__(self, total: int, label: str, stream: TextIO | None = None, enabled: bool = True) -> None:
+        total = check_int("total", total, 0)
+        if not isinstance(label, str):
+            raise TypeError(f"label: expected a str, got {type(label).__name__}")
+        if stream is not None and not callable(getattr(stream, "write", None)):
+            raise TypeError(f"stream: expected a text stream, got {type(stream).__name__}")
         self.total, self.label, self.enabled = total, label, enabled
         self.stream = sys.stderr if stream is None else stream
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
@@ -131,6 +150,10 @@ class ProgressBar:
 
 def make_optimizer(learning_rate: float, steps: int, warmup_steps: int | None = None, weight_decay: float = 0.0):
     """optax AdamW with global-norm clipping at 1 and a linear warm-up + cosine decay schedule."""
+    learning_rate = check_real("learning_rate", learning_rate, 0.0, open_low=True)
+    steps = check_int("steps", steps, 1)
+    warmup_steps = None if warmup_steps is None else check_int("warmup_steps", warmup_steps, 0)
+    weight_decay = check_real("weight_decay", weight_decay, 0.0)
     try:
         import optax
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -170,12 +193,25 @@ def train(
         progress: show the progress bar (stderr, or `stream`).
 
     Returns `(params, history)`.
+
+    Raises before the first step (docs/errors.md): `TypeError` for `params` not a `ModelParams`, `cfg`
+    not a `DSAConfig`, `batches` neither an iterator nor callable, a bool / float `steps`, `k`,
+    `log_every`, a non-number `learning_rate`; `ValueError` for an unknown `stage`, `steps`, `k` or
+    `log_every` < 1, a `learning_rate` that is not finite and > 0. A batch of the wrong shape or dtype
+    raises `ValueError` naming its step (`batches[i]`) before that step runs; the input params are never
+    changed.
     """
-    if stage not in STAGES:
-        raise ValueError(f"stage: expected one of {STAGES}, got {stage!r}")
-    if steps < 1:
-        raise ValueError(f"steps: must be >= 1, got {steps}")
-    k = cfg.index_topk if k is None else int(k)
+    if not isinstance(params, ModelParams):
+        raise TypeError(f"params: expected ModelParams, got {type(params).__name__}")
+    if not isinstance(cfg, DSAConfig):
+        raise TypeError(f"cfg: expected a DSAConfig, got {type(cfg).__name__}")
+    check_choice("stage", stage, STAGES)
+    steps = check_int("steps", steps, 1)
+    learning_rate = check_real("learning_rate", learning_rate, 0.0, open_low=True)
+    k = cfg.index_topk if k is None else check_int("k", k, 1)
+    log_every = check_int("log_every", log_every, 1)
+    if not callable(batches) and not hasattr(batches, "__next__"):
+        raise TypeError(f"batches: expected an iterator or a function of the step, got {type(batches).__name__}")
     mask = indexer_mask(params)
     if stage == "dense":
         mask = jax.tree_util.tree_map(lambda m: not m, mask)
@@ -202,7 +238,7 @@ def train(
     start = time.perf_counter()
     acc: dict[str, list[float]] = {}
     for i in range(steps):
-        batch = tuple(jnp.asarray(a) for a in next_batch(i))
+        batch = _checked_batch(next_batch(i), i, cfg.vocab_size)
         trainable, opt_state, parts = step(trainable, frozen, opt_state, batch)
         for name, v in parts.items():
             acc.setdefault(name, []).append(float(v))
@@ -216,9 +252,49 @@ def train(
     return _merge(trainable, frozen), history
 
 
+def _checked_batch(batch: Any, i: int, vocab: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Step `i`'s batch as device arrays, checked: `(tokens, targets, weights)` of one shape `[B, L]`,
+    integer ids in `[0, vocab)`, finite weights (`ValueError` naming `batches[i]` otherwise)."""
+    where = f"batches[{i}]"
+    if not isinstance(batch, (tuple, list)) or len(batch) != 3:
+        raise ValueError(f"{where}: expected (tokens, targets, weights), got {type(batch).__name__}")
+    try:
+        arrays = [np.asarray(a) for a in batch]
+    except Exception as e:  # noqa: BLE001 - ragged lists and the like, named
+        raise ValueError(f"{where}: not arrays ({e})") from None
+    tokens, targets, weights = arrays
+    if tokens.ndim != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 1:
+        raise ValueError(f"{where}: tokens: expected [B, L] with B, L >= 1, got {list(tokens.shape)}")
+    for name, a in (("targets", targets), ("weights", weights)):
+        if a.shape != tokens.shape:
+            raise ValueError(f"{where}: {name}: expected {list(tokens.shape)}, got {list(a.shape)}")
+    for name, a in (("tokens", tokens), ("targets", targets)):
+        if not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"{where}: {name}: expected integers, got {a.dtype}")
+        if a.min() < 0 or a.max() >= vocab:
+            raise ValueError(f"{where}: {name}: ids must lie in [0, {vocab}), got min {a.min()}, max {a.max()}")
+    if not np.issubdtype(weights.dtype, np.number) or np.issubdtype(weights.dtype, np.complexfloating):
+        raise ValueError(f"{where}: weights: expected real numbers, got {weights.dtype}")
+    if not np.isfinite(weights).all():
+        raise ValueError(f"{where}: weights: must be finite")
+    return jnp.asarray(tokens, jnp.int32), jnp.asarray(targets, jnp.int32), jnp.asarray(weights, jnp.float32)
+
+
 def plot_history(histories: list[History], path: str) -> bool:
     """Write the loss curves of `histories` (one panel per stage) as a PNG at `path`. Returns False (and
-    writes nothing) when matplotlib is not installed."""
+    writes nothing) when matplotlib is not installed. `ValueError` for no histories, `TypeError` for an
+    entry that is not a `History`, `FileNotFoundError` when `path`'s directory does not exist (checked
+    before matplotlib is imported)."""
+    if not isinstance(histories, (list, tuple)) or not histories:
+        raise ValueError("histories: expected a non-empty list of History")
+    for j, h in enumerate(histories):
+        if not isinstance(h, History):
+            raise TypeError(f"histories[{j}]: expected a History, got {type(h).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a path, got {type(path).__name__}")
+    parent = os.path.dirname(os.fspath(path)) or "."
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"path: no such directory {parent!r}")
     try:
         import matplotlib
 

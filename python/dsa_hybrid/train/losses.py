@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from dsa_hybrid.ops.checks import check_array, check_int, check_int_array, is_concrete
 
 
 def attention_target(attn_probs: jax.Array) -> jax.Array:
     """The indexer's target `P` `[T, L]` from main attention probabilities `[T, h, L]`: summed over heads
     and L1-normalised over keys (a row with no mass stays 0). Not detached: wrap it in
     `jax.lax.stop_gradient` when the main model must not learn from the indexer's loss."""
+    check_array("attn_probs", attn_probs)
+    if attn_probs.ndim != 3:
+        raise ValueError(f"attn_probs: expected [T, h, L], got {list(attn_probs.shape)}")
     p = attn_probs.sum(axis=1)
     total = p.sum(axis=-1, keepdims=True)
     return p / jnp.where(total > 0, total, 1.0)
@@ -35,6 +41,8 @@ def indexer_kl_loss(
     Terms with `P = 0` contribute 0 (also where the log-softmax is −inf); a row with no mass in the set
     contributes 0. Differentiable in `scores` (and in `target`, which callers normally detach).
     """
+    check_array("target", target)
+    check_array("scores", scores)
     if not normalised:
         if target.ndim != 3:
             raise ValueError(f"target: expected attention probabilities [T, h, L], got {list(target.shape)}")
@@ -45,7 +53,8 @@ def indexer_kl_loss(
         )
     p, s = target, scores
     if selected is not None:
-        if selected.ndim != 2 or selected.shape[0] != s.shape[0]:
+        check_int_array("selected", selected, 2)
+        if selected.shape[0] != s.shape[0]:
             raise ValueError(f"selected: expected [{s.shape[0]}, K], got {list(selected.shape)}")
         mask = selection_mask(selected, s.shape[1])
         p = jnp.where(mask, p, 0.0)
@@ -59,7 +68,10 @@ def indexer_kl_loss(
 
 
 def selection_mask(selected: jax.Array, length: int) -> jax.Array:
-    """bool `[T, length]`: which positions each row's `selected` `[T, K]` (−1 padded) names."""
+    """bool `[T, length]`: which positions each row's `selected` `[T, K]` (−1 padded) names (entries
+    outside `[0, length)` name nothing)."""
+    check_int_array("selected", selected, 2)
+    length = check_int("length", length, 0)
     ok = (selected >= 0) & (selected < length)
     rows = jnp.broadcast_to(jnp.arange(selected.shape[0])[:, None], selected.shape)
     mask = jnp.zeros((selected.shape[0], length), bool)
@@ -68,7 +80,22 @@ def selection_mask(selected: jax.Array, length: int) -> jax.Array:
 
 def lm_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None) -> jax.Array:
     """Mean next-token cross entropy: `logits` `[..., V]`, int `targets` `[...]`, optional `weights`
-    `[...]` (e.g. 1 on answer tokens only; the mean is weighted, 0 when all weights are 0)."""
+    `[...]` (e.g. 1 on answer tokens only; the mean is weighted, 0 when all weights are 0). Target ids
+    outside `[0, V)` raise `ValueError` when `targets` is concrete; under `jit` they make the loss NaN."""
+    check_array("logits", logits)
+    if logits.ndim < 1:
+        raise ValueError("logits: expected [..., V], got a scalar")
+    check_int_array("targets", targets, logits.ndim - 1)
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"targets: expected {list(logits.shape[:-1])}, got {list(targets.shape)}")
+    if is_concrete(targets) and targets.size:
+        lo, hi = int(np.min(np.asarray(targets))), int(np.max(np.asarray(targets)))
+        if lo < 0 or hi >= logits.shape[-1]:
+            raise ValueError(f"targets: ids must lie in [0, {logits.shape[-1]}), got min {lo}, max {hi}")
+    if weights is not None:
+        check_array("weights", weights)
+        if tuple(weights.shape) != tuple(targets.shape):
+            raise ValueError(f"weights: expected {list(targets.shape)}, got {list(weights.shape)}")
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     if weights is None:

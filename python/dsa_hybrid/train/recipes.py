@@ -23,6 +23,7 @@ import numpy as np
 from dsa_hybrid.models.causal_lm import ModelParams
 from dsa_hybrid.models.checkpoint import write_safetensors
 from dsa_hybrid.models.config import DSAConfig
+from dsa_hybrid.ops.checks import check_int, check_real
 from dsa_hybrid.train.forward import forward_train
 from dsa_hybrid.train.loop import History, plot_history, train
 from dsa_hybrid.train.tasks import RecallTask
@@ -57,11 +58,27 @@ class RecallRecipe:
     sparse_lr: float = 3e-4
     sparse_k: int = 16
 
+    def __post_init__(self) -> None:
+        check_int("RecallRecipe.seed", self.seed, 0, 2**32 - 1)
+        check_int("RecallRecipe.batch", self.batch, 1, 2**16)
+        if not isinstance(self.lengths, tuple) or not self.lengths:
+            raise ValueError(f"RecallRecipe.lengths: expected a non-empty tuple, got {self.lengths!r}")
+        for j, n in enumerate(self.lengths):
+            check_int(f"RecallRecipe.lengths[{j}]", n, RECALL_TASK.min_length(), 2**17)
+        for name in ("dense_steps", "warmup_steps", "sparse_steps"):
+            check_int(f"RecallRecipe.{name}", getattr(self, name), 0, 10**7)
+        for name in ("dense_lr", "warmup_lr", "sparse_lr"):
+            check_real(f"RecallRecipe.{name}", getattr(self, name), 0.0, open_low=True)
+        check_int("RecallRecipe.sparse_k", self.sparse_k, 1)
+
 
 def train_recall(
     recipe: RecallRecipe = RecallRecipe(), *, progress: bool = True, stream: TextIO | None = None
 ) -> tuple[ModelParams, DSAConfig, list[History]]:
-    """Train the recall model from scratch (stages "dense", "warmup", then "sparse" if asked)."""
+    """Train the recall model from scratch (stages "dense", "warmup", then "sparse" if asked).
+    `TypeError` if `recipe` is not a `RecallRecipe` (its fields are checked when it is made)."""
+    if not isinstance(recipe, RecallRecipe):
+        raise TypeError(f"recipe: expected a RecallRecipe, got {type(recipe).__name__}")
     task, cfg = RECALL_TASK, recall_config()
     params = ModelParams.random(cfg, seed=recipe.seed, std=0.02)
     rng = np.random.default_rng(recipe.seed)
@@ -107,12 +124,30 @@ def save_model(params: ModelParams, cfg: DSAConfig, directory: str | Path, task:
 
 
 def load_model(directory: str | Path | None = None) -> tuple[ModelParams, DSAConfig, RecallTask]:
-    """The model saved in `directory` (default: the shipped recall weights), float32, and its task."""
+    """The model saved in `directory` (default: the shipped recall weights), float32, and its task.
+    `FileNotFoundError` for a directory without `config.json`; a hostile `task.json` is a `ValueError`
+    naming the file (the config and weights are checked by `DSAConfig` and the checkpoint reader)."""
     d = WEIGHTS_DIR / "recall" if directory is None else Path(directory)
-    cfg = DSAConfig.from_hf_config(d / "config.json")
-    params = ModelParams.from_checkpoint(d, cfg, weights="float32")
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"directory: {str(d)!r} holds no config.json")
     task_file = d / TASK_FILE
-    task = RecallTask(**json.loads(task_file.read_text())) if task_file.exists() else RECALL_TASK
+    task = RECALL_TASK
+    if task_file.exists():
+        try:
+            fields = json.loads(task_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{task_file}: not valid JSON ({e})") from None
+        known = {f.name for f in dataclasses.fields(RecallTask)}
+        if not isinstance(fields, dict) or set(fields) - known:
+            raise ValueError(f"{task_file}: expected an object with fields of {sorted(known)}")
+        try:
+            task = RecallTask(**fields)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{task_file}: {e}") from None
+    cfg = DSAConfig.from_hf_config(d / "config.json")
+    if cfg.vocab_size < task.vocab_size:
+        raise ValueError(f"{task_file}: the task needs {task.vocab_size} tokens, the model has {cfg.vocab_size}")
+    params = ModelParams.from_checkpoint(d, cfg, weights="float32")
     return params, cfg, task
 
 
@@ -149,7 +184,17 @@ def evaluate_recall(
     seed: int = 1234,
     stream: TextIO | None = None,
 ) -> list[EvalRow]:
-    """The evaluation table on a fixed set of `sequences` sequences per length (seeded)."""
+    """The evaluation table on a fixed set of `sequences` sequences per length (seeded). `ValueError` for
+    no lengths, a length below `task.min_length()`, fractions or sizes < 1 (before any forward)."""
+    if not lengths or not fractions:
+        raise ValueError("lengths, fractions: expected at least one of each")
+    for j, n in enumerate(lengths):
+        check_int(f"lengths[{j}]", n, task.min_length())
+    for j, f in enumerate(fractions):
+        check_int(f"fractions[{j}]", f, 1)
+    sequences = check_int("sequences", sequences, 1)
+    batch = check_int("batch", batch, 1)
+    check_int("seed", seed, 0)
     rows_out = []
     for L in lengths:
         rng = np.random.default_rng(seed + L)
@@ -222,7 +267,21 @@ def run_recall_recipe(
     lengths: tuple[int, ...] = (128, 256, 512, 1024, 2048), stream: TextIO | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """`dsa-hybrid train --recipe recall`: train, save the checkpoint and the loss curves
-    (`losses.png`), evaluate and write `eval.md`. Returns a summary dict."""
+    (`losses.png`), evaluate and write `eval.md`. Returns a summary dict. An `out_dir` that is a file,
+    or whose parent does not exist, is refused (`FileExistsError` / `FileNotFoundError`) before training;
+    so are bad evaluation `lengths` (`ValueError`)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"out_dir: {str(out)!r} is a file")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"out_dir: no such parent directory {str(out.parent)!r}")
+    if not isinstance(recipe, RecallRecipe):
+        raise TypeError(f"recipe: expected a RecallRecipe, got {type(recipe).__name__}")
+    if evaluate:
+        if not lengths:
+            raise ValueError("lengths: expected at least one evaluation length")
+        for j, n in enumerate(lengths):
+            check_int(f"lengths[{j}]", n, RECALL_TASK.min_length())
     stream = sys.stderr if stream is None else stream
     t0 = time.perf_counter()
     params, cfg, histories = train_recall(recipe, stream=stream)

@@ -15,6 +15,11 @@ import dataclasses
 
 import numpy as np
 
+from dsa_hybrid.ops.checks import check_alloc, check_int
+
+# The largest vocabulary a task may name (token ids are int32).
+MAX_VOCAB = 2**31 - 1
+
 
 @dataclasses.dataclass(frozen=True)
 class RecallTask:
@@ -31,8 +36,9 @@ class RecallTask:
 
     def __post_init__(self) -> None:
         for name in ("n_keys", "n_values", "n_filler", "pairs", "queries"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"RecallTask.{name}: must be >= 1, got {getattr(self, name)}")
+            check_int(f"RecallTask.{name}", getattr(self, name), 1)
+        if self.vocab_size > MAX_VOCAB:
+            raise ValueError(f"RecallTask: vocab_size {self.vocab_size} would pass {MAX_VOCAB} (int32 ids)")
         if self.pairs > self.n_keys or self.queries > self.pairs:
             raise ValueError(
                 f"RecallTask: need queries ({self.queries}) <= pairs ({self.pairs}) <= n_keys ({self.n_keys})"
@@ -63,9 +69,14 @@ class RecallTask:
 
     def batch(self, rng: np.random.Generator, batch: int, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`(tokens, targets, weights)`, each `[batch, length]`: int32 inputs, int32 next-token targets
-        (the answer at each ask position, 0 elsewhere) and float32 weights (1 at ask positions)."""
-        if length < self.min_length():
-            raise ValueError(f"length: must be >= {self.min_length()} for this task, got {length}")
+        (the answer at each ask position, 0 elsewhere) and float32 weights (1 at ask positions).
+        `TypeError` for `rng` not a numpy `Generator` or non-integer sizes, `ValueError` for `batch` < 1 or
+        `length` < `min_length()`, `MemoryError` beyond 2**40 bytes."""
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(f"rng: expected a numpy Generator (np.random.default_rng), got {type(rng).__name__}")
+        batch = check_int("batch", batch, 1)
+        length = check_int("length", length, self.min_length())
+        check_alloc("batch x length", (batch, length), 8 * 3)
         tokens = self.filler0 + rng.integers(0, self.n_filler, (batch, length))
         tokens[:, 0] = self.BOS
         targets = np.zeros((batch, length), np.int64)
@@ -86,11 +97,16 @@ class RecallTask:
         return tokens.astype(np.int32), targets.astype(np.int32), weights
 
     def ask_positions(self, length: int) -> np.ndarray:
-        """int32 `[queries]`: where the ask tokens sit in a sequence of `length` (the scored rows)."""
+        """int32 `[queries]`: where the ask tokens sit in a sequence of `length` (the scored rows);
+        `length` as in `batch`."""
+        length = check_int("length", length, self.min_length())
         return (length - 2 * self.queries + 2 * np.arange(self.queries)).astype(np.int32)
 
     def prompts(self, rng: np.random.Generator, n: int, length: int) -> tuple[list[list[int]], list[int]]:
-        """`n` serving prompts of `length` tokens ending with an ask token, and the expected answers."""
+        """`n` serving prompts of `length` tokens ending with an ask token, and the expected answers
+        (`length` >= `min_length() - 2 * queries + 1`, `n` >= 1)."""
+        n = check_int("n", n, 1)
+        length = check_int("length", length, self.min_length() - 2 * self.queries + 1)
         tokens, targets, _ = self.batch(rng, n, length + 2 * self.queries - 1)
         end = length  # the first ask token is at index length − 1
         return [t[:end].tolist() for t in tokens], [int(targets[i, end - 1]) for i in range(n)]

@@ -58,6 +58,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from dsa_hybrid.ops.checks import check_int
 from dsa_hybrid.ops.target import target_is_tpu, tpu_chip
 from dsa_hybrid.ops.tpu import block_sizes
 
@@ -70,7 +71,12 @@ __all__ = ["order_keys", "topk_select", "topk_select_xla", "vmem_bytes"]
 
 
 def order_keys(x: jax.Array) -> jax.Array:
-    """int32 keys whose signed order is the float32 order of `x`; −0.0 → +0.0's key, NaN → `INT32_MIN`."""
+    """int32 keys whose signed order is the float32 order of `x` (a float array; TypeError otherwise);
+    −0.0 → +0.0's key, NaN → `INT32_MIN`."""
+    if not (hasattr(x, "dtype") and hasattr(x, "shape")):
+        raise TypeError(f"x: expected an array, got {type(x).__name__}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"x: expected a float array, got {x.dtype}")
     x = x.astype(jnp.float32)
     bits = jax.lax.bitcast_convert_type(x, jnp.int32)
     key = jnp.where(bits < 0, bits ^ np.int32(0x7FFFFFFF), bits)
@@ -267,7 +273,11 @@ def vmem_bytes(L: int, k: int, step_vregs: int | None = None) -> int:
     """VMEM the kernel takes for rows of `L` columns: the double-buffered row, output and NaN-flag blocks,
     the scratch (keys, output slots, one step's runs) and the larger temporaries (the compaction's
     [128, 256] and [8·B, 8·B] 0/1 matrices, a step's values). What the launch records and checks
-    against the chip (`block_sizes.vmem_limit`)."""
+    against the chip (`block_sizes.vmem_limit`). `L`, `k` (and `step_vregs`) integers >= 1."""
+    check_int("L", L, 1)
+    check_int("k", k, 1)
+    if step_vregs is not None:
+        check_int("step_vregs", step_vregs, 1)
     TR = (step_vregs or _batch_vregs(L)) * _SUBLANES
     Lp = _padded(L, TR // _SUBLANES)
     KR = _out_rows(k)
