@@ -51,11 +51,62 @@ class Table:
         self.row(*["---"] * len(cells))
 
 
-def fma_peak_gflops() -> float:
-    """One-thread f32 matmul rate (2048²) in GFLOP/s: the machine's practical FMA peak."""
+def matmul_gflops() -> float:
+    """One-thread f32 numpy matmul rate (2048²) in GFLOP/s (OpenBLAS may use narrower vectors than the
+    core has: a yardstick printed next to the FMA peak, not the peak)."""
     a = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)
     t = best_time(lambda: a @ a, 3)
     return 2 * 2048**3 / t / 1e9
+
+
+def fma_peak_gflops() -> float:
+    """The core's float32 FMA peak on the SIMD path in use (`host.fma_peak_gflops`: independent FMA
+    chains, one thread), the "of FMA peak" columns' denominator."""
+    from dsa_hybrid.host import fma_peak_gflops as core_peak
+
+    return core_peak()
+
+
+class CompileClock:
+    """Process CPU seconds JAX spends tracing, lowering and compiling (or loading from the persistent
+    cache) while active, from `jax.monitoring`'s compile events (outermost event only, so nested traces
+    count once). Used to report the Engine's prefill without compilation from a single run."""
+
+    EVENTS = (
+        "/jax/core/compile/jaxpr_trace_duration",
+        "/jax/core/compile/jaxpr_to_mlir_module_duration",
+        "/jax/core/compile/backend_compile_duration",
+    )
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._depth = 0
+        self._start = 0.0
+
+    def _begin(self, event: str, value: float, **kw: str | int) -> None:
+        if event in self.EVENTS:
+            if self._depth == 0:
+                self._start = time.process_time()
+            self._depth += 1
+
+    def _end(self, event: str, duration_secs: float, **kw: str | int) -> None:
+        if event in self.EVENTS and self._depth > 0:
+            self._depth -= 1
+            if self._depth == 0:
+                self.seconds += time.process_time() - self._start
+
+    def __enter__(self) -> CompileClock:
+        import jax.monitoring
+
+        jax.monitoring.register_scalar_listener(self._begin)
+        jax.monitoring.register_event_duration_secs_listener(self._end)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import jax.monitoring
+
+        jax.monitoring.unregister_scalar_listener(self._begin)
+        jax.monitoring.unregister_event_duration_listener(self._end)
 
 
 def bench_topk(t: Table, lengths: list[int]) -> None:
@@ -148,6 +199,54 @@ def bench_sparse_mla(t: Table, lengths: list[int]) -> list[tuple[int, float, flo
     return points
 
 
+def cpu_best_time(fn: Any, repeats: int = 3) -> float:
+    """`best_time` in process CPU seconds (the process is pinned to one core: other load on the machine
+    does not count), for rows judged against the FMA peak."""
+    import jax
+
+    jax.block_until_ready(fn())
+    best = float("inf")
+    for _ in range(repeats):
+        c0 = time.process_time()
+        jax.block_until_ready(fn())
+        best = min(best, time.process_time() - c0)
+    return best
+
+
+def bench_host_mla(t: Table, rows: list[int], length: int, peak: float) -> None:
+    """The Rust core's fused sparse-MLA kernel (`host.sparse_mla_host`, what the host placement attends
+    with) against the XLA gather + einsum path on the same bf16 values, DeepSeek-V3.2 widths."""
+    import jax
+    import jax.numpy as jnp
+    import ml_dtypes
+
+    from dsa_hybrid.host import sparse_mla_host
+    from dsa_hybrid.ops.latent_cache import LatentCache
+    from dsa_hybrid.ops.sparse_mla import sparse_mla
+
+    t.title(f"sparse MLA on the CPU, Rust kernel vs XLA, h = 128, K = 2048 of L = {length} bf16 rows, 1 thread, "
+            "CPU time")  # fmt: skip
+    t.header("query rows", "XLA ms", "Rust kernel ms", "faster", "kernel GFLOP/s", "of FMA peak")
+    rng = np.random.default_rng(3)
+    scale = 0.1352338
+    c_kv = rng.standard_normal((length, 512)).astype(np.float32)
+    k_pe = rng.standard_normal((length, 64)).astype(np.float32)
+    kv = np.concatenate([c_kv, k_pe], axis=1).astype(ml_dtypes.bfloat16)
+    cache = LatentCache.create(length // 64, 64, kind="bf16").write(
+        jnp.arange(length), jnp.asarray(c_kv), jnp.asarray(k_pe)
+    )
+    xla = jax.jit(lambda q, c, s: sparse_mla(q, c, s, scale=scale, backend="xla")[0])
+    K = min(2048, length)
+    for T in rows:
+        q = (rng.standard_normal((T, 128, 576)) / 24).astype(np.float32)
+        idx = np.sort(rng.choice(length, size=(T, K), replace=True), axis=1).astype(np.int32)
+        t_xla = cpu_best_time(functools.partial(xla, jnp.asarray(q), cache, jnp.asarray(idx)), 2)
+        t_host = cpu_best_time(functools.partial(sparse_mla_host, q, kv, idx, scale, 512, threads=1), 3)
+        gflops = 2 * T * 128 * K * (576 + 512) / t_host / 1e9
+        t.row(T, f"{t_xla * 1e3:.1f}", f"{t_host * 1e3:.1f}", f"{t_xla / t_host:.1f}×", f"{gflops:.0f}",
+              f"{gflops / peak:.0%}")  # fmt: skip
+
+
 def bench_layer_placement(t: Table, lengths: list[int], cfg_name: str) -> None:
 
     from dsa_hybrid.layers.dsa_attention import DSAParams
@@ -183,34 +282,36 @@ def _steady_decode_seconds(engine, prompts: list[list[int]], new_tokens: int) ->
     return s, out
 
 
-def _prefill_and_decode(engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, float, list[list[int]]]:
-    """Run `prompts` to completion: `(prefill CPU seconds, median seconds of the decode-only steps after
-    the first two, the outputs)`. The prefill figure is the process CPU time of every step until the last
-    prompt token is computed (the process is pinned to one core, so CPU time is that core's time,
-    whatever else the machine runs); it includes compilation unless the engine has run a prompt of the
-    same length before (`_warm_prefill_seconds`)."""
+def _prefill_and_decode(
+    engine, prompts: list[list[int]], new_tokens: int
+) -> tuple[list[tuple[int, float]], float, list[list[int]]]:
+    """Run `prompts` to completion: `(prefill curve, median seconds of the decode-only steps after the
+    first two, the outputs)`. The prefill curve lists `(prompt tokens computed, CPU seconds so far)` after
+    every prefill step: process CPU time (the process is pinned to one core, so it is that core's time,
+    whatever else the machine runs) less what JAX spent tracing and compiling meanwhile (`CompileClock`),
+    so one run gives the prefill cost of every prompt length it passes."""
     ids = [engine.add_request(p, new_tokens) for p in prompts]
+    total = sum(len(p) for p in prompts)
     times = []
     prefill = 0.0
+    curve: list[tuple[int, float]] = []
     while engine.has_unfinished():
         decoding = all(r.computed >= r.num_prompt for r in engine.running) and not engine.waiting
         t0, c0 = time.perf_counter(), time.process_time()
-        engine.step()
+        with CompileClock() as clock:
+            engine.step()
         if decoding:
             times.append(time.perf_counter() - t0)
         else:
-            prefill += time.process_time() - c0
-    return prefill, float(np.median(times[2:] or times or [0.0])), [engine.finished[i].output for i in ids]
+            prefill += time.process_time() - c0 - clock.seconds
+            left = sum(r.num_prompt - min(r.computed, r.num_prompt) for r in [*engine.running, *engine.waiting])
+            curve.append((total - left, prefill))
+    return curve, float(np.median(times[2:] or times or [0.0])), [engine.finished[i].output for i in ids]
 
 
-def _warm_prefill_seconds(engine, length: int, vocab: int, warm: bool = False) -> float:
-    """CPU seconds of the prefill of a fresh random prompt of `length` tokens, after the same prefill of
-    another prompt has compiled every step's shapes (skipped when `warm`: the engine already ran one).
-    Fresh tokens, so no prefix is shared."""
-    rng = np.random.default_rng(length)
-    if not warm:
-        _prefill_and_decode(engine, [rng.integers(0, vocab, length).tolist()], 1)
-    return _prefill_and_decode(engine, [rng.integers(0, vocab, length).tolist()], 1)[0]
+def _at(curve: list[tuple[int, float]], tokens: int) -> float:
+    """The curve's CPU seconds once `tokens` prompt tokens were computed (the first step reaching them)."""
+    return next(s for n, s in curve if n >= tokens)
 
 
 def bench_overlap(t: Table, context: int, requests: int = 4) -> None:
@@ -266,20 +367,25 @@ def _hf_model(cfg):
     return torch, model, params
 
 
-def _hf_prefill(torch: Any, model: Any, prompt: list[int], chunk: int = 1024) -> tuple[float, Any, Any]:
-    """transformers' chunked prefill into its cache: `(CPU seconds, the cache, the last logits)`. (The
-    whole prompt at once would hold `heads × L × L` attention scores: 32 GiB at 32K.)"""
+def _hf_prefill(
+    torch: Any, model: Any, prompt: list[int], chunk: int = 1024
+) -> tuple[list[tuple[int, float]], Any, Any]:
+    """transformers' chunked prefill into its cache: `(curve, the cache, the last logits)`, the curve
+    listing `(tokens computed, CPU seconds so far)` after every chunk. (The whole prompt at once would hold
+    `heads × L × L` attention scores: 32 GiB at 32K.)"""
     # `past_key_values` works in every 5.x release; the newer spelling `cache` does not.
     warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
     ids = torch.tensor([prompt])
     past: Any = None
     out: Any = None
+    curve: list[tuple[int, float]] = []
     c0 = time.process_time()
     with torch.no_grad():
         for start in range(0, len(prompt), chunk):
             out = model(input_ids=ids[:, start : start + chunk], past_key_values=past, use_cache=True)
             past = out.past_key_values
-    return time.process_time() - c0, past, out.logits
+            curve.append((min(start + chunk, len(prompt)), time.process_time() - c0))
+    return curve, past, out.logits
 
 
 def _engine(params, cfg, context: int, new_tokens: int, placement: str, indexer: str = "fp8"):
@@ -292,7 +398,9 @@ def _engine(params, cfg, context: int, new_tokens: int, placement: str, indexer:
 
 def bench_end_to_end(t: Table, context: int, new_tokens: int, prefill_lengths: tuple[int, ...] = ()) -> None:
     """Against transformers' DeepseekV32ForCausalLM on the same weights: decode tokens/s at `context`, and
-    prefill time (chunks of 1024 tokens both sides) at each of `prefill_lengths` and at `context`."""
+    prefill time (chunks of 1024 tokens both sides) at each of `prefill_lengths` and at `context`, read off
+    the one `context`-token prefill each side runs (the time once that many prompt tokens were computed;
+    a chunked prefill of a shorter prompt runs the same chunks)."""
     from dsa_hybrid.models.config import DSAConfig
 
     t.title(f"end to end: decode at {context} tokens of context, DSAConfig.small() weights, 1 thread")
@@ -303,7 +411,7 @@ def bench_end_to_end(t: Table, context: int, new_tokens: int, prefill_lengths: t
         return
     torch, model, params = hf
     prompt = np.random.default_rng(4).integers(0, cfg.vocab_size, context).tolist()
-    hf_prefill_s, past, logits = _hf_prefill(torch, model, prompt)
+    hf_curve, past, logits = _hf_prefill(torch, model, prompt)
     with torch.no_grad():  # transformers: timed greedy decode steps after the prefill
         tok = logits[:, -1:].argmax(-1)
         t0 = time.perf_counter()
@@ -316,15 +424,16 @@ def bench_end_to_end(t: Table, context: int, new_tokens: int, prefill_lengths: t
     del past
 
     row: dict[str, tuple[float, list[int]]] = {}
-    prefill_s = {}
+    curves: dict[str, list[tuple[int, float]]] = {}
     # transformers runs the exact indexer (float32 keys): "device, exact" is the same computation, so its
     # tokens must agree; the FP8 indexer (as deployed) may select differently near the top-k boundary.
     for placement, indexer in (("device", "exact"), ("device", "fp8"), ("host", "fp8"), ("auto", "fp8")):
         engine = _engine(params, cfg, context, new_tokens, placement, indexer)
-        _, s, (out,) = _prefill_and_decode(engine, [prompt], new_tokens)
+        curve, s, (out,) = _prefill_and_decode(engine, [prompt], new_tokens)
         row[f"{placement}, {indexer} indexer"] = (s, out)
-        if indexer == "fp8" and placement != "auto":  # compiled by the run above: a second prompt, timed
-            prefill_s[placement] = _warm_prefill_seconds(engine, context, cfg.vocab_size, warm=True)
+        if indexer == "fp8":
+            curves[placement] = curve
+        del engine
     t.header("", "ms / token", "tokens/s", "× transformers", "tokens equal to transformers'")
     t.row("transformers (dense + mask, exact indexer)", f"{hf_s * 1e3:.1f}", f"{1 / hf_s:.1f}", "1.0×", "—")
     for name, (s, toks) in row.items():
@@ -332,21 +441,49 @@ def bench_end_to_end(t: Table, context: int, new_tokens: int, prefill_lengths: t
         t.row(f"dsa_hybrid Engine, {name}", f"{s * 1e3:.1f}", f"{1 / s:.1f}", f"{hf_s / s:.1f}×",
               f"first {agree} of {new_tokens}")  # fmt: skip
 
-    prefill = {context: (hf_prefill_s, prefill_s)}
-    for L in sorted(set(prefill_lengths) - {context}):
-        short = np.random.default_rng(6).integers(0, cfg.vocab_size, L).tolist()
-        hf_pre = _hf_prefill(torch, model, short)[0]
-        prefill[L] = (hf_pre, {p: _warm_prefill_seconds(_engine(params, cfg, L, 1, p), L, cfg.vocab_size)
-                               for p in ("device", "host")})  # fmt: skip
     t.title(
         "end to end: prefill of one prompt, DSAConfig.small() weights, FP8 indexer, 1 thread, chunks of "
-        "1024 tokens (CPU seconds; the Engine's after a first prompt of the same length compiled its steps)"
+        f"1024 tokens (CPU seconds until L prompt tokens are computed, in one {context}-token prefill each; "
+        "the Engine's less JAX's tracing and compilation)"
     )
-    t.header("L", "transformers s", "Engine device s", "Engine host s", "device × transformers",
-             "host × transformers")  # fmt: skip
-    for L, (hf_pre, ours) in sorted(prefill.items()):
-        t.row(L, f"{hf_pre:.1f}", f"{ours['device']:.1f}", f"{ours['host']:.1f}", f"{hf_pre / ours['device']:.1f}×",
-              f"{hf_pre / ours['host']:.1f}×")  # fmt: skip
+    names = [p for p in ("device", "host", "auto") if p in curves]
+    t.header("L", "transformers s", *[f"Engine {p} s" for p in names], *[f"{p} × transformers" for p in names])
+    for L in sorted({*prefill_lengths, context}):
+        if L > context:
+            continue
+        hf_pre = _at(hf_curve, L)
+        ours = {p: _at(curves[p], L) for p in names}
+        t.row(L, f"{hf_pre:.1f}", *[f"{ours[p]:.1f}" for p in names],
+              *[f"{hf_pre / max(ours[p], 1e-9):.1f}×" for p in names])  # fmt: skip
+
+
+def bench_prefill(
+    t: Table, context: int, lengths: tuple[int, ...] = (), placements: tuple[str, ...] = ("device", "host")
+) -> None:
+    """The end-to-end prefill table alone (no decode rows): one `context`-token prefill per side, the
+    Engine's `placements` against transformers, rows at each of `lengths` and at `context` (as in
+    `bench_end_to_end`). `bench/bench_prefill.py` runs it."""
+    from dsa_hybrid.models.config import DSAConfig
+
+    cfg = DSAConfig.small()
+    hf = _hf_model(cfg)
+    t.title(f"end to end: prefill of one {context}-token prompt, DSAConfig.small() weights, FP8 indexer, 1 thread, "
+            "chunks of 1024 (CPU seconds; the Engine's less JAX's tracing and compilation)")  # fmt: skip
+    if hf is None:
+        t.row("skipped: needs torch and transformers (pip install torch transformers)")
+        return
+    torch, model, params = hf
+    prompt = np.random.default_rng(4).integers(0, cfg.vocab_size, context).tolist()
+    curves = {p: _prefill_and_decode(_engine(params, cfg, context, 1, p), [prompt], 1)[0] for p in placements}
+    hf_curve = _hf_prefill(torch, model, prompt)[0]
+    t.header(
+        "L", "transformers s", *[f"Engine {p} s" for p in placements], *[f"{p} × transformers" for p in placements]
+    )
+    for L in sorted({*lengths, context}):
+        if L <= context:
+            hf_pre, ours = _at(hf_curve, L), {p: _at(curves[p], L) for p in placements}
+            t.row(L, f"{hf_pre:.1f}", *[f"{ours[p]:.1f}" for p in placements],
+                  *[f"{hf_pre / max(ours[p], 1e-9):.1f}×" for p in placements])  # fmt: skip
 
 
 def plot(points: list[tuple[int, float, float]], path: str, out: TextIO) -> None:
@@ -384,13 +521,17 @@ def run_bench(quick: bool = False, plot_path: str | None = "dsa_bench.png", out:
     t = Table(out)
     peak = fma_peak_gflops()
     print(f"# dsa_hybrid bench ({'quick' if quick else 'full'}): SIMD path {cpu_features()['simd_path']}, "
-          f"JAX {jax.default_backend()}, FMA peak {peak:.0f} GFLOP/s (1 thread)", file=out)  # fmt: skip
+          f"JAX {jax.default_backend()}, FMA peak {peak:.0f} GFLOP/s (1 thread, the core's FMA chains; "
+          f"numpy f32 matmul {matmul_gflops():.0f} GFLOP/s)", file=out)  # fmt: skip
+    started = time.perf_counter()
     bench_topk(t, [32_768] if quick else [32_768, 131_072, 1_048_576])
     bench_indexer(t, [8192] if quick else [8192, 32_768, 131_072], peak)
     points = bench_sparse_mla(t, [2048, 4096] if quick else [4096, 8192, 16_384, 32_768, 65_536])
+    bench_host_mla(t, [1, 4] if quick else [1, 16], 4096 if quick else 32_768, peak)
     bench_layer_placement(t, [2048, 4096] if quick else [4096, 16_384, 65_536], "small" if quick else "deepseek_v32")
     bench_overlap(t, 1024 if quick else 8192)
-    bench_end_to_end(t, 1024 if quick else 32_768, 6 if quick else 16, () if quick else (16_384,))
+    bench_end_to_end(t, 1024 if quick else 32_768, 6 if quick else 16, (512,) if quick else (4096, 16_384))
+    print(f"\n(bench took {time.perf_counter() - started:.0f} s)", file=out)
     if plot_path:
         plot(points, plot_path, out)
 

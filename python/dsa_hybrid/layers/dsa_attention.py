@@ -24,8 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsa_hybrid.host.attention import sparse_mla_host
 from dsa_hybrid.layers.weights import Fp8Weight, Weight, dense, linear
 from dsa_hybrid.models.config import DSAConfig
+from dsa_hybrid.ops.checks import check_int
 from dsa_hybrid.ops.indexer import ExactIndexerKeys, IndexerPages, check_rows, quantize_keys, select_topk_device
 from dsa_hybrid.ops.latent_cache import CacheKind, LatentCache
 from dsa_hybrid.ops.sparse_mla import Backend, prefix_mla, sparse_mla
@@ -149,7 +151,9 @@ class DSAParams:
         return DSAParams(**arrays)
 
     def state_dict(self, layer: int) -> dict[str, np.ndarray]:
-        """The Hugging Face tensors of this layer (float32 numpy; no indexer tensors without an indexer)."""
+        """The Hugging Face tensors of this layer (float32 numpy; no indexer tensors without an indexer)
+        under `model.layers.{layer}.` (`layer` an integer >= 0: TypeError / ValueError otherwise)."""
+        layer = check_int("layer", layer, 0)
         prefix = f"model.layers.{layer}.self_attn."
         return {
             prefix + hf: np.asarray(dense(getattr(self, name)))
@@ -298,7 +302,7 @@ def attend(
     """Write the new latent rows, attend over the selected positions `topk` `[T, K]` (dsa.md §3), project out.
     With `positions`, a batch whose rows all see at most K tokens (so each selects everything, dsa.md §5)
     takes the dense-prefix path (`prefix_mla`: whole pages instead of single rows)."""
-    T, h, r_kv = proj.q_abs.shape[0], cfg.num_attention_heads, cfg.kv_lora_rank
+    r_kv = cfg.kv_lora_rank
     latent = latent.write(slots, proj.c_kv, proj.k_pe)
     S = latent.page_size
     page = jnp.take_along_axis(block_tables, jnp.maximum(topk, 0) // S, axis=1)
@@ -319,9 +323,78 @@ def attend(
         o_lat = sparse()
     else:
         o_lat = jax.lax.cond(jnp.all(positions < topk.shape[1]), prefix, sparse)
+    return output_projection(params, cfg, o_lat), latent
+
+
+def output_projection(params: DSAParams, cfg: DSAConfig, o_lat: jax.Array) -> jax.Array:
+    """The layer's output from the attention over latent rows: `o_lat` float32 `[T, h, kv_lora_rank]` →
+    the value up-projection (`W_UV`, absorbed form) → `o_proj`, float32 `[T, hidden]`."""
+    T, h, r_kv = o_lat.shape[0], cfg.num_attention_heads, cfg.kv_lora_rank
     w_uv = dense(params.kv_b).reshape(h, cfg.qk_nope_head_dim + cfg.v_head_dim, r_kv)[:, cfg.qk_nope_head_dim :]
     o = jnp.einsum("thr,hvr->thv", o_lat, w_uv, precision=_HIGHEST).reshape(T, h * cfg.v_head_dim)
-    return linear(o, params.o), latent
+    return linear(o, params.o)
+
+
+def write_latent(latent: LatentCache, slots: jax.Array, proj: Projections) -> LatentCache:
+    """`latent` with the new rows of `proj` (`c_kv`, `k_pe`) written at `slots` (int32 `[T]`, −1 skipped)."""
+    return latent.write(slots, proj.c_kv, proj.k_pe)
+
+
+def host_attention_supported(latent: LatentCache) -> bool:
+    """Whether `attend_host` can run on `latent`: a float32 cache (`kind="f32"`, whose `data` holds each
+    token's whole `[c_kv | k_pe]` row, the host kernel's input) living in CPU memory, so that the kernel
+    reads it in place (`np.asarray` of a CPU `jax.Array` is a view, no copy)."""
+    if latent.kind != "f32" or isinstance(latent.data, jax.core.Tracer):
+        return False
+    try:
+        return all(d.platform == "cpu" for d in latent.data.devices())
+    except (AttributeError, RuntimeError):  # not a committed jax.Array (or already deleted)
+        return False
+
+
+def selected_slots(topk: np.ndarray, block_tables: np.ndarray, page_size: int) -> np.ndarray:
+    """The cache slots of the selected positions (numpy, what `attend` computes on the device): int32
+    `[T, K]`, slot `block_tables[t, p // S] · S + p % S` of position `p = topk[t, j]`, −1 where `p < 0`,
+    past the table, or on a −1 page."""
+    tk = np.asarray(topk)
+    bt = np.asarray(block_tables)
+    col = np.maximum(tk, 0) // page_size
+    inside = (tk >= 0) & (col < bt.shape[1])
+    page = np.take_along_axis(bt, np.minimum(col, bt.shape[1] - 1), axis=1)
+    ok = inside & (page >= 0)
+    return np.where(ok, page.astype(np.int64) * page_size + tk % page_size, -1).astype(np.int32)
+
+
+def attend_host(
+    params: DSAParams,
+    cfg: DSAConfig,
+    proj: Projections,
+    slots: jax.Array,
+    block_tables: np.ndarray,
+    latent: LatentCache,
+    topk: np.ndarray,
+    threads: int | None = None,
+    *,
+    donate: bool = True,
+) -> tuple[jax.Array, LatentCache]:
+    """`attend` with the attention itself in the Rust core (`host.sparse_mla_host`: the fused, SIMD,
+    multi-threaded CPU kernel, GIL released): the new latent rows are written on the device (jitted,
+    `latent` donated when `donate`), the kernel reads the float32 cache in place (a zero-copy view of its
+    CPU buffer) at the selected slots (`selected_slots` of `topk` int `[T, K]` through `block_tables`
+    int `[T, W]`, both numpy), and the output projection runs jitted on its result. Needs
+    `host_attention_supported(latent)`; a row that selects every visible token gets exactly the dense
+    prefix `attend` would take for it. Returns `(out [T, hidden] float32, updated latent)`; `threads`
+    as in `sparse_mla_host` (default one per core)."""
+    if not host_attention_supported(latent):
+        raise ValueError("latent: attend_host needs a float32 ('f32') latent cache in CPU memory")
+    latent = (write_latent_donated if donate else write_latent_jit)(latent, slots, proj)
+    sel = selected_slots(topk, block_tables, latent.page_size)
+    kv = np.asarray(latent.data).reshape(latent.num_slots, -1)  # waits for the write; a view, no copy
+    o_lat, _ = sparse_mla_host(
+        np.asarray(proj.q_abs), kv, sel, cfg.softmax_scale, d_v=cfg.kv_lora_rank, threads=threads
+    )
+    del kv  # drop the view before anything donates the cache (a live view makes XLA copy it instead)
+    return output_projection_jit(params, cfg, jnp.asarray(o_lat)), latent
 
 
 def dsa_attention(
@@ -411,6 +484,10 @@ attend_jit = jax.jit(attend, static_argnums=(1, 7))
 # never use the cache they pass in again, so XLA updates it in place instead of copying it.
 project_write_keys_donated = jax.jit(project_write_keys, static_argnums=1, donate_argnums=5)
 attend_donated = jax.jit(attend, static_argnums=(1, 7), donate_argnums=5)
+# The device halves of `attend_host` around the host kernel.
+write_latent_jit = jax.jit(write_latent)
+write_latent_donated = jax.jit(write_latent, donate_argnums=0)
+output_projection_jit = jax.jit(output_projection, static_argnums=1)
 
 
 def host_select(
@@ -524,6 +601,7 @@ def dsa_attention_host(
     shared_topk: jax.Array | None = None,
     backend: Backend = "auto",
     threads: int | None = None,
+    host_attention: bool | None = None,
 ) -> tuple[jax.Array, DSACaches, np.ndarray]:
     """`dsa_attention` with the indexer on the host: the device computes the projections and quantizes
     the new indexer keys (writing them to `caches.index` too), only the FP8 keys, the queries and the head
@@ -537,8 +615,10 @@ def dsa_attention_host(
       `t` is at position `length(seq) + its rank among the call's rows of that sequence` (`host_select`).
     - `seq_ids` None: the cache is paged like the device caches, through this call's `slots` and
       `block_tables` (`write_slots`, `select_paged`; `host_select_paged`), and holds no sequences.
-    Not jit-able as a whole (the two device halves are). Returns `(out, caches, topk)` as
-    `dsa_attention` does (`topk` a numpy array)."""
+    The attention runs in the Rust core too (`attend_host`, `threads` workers) when `host_attention`
+    allows it (`use_host_attention`: by default whenever the latent cache is float32 in CPU memory, the
+    engine's CPU default), else on the device (`attend`). Not jit-able as a whole (the device halves
+    are). Returns `(out, caches, topk)` as `dsa_attention` does (`topk` a numpy array)."""
     x, positions, slots, block_tables = (jnp.asarray(a) for a in (x, positions, slots, block_tables))
     _check_rows_of_call(cfg, x, positions, slots, block_tables)
     if shared_topk is not None:
@@ -555,8 +635,24 @@ def dsa_attention_host(
             )  # fmt: skip
         else:
             topk = host_select(host_cache, seq_ids, codes, scales, proj, positions, cfg.index_topk, threads)
+    if use_host_attention(caches.latent, backend, host_attention):
+        out, latent = attend_host(
+            params, cfg, proj, slots, np.asarray(block_tables), caches.latent, np.asarray(topk), threads, donate=False
+        )
+        return out, DSACaches(latent, index), topk
     prefix_ok = jnp.asarray(positions) if shared_topk is None else None
     out, latent = attend_jit(
         params, cfg, proj, slots, block_tables, caches.latent, jnp.asarray(topk), backend, prefix_ok
     )
     return out, DSACaches(latent, index), topk
+
+
+def use_host_attention(latent: LatentCache, backend: Backend, host_attention: bool | None) -> bool:
+    """Whether a host-placement step attends with the Rust kernel (`attend_host`): `host_attention`
+    True requires it (ValueError when `host_attention_supported(latent)` is false), False never, None
+    ("auto") whenever the cache supports it and `backend` is not "pallas_tpu"."""
+    if host_attention is None:
+        return backend != "pallas_tpu" and host_attention_supported(latent)
+    if host_attention and not host_attention_supported(latent):
+        raise ValueError("host_attention: the Rust kernel needs a float32 ('f32') latent cache in CPU memory")
+    return bool(host_attention)

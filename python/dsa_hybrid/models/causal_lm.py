@@ -423,6 +423,7 @@ def forward_host(
     backend: Backend = "auto",
     threads: int | None = None,
     micro_batches: int = 1,
+    host_attention: bool | None = None,
 ) -> tuple[jax.Array, tuple[DSACaches, ...]]:
     """`forward` with every layer's indexer on the host: `host_caches` holds one `IndexerKeyCache` per
     layer (None for a layer that runs no indexer), paged like the device caches: each layer's new keys
@@ -434,7 +435,12 @@ def forward_host(
 
     With `micro_batches` > 1 the rows are split into that many groups of whole sequences and pipelined:
     while the host selects for one group, the device computes the other's projections, attention and
-    MLP (JAX dispatch is asynchronous and the Rust select releases the GIL)."""
+    MLP (JAX dispatch is asynchronous and the Rust select releases the GIL).
+
+    Sparse MLA runs in the Rust core as well (`dsa_attention.attend_host`: the fused CPU kernel on
+    `threads` workers, reading the latent cache in place) when `host_attention` allows it
+    (`dsa_attention.use_host_attention`: by default whenever the latent caches are float32 in CPU memory,
+    the engine's CPU default); otherwise the device attends (`attend`, `backend`)."""
     seq_ids = np.asarray(seq_ids, np.int64)
     tokens, positions = np.asarray(tokens, np.int32), np.asarray(positions, np.int32)
     slots, block_tables = np.asarray(slots, np.int32), np.asarray(block_tables, np.int32)
@@ -453,6 +459,8 @@ def forward_host(
     xs = [embed(params, padded(tokens, g, 0)) for g in groups]
     layer_caches = list(caches)
     topk: list[jax.Array | None] = [None] * len(groups)
+    host_topk: list[np.ndarray | None] = [None] * len(groups)
+    on_host = [layer_mod.use_host_attention(c.latent, backend, host_attention) for c in caches]
 
     def dispatch_projection(i: int, g: int) -> tuple:
         blk = params.blocks[i]
@@ -473,16 +481,31 @@ def forward_host(
         for g, rows in enumerate(groups):
             proj, codes, scales = pending[g]
             if not shared:
-                n = rows.stop - rows.start
                 sel = layer_mod.host_select_paged(
                     host_caches[i], block_tables[rows], slots[rows], codes, scales, proj, positions[rows],
                     cfg.index_topk, threads,
                 )  # fmt: skip
-                topk[g] = jnp.asarray(np.pad(sel, ((0, proj.q_abs.shape[0] - n), (0, 0)), constant_values=-1))
-            out, latent = layer_mod.attend_donated(
-                blk.attn, cfg, proj, slot[g], table[g], layer_caches[i].latent, topk[g], backend,
-                None if shared else pos[g],
-            )  # fmt: skip
+                host_topk[g] = sel
+                topk[g] = None
+            if on_host[i]:
+                # Only the real rows attend: padding rows (slot -1) get zeros and are dropped at the end.
+                sel_g = host_topk[g]
+                assert sel_g is not None  # the first layer always has an indexer
+                n_pad = proj.q_abs.shape[0] - sel_g.shape[0]
+                out, latent = layer_mod.attend_host(
+                    blk.attn, cfg, proj, slot[g], np.pad(block_tables[rows], ((0, n_pad), (0, 0)), constant_values=-1),
+                    layer_caches[i].latent, np.pad(sel_g, ((0, n_pad), (0, 0)), constant_values=-1), threads,
+                )  # fmt: skip
+            else:
+                if topk[g] is None:
+                    sel_g = host_topk[g]
+                    assert sel_g is not None
+                    n_pad = proj.q_abs.shape[0] - sel_g.shape[0]
+                    topk[g] = jnp.asarray(np.pad(sel_g, ((0, n_pad), (0, 0)), constant_values=-1))
+                out, latent = layer_mod.attend_donated(
+                    blk.attn, cfg, proj, slot[g], table[g], layer_caches[i].latent, topk[g], backend,
+                    None if shared else pos[g],
+                )  # fmt: skip
             layer_caches[i] = dataclasses.replace(layer_caches[i], latent=latent)
             xs[g] = residual_mlp(blk, cfg, xs[g], out)
             if i + 1 < len(params.blocks):
