@@ -31,7 +31,7 @@ def problems(draw: st.DrawFn) -> Problem:
     H = draw(st.sampled_from([1, 3, 16, 64]))
     block = draw(st.sampled_from([16, 64]))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    cache = dh.IndexerKeyCache(num_blocks=128, block_size=block, head_dim=D)
+    cache = dh.IndexerKeyCache(num_blocks=160, block_size=block, head_dim=D)
     keys: dict[int, np.ndarray] = {}
     for sid in range(draw(st.integers(1, 3))):
         n = draw(st.integers(1, 700))

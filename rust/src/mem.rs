@@ -89,6 +89,17 @@ pub fn try_matrix<T: Clone>(rows: usize, cols: usize, value: T) -> Result<Vec<T>
     Ok(v)
 }
 
+/// The allocator's answer, made visible to the optimiser as used. LLVM may delete an allocation
+/// whose memory is never touched, together with its `dealloc`, and then takes the deleted call to
+/// have succeeded: in an optimised build a buffer that is made and dropped unused (a caller that
+/// only checks the size can be had, or a test) came back `Ok` for any size, even one no allocator
+/// can serve, while a debug build saw the null. Passing the pointer through `black_box` lets it
+/// escape, so the call stays and a refusal is always seen.
+#[inline(always)]
+fn observed(ptr: *mut u8) -> *mut u8 {
+    std::hint::black_box(ptr)
+}
+
 /// Element types whose all-zero bit pattern is the value zero.
 pub trait Zeroed: Copy {}
 impl Zeroed for u8 {}
@@ -110,7 +121,7 @@ pub fn try_zeroed<T: Zeroed>(n: usize) -> Result<Vec<T>, AllocError> {
     };
     let layout = Layout::array::<T>(n).map_err(|_| fail)?;
     // SAFETY: `layout` has a non-zero size.
-    let ptr = unsafe { alloc_zeroed(layout) }.cast::<T>();
+    let ptr = observed(unsafe { alloc_zeroed(layout) }).cast::<T>();
     if ptr.is_null() {
         return Err(fail);
     }
@@ -149,7 +160,7 @@ impl ZeroedBytes {
         }
         let layout = Layout::from_size_align(len, BUFFER_ALIGN).map_err(|_| fail)?;
         // SAFETY: `layout` has a non-zero size.
-        let ptr = unsafe { alloc_zeroed(layout) };
+        let ptr = observed(unsafe { alloc_zeroed(layout) });
         NonNull::new(ptr)
             .map(|ptr| ZeroedBytes { ptr, len })
             .ok_or(fail)
@@ -210,7 +221,8 @@ mod tests {
 
     #[test]
     fn an_allocation_the_allocator_refuses_is_an_error() {
-        // Just under isize::MAX: a valid layout no allocator can serve.
+        // Just under isize::MAX: a valid layout no allocator can serve. The buffer is dropped
+        // unused, the case the optimiser could elide (`observed`): this must hold in release too.
         let e = ZeroedBytes::new(isize::MAX as usize - 4096).err().unwrap();
         assert!(!e.over_limit);
         assert!(e.to_string().contains("cannot be allocated"));

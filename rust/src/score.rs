@@ -133,21 +133,43 @@ fn score_keys_scalar(
     out: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {
+    let hp = q.hp;
+    score_each_key(q, codes, scales, out, scratch, q.d, 1.0, |h, k| {
+        let mut acc = 0.0f32;
+        for (dd, kf) in k.iter().enumerate() {
+            acc = q.qt[dd * hp + h].mul_add(*kf, acc);
+        }
+        acc
+    });
+}
+
+/// The per-key loop of both scalar twins (float32 here, bfloat16 in `score_bf16`): key `s` is
+/// decoded into `key_len ≥ d` floats (`DECODE_TABLE / unit`, zero past `d`), `dot(h, key)` is
+/// head `h`'s product, and `out[s] = tree_sum(ReLU(dot) · hw) · (scale · unit)`. `unit` is a power
+/// of two (1, or 256 where the SIMD twin decodes through F16C), so every step is exact either way.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn score_each_key(
+    q: Query<'_>,
+    codes: &[u8],
+    scales: &[f32],
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+    key_len: usize,
+    unit: f32,
+    dot: impl Fn(usize, &[f32]) -> f32,
+) {
     let (d, hp) = (q.d, q.hp);
-    scratch.resize(d + hp, 0.0);
-    let (k, heads) = scratch.split_at_mut(d);
+    scratch.resize(key_len + hp, 0.0);
+    let (k, heads) = scratch.split_at_mut(key_len);
+    k[d..].fill(0.0);
     for ((row, &sk), o) in codes.chunks_exact(d).zip(scales).zip(out.iter_mut()) {
         for (kf, c) in k.iter_mut().zip(row) {
-            *kf = DECODE_TABLE[*c as usize];
+            *kf = DECODE_TABLE[*c as usize] / unit;
         }
         for (h, head) in heads.iter_mut().enumerate() {
-            let mut acc = 0.0f32;
-            for (dd, kf) in k.iter().enumerate() {
-                acc = q.qt[dd * hp + h].mul_add(*kf, acc);
-            }
-            *head = acc.max(0.0) * q.hw[h];
+            *head = dot(h, k).max(0.0) * q.hw[h];
         }
-        *o = tree_sum(heads) * sk;
+        *o = tree_sum(heads) * (sk * unit);
     }
 }
 
@@ -163,9 +185,101 @@ fn tree_sum(b: &mut [f32]) -> f32 {
     b[0]
 }
 
+/// What a SIMD scoring kernel gives the driver every one of them runs (`score_blocks`): how a key
+/// is decoded, how a register block of `N` keys × all heads is scored, and the head sum.
+pub(crate) trait BlockKernel {
+    /// Keys per register block (1 to 6).
+    const NK: usize;
+    /// The decoded keys are the code values / `KEY_UNIT` (a power of two), folded back into the scale.
+    const KEY_UNIT: f32;
+    /// Floats of scratch one decoded key of width `d` takes.
+    fn key_floats(d: usize) -> usize;
+    /// Decode one key, `d` codes, into `dst` (`key_floats(d)` floats).
+    ///
+    /// # Safety
+    /// The CPU has the kernel's features; `d` suits the kernel (`score_keys` checks both).
+    unsafe fn decode(codes: &[u8], dst: &mut [f32]);
+    /// `heads[i · hp + h]` = the weighted ReLU of head `h`'s product with decoded key `i < N`
+    /// (`keys`: `NK` decoded keys, `heads`: `NK × hp`).
+    ///
+    /// # Safety
+    /// As `decode`; the buffers are the sizes above.
+    unsafe fn heads<const N: usize>(q: Query<'_>, keys: &[f32], heads: &mut [f32]);
+    /// `tree_sum` of one key's `hp` heads, in the same order.
+    ///
+    /// # Safety
+    /// As `decode`.
+    unsafe fn tree_sum(heads: &mut [f32]) -> f32;
+}
+
+/// The driver of every SIMD kernel: keys in groups of `K::NK`, decoded, scored a register block at
+/// a time, summed over heads and scaled. Inlined into each kernel's `#[target_feature]` entry.
+///
+/// # Safety
+/// The CPU has the kernel's features and the sizes were checked (`check_shapes`).
+#[inline(always)]
+pub(crate) unsafe fn score_blocks<K: BlockKernel>(
+    q: Query<'_>,
+    codes: &[u8],
+    scales: &[f32],
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let (d, hp, n, kf) = (q.d, q.hp, scales.len(), K::key_floats(q.d));
+    scratch.resize(K::NK * (kf + hp), 0.0);
+    let (k, heads) = scratch.split_at_mut(K::NK * kf);
+    let mut s = 0;
+    // SAFETY: forwarded; k holds NK decoded keys, heads NK × hp.
+    unsafe {
+        while s < n {
+            let nk = (n - s).min(K::NK);
+            for i in 0..nk {
+                K::decode(
+                    &codes[(s + i) * d..(s + i + 1) * d],
+                    &mut k[i * kf..(i + 1) * kf],
+                );
+            }
+            match nk {
+                6 => K::heads::<6>(q, k, heads),
+                5 => K::heads::<5>(q, k, heads),
+                4 => K::heads::<4>(q, k, heads),
+                3 => K::heads::<3>(q, k, heads),
+                2 => K::heads::<2>(q, k, heads),
+                _ => K::heads::<1>(q, k, heads),
+            }
+            for i in 0..nk {
+                out[s + i] =
+                    K::tree_sum(&mut heads[i * hp..(i + 1) * hp]) * (scales[s + i] * K::KEY_UNIT);
+            }
+            s += nk;
+        }
+    }
+}
+
+/// A SIMD kernel's entry point: `#[target_feature]` (so the inlined driver and the kernel's
+/// blocks are compiled for the features) around `score_blocks` with the kernel.
+macro_rules! simd_entry {
+    ($(#[$doc:meta])* $name:ident, $features:literal, $kernel:ty) => {
+        $(#[$doc])*
+        #[target_feature(enable = $features)]
+        pub unsafe fn $name(
+            q: Query<'_>,
+            codes: &[u8],
+            scales: &[f32],
+            out: &mut [f32],
+            scratch: &mut Vec<f32>,
+        ) {
+            // SAFETY: forwarded; the features are this function's.
+            unsafe { $crate::score::score_blocks::<$kernel>(q, codes, scales, out, scratch) }
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")] // (for the bf16 kernel)
+pub(crate) use simd_entry;
+
 #[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::Query;
+pub(crate) mod x86 {
+    use super::{BlockKernel, Query};
     use std::arch::x86_64::*;
 
     /// 16 e4m3 codes as the f16 bit patterns whose values are code value / 256.
@@ -199,7 +313,7 @@ mod x86 {
     /// `tree_sum` of `b` (a power of two ≥ 8 long) with 8-wide adds, same order.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn tree_sum_avx2(b: &mut [f32]) -> f32 {
+    pub(crate) unsafe fn tree_sum_avx2(b: &mut [f32]) -> f32 {
         let p = b.as_mut_ptr();
         let mut n = b.len();
         // SAFETY: every index is below the current n ≤ b.len().
@@ -278,56 +392,45 @@ mod x86 {
         }
     }
 
-    /// The x86 driver: groups of `NK` = 6 keys are decoded (into f32 / 256), scored head block by
-    /// head block, then summed over heads and scaled. One body for both instruction sets.
-    macro_rules! score_keys_x86 {
-        ($(#[$doc:meta])* $name:ident, $features:literal, $decode:ident, $heads:ident) => {
-            $(#[$doc])*
-            #[target_feature(enable = $features)]
-            pub unsafe fn $name(
-                q: Query<'_>,
-                codes: &[u8],
-                scales: &[f32],
-                out: &mut [f32],
-                scratch: &mut Vec<f32>,
-            ) {
+    /// A kernel that decodes through F16C (keys / 256) and sums heads with `tree_sum_avx2`: its
+    /// decoder and head blocks, forwarded.
+    macro_rules! f16c_kernel {
+        ($kernel:ident, $decode:ident, $heads:ident) => {
+            impl BlockKernel for $kernel {
                 const NK: usize = 6;
-                let (d, hp, n) = (q.d, q.hp, scales.len());
-                scratch.resize(NK * (d + hp), 0.0);
-                let (k, heads) = scratch.split_at_mut(NK * d);
-                let mut s = 0;
-                // SAFETY: the callees' bounds hold: k holds NK keys, heads NK × hp.
-                unsafe {
-                    while s < n {
-                        let nk = (n - s).min(NK);
-                        for i in 0..nk {
-                            $decode(&codes[(s + i) * d..(s + i + 1) * d], &mut k[i * d..(i + 1) * d]);
-                        }
-                        match nk {
-                            6 => $heads::<6>(q, k, heads),
-                            5 => $heads::<5>(q, k, heads),
-                            4 => $heads::<4>(q, k, heads),
-                            3 => $heads::<3>(q, k, heads),
-                            2 => $heads::<2>(q, k, heads),
-                            _ => $heads::<1>(q, k, heads),
-                        }
-                        for i in 0..nk {
-                            out[s + i] = tree_sum_avx2(&mut heads[i * hp..(i + 1) * hp])
-                                * (scales[s + i] * 256.0);
-                        }
-                        s += nk;
-                    }
+                const KEY_UNIT: f32 = 256.0;
+                fn key_floats(d: usize) -> usize {
+                    d
+                }
+                #[inline(always)]
+                unsafe fn decode(codes: &[u8], dst: &mut [f32]) {
+                    // SAFETY: forwarded.
+                    unsafe { $decode(codes, dst) }
+                }
+                #[inline(always)]
+                unsafe fn heads<const N: usize>(q: Query<'_>, keys: &[f32], heads: &mut [f32]) {
+                    // SAFETY: forwarded.
+                    unsafe { $heads::<N>(q, keys, heads) }
+                }
+                #[inline(always)]
+                unsafe fn tree_sum(heads: &mut [f32]) -> f32 {
+                    // SAFETY: forwarded.
+                    unsafe { tree_sum_avx2(heads) }
                 }
             }
         };
     }
 
-    score_keys_x86!(
-        /// AVX2 + FMA + F16C twin of `score_keys_scalar`: 6 keys × 16 heads per register block.
+    /// AVX2 + FMA + F16C: 6 keys × 16 heads per register block.
+    struct Avx2;
+
+    f16c_kernel!(Avx2, decode_avx2, heads_avx2);
+
+    simd_entry!(
+        /// AVX2 + FMA + F16C twin of `score_keys_scalar` (`Avx2` in the shared driver).
         score_keys_avx2,
         "avx2,fma,f16c",
-        decode_avx2,
-        heads_avx2
+        Avx2
     );
 
     /// Decode one key with AVX-512 (16 codes per conversion), scaled by 1/256.
@@ -405,18 +508,22 @@ mod x86 {
         }
     }
 
-    score_keys_x86!(
-        /// AVX-512 twin of `score_keys_scalar`: 6 keys × 64 heads per register block.
+    /// AVX-512: 6 keys × 64 heads per register block.
+    struct Avx512;
+
+    f16c_kernel!(Avx512, decode_avx512, heads_avx512);
+
+    simd_entry!(
+        /// AVX-512 twin of `score_keys_scalar` (`Avx512` in the shared driver).
         score_keys_avx512,
         "avx512f,avx2,fma,f16c",
-        decode_avx512,
-        heads_avx512
+        Avx512
     );
 }
 
 #[cfg(target_arch = "aarch64")]
 mod neon {
-    use super::{Query, DECODE_TABLE};
+    use super::{BlockKernel, Query, DECODE_TABLE};
     use std::arch::aarch64::*;
 
     /// `tree_sum` with 4-wide adds, same order.
@@ -483,43 +590,42 @@ mod neon {
         }
     }
 
-    /// NEON twin of `score_keys_scalar`: 4 keys × 16 heads per register block,
-    /// keys decoded through the table (exact values, no 1/256 scaling).
-    #[target_feature(enable = "neon")]
-    pub unsafe fn score_keys_neon(
-        q: Query<'_>,
-        codes: &[u8],
-        scales: &[f32],
-        out: &mut [f32],
-        scratch: &mut Vec<f32>,
-    ) {
+    /// NEON: 4 keys × 16 heads per register block, keys decoded through the table (exact
+    /// values, no 1/256 scaling).
+    struct Neon;
+
+    impl BlockKernel for Neon {
         const NK: usize = 4;
-        let (d, hp, n) = (q.d, q.hp, scales.len());
-        scratch.resize(NK * (d + hp), 0.0);
-        let (k, heads) = scratch.split_at_mut(NK * d);
-        let mut s = 0;
-        // SAFETY: as in the x86 kernels.
-        unsafe {
-            while s < n {
-                let nk = (n - s).min(NK);
-                for (kf, c) in k.iter_mut().zip(&codes[s * d..(s + nk) * d]) {
-                    *kf = DECODE_TABLE[*c as usize];
-                }
-                for h0 in (0..hp).step_by(16) {
-                    match nk {
-                        4 => block_neon::<4>(q, h0, k, heads),
-                        3 => block_neon::<3>(q, h0, k, heads),
-                        2 => block_neon::<2>(q, h0, k, heads),
-                        _ => block_neon::<1>(q, h0, k, heads),
-                    }
-                }
-                for i in 0..nk {
-                    out[s + i] = tree_sum_neon(&mut heads[i * hp..(i + 1) * hp]) * scales[s + i];
-                }
-                s += nk;
+        const KEY_UNIT: f32 = 1.0;
+        fn key_floats(d: usize) -> usize {
+            d
+        }
+        #[inline(always)]
+        unsafe fn decode(codes: &[u8], dst: &mut [f32]) {
+            for (kf, c) in dst.iter_mut().zip(codes) {
+                *kf = DECODE_TABLE[*c as usize];
             }
         }
+        #[inline(always)]
+        unsafe fn heads<const N: usize>(q: Query<'_>, keys: &[f32], heads: &mut [f32]) {
+            for h0 in (0..q.hp).step_by(16) {
+                // SAFETY: forwarded; hp is a power of two ≥ 16.
+                unsafe { block_neon::<N>(q, h0, keys, heads) }
+            }
+        }
+        #[inline(always)]
+        unsafe fn tree_sum(heads: &mut [f32]) -> f32 {
+            // SAFETY: forwarded.
+            unsafe { tree_sum_neon(heads) }
+        }
     }
+
+    simd_entry!(
+        /// NEON twin of `score_keys_scalar` (`Neon` in the shared driver).
+        score_keys_neon,
+        "neon",
+        Neon
+    );
 }
 
 #[cfg(test)]

@@ -13,8 +13,7 @@
 //! Then, as in `score.rs`: ReLU, × the head weight, the halving tree over heads, × the key scale.
 
 use crate::cpu::Isa;
-use crate::fp8::DECODE_TABLE;
-use crate::score::Query;
+use crate::score::{score_each_key, Query};
 
 /// Query values below this magnitude become 0 in the bf16 pairs (see the module notes).
 pub const FLUSH_BELOW: f32 = 7.888_609e-31; // 2^-100
@@ -96,7 +95,8 @@ pub fn score_keys_bf16(
     }
 }
 
-/// The scalar twin: the instruction's order (high half, then low half, of each pair).
+/// The scalar twin: the instruction's order (high half, then low half, of each pair), in the
+/// per-key loop of `score.rs` (keys / 256, exact in bf16; an odd `d` padded with a zero).
 fn score_keys_bf16_scalar(
     q: Query<'_>,
     codes: &[u8],
@@ -104,44 +104,23 @@ fn score_keys_bf16_scalar(
     out: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {
-    let (d, hp) = (q.d, q.hp);
-    let np = d.div_ceil(2);
-    scratch.resize(2 * np + hp, 0.0);
-    let (k, heads) = scratch.split_at_mut(2 * np);
-    for ((row, &sk), o) in codes.chunks_exact(d).zip(scales).zip(out.iter_mut()) {
-        k.fill(0.0);
-        for (kf, c) in k.iter_mut().zip(row) {
-            // value / 256, exact in bf16 (and in f32)
-            *kf = DECODE_TABLE[*c as usize] / 256.0;
+    let (np, hp) = (q.d.div_ceil(2), q.hp);
+    score_each_key(q, codes, scales, out, scratch, 2 * np, 256.0, |h, k| {
+        let mut acc = 0.0f32;
+        for p in 0..np {
+            let w = q.pairs[p * hp + h];
+            acc = bf16(w >> 16).mul_add(k[2 * p + 1], acc);
+            acc = bf16(w & 0xffff).mul_add(k[2 * p], acc);
         }
-        for (h, head) in heads.iter_mut().enumerate() {
-            let mut acc = 0.0f32;
-            for p in 0..np {
-                let w = q.pairs[p * hp + h];
-                acc = bf16(w >> 16).mul_add(k[2 * p + 1], acc);
-                acc = bf16(w & 0xffff).mul_add(k[2 * p], acc);
-            }
-            *head = acc.max(0.0) * q.hw[h];
-        }
-        *o = tree_sum(heads) * (sk * 256.0);
-    }
-}
-
-/// Sum by halving, as `score.rs` (len a power of two).
-fn tree_sum(b: &mut [f32]) -> f32 {
-    let mut n = b.len();
-    while n > 1 {
-        n /= 2;
-        for i in 0..n {
-            b[i] += b[i + n];
-        }
-    }
-    b[0]
+        acc
+    });
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::Query;
+    use crate::score::x86::tree_sum_avx2;
+    use crate::score::{simd_entry, BlockKernel};
     use std::arch::x86_64::*;
 
     /// 16 e4m3 codes as 16 bf16 values / 256 (through F16C: exact).
@@ -152,30 +131,6 @@ mod x86 {
         let mag = _mm256_slli_epi16::<7>(_mm256_and_si256(w, _mm256_set1_epi16(0x7f)));
         let sign = _mm256_slli_epi16::<8>(_mm256_and_si256(w, _mm256_set1_epi16(0x80)));
         _mm512_cvtneps_pbh(_mm512_cvtph_ps(_mm256_or_si256(mag, sign)))
-    }
-
-    /// `tree_sum` with 16-wide then 8-wide adds, the same order.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn tree_sum_avx2(b: &mut [f32]) -> f32 {
-        let p = b.as_mut_ptr();
-        let mut n = b.len();
-        // SAFETY: every index is below the current n ≤ b.len().
-        unsafe {
-            while n > 8 {
-                n /= 2;
-                for i in (0..n).step_by(8) {
-                    _mm256_storeu_ps(
-                        p.add(i),
-                        _mm256_add_ps(_mm256_loadu_ps(p.add(i)), _mm256_loadu_ps(p.add(i + n))),
-                    );
-                }
-            }
-            let v = _mm256_loadu_ps(p);
-            let x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-            let y = _mm_add_ps(x, _mm_movehl_ps(x, x));
-            _mm_cvtss_f32(_mm_add_ss(y, _mm_shuffle_ps::<1>(y, y)))
-        }
     }
 
     /// `HB` vectors of 16 heads from `h0` × `NK` keys (`kb`: `NK × d` bf16 as u16).
@@ -245,58 +200,58 @@ mod x86 {
         }
     }
 
-    /// AVX512-BF16 twin of `score_keys_bf16_scalar`: 6 keys × 64 heads per register block.
-    #[target_feature(enable = "avx512f,avx512bf16,avx512vl,avx2,fma,f16c")]
-    pub unsafe fn score_keys_avx512bf16(
-        q: Query<'_>,
-        codes: &[u8],
-        scales: &[f32],
-        out: &mut [f32],
-        scratch: &mut Vec<f32>,
-    ) {
+    /// AVX512-BF16: 6 keys × 64 heads per register block; a decoded key is `d` bf16 values (/ 256)
+    /// in `d / 2` floats of scratch.
+    struct Bf16Avx512;
+
+    impl BlockKernel for Bf16Avx512 {
         const NK: usize = 6;
-        let (d, hp, n) = (q.d, q.hp, scales.len());
-        // Keys as bf16 in the first NK·d/2 floats of scratch, then the heads.
-        scratch.resize(NK * d / 2 + NK * hp, 0.0);
-        let (kf, heads) = scratch.split_at_mut(NK * d / 2);
-        // SAFETY: kf holds NK × d u16 (its f32 storage reinterpreted; f32 is 4-aligned, u16 needs 2).
-        let kb = unsafe { std::slice::from_raw_parts_mut(kf.as_mut_ptr().cast::<u16>(), NK * d) };
-        let mut s = 0;
-        // SAFETY: the callees' bounds hold: kb holds NK keys, heads NK × hp.
-        unsafe {
-            while s < n {
-                let nk = (n - s).min(NK);
-                for i in 0..nk {
-                    for c in 0..d / 16 {
-                        let src = codes.as_ptr().add((s + i) * d + c * 16);
-                        let v = decode16(_mm_loadu_si128(src.cast()));
-                        _mm256_storeu_si256(
-                            kb.as_mut_ptr().add(i * d + c * 16).cast(),
-                            std::mem::transmute::<__m256bh, __m256i>(v),
-                        );
-                    }
+        const KEY_UNIT: f32 = 256.0;
+        fn key_floats(d: usize) -> usize {
+            d / 2
+        }
+        #[inline(always)]
+        unsafe fn decode(codes: &[u8], dst: &mut [f32]) {
+            let kb = dst.as_mut_ptr().cast::<u16>();
+            // SAFETY: `codes` is d bytes, d a multiple of 32; `dst` holds d u16 (its f32 storage
+            // reinterpreted: f32 is 4-aligned, u16 needs 2).
+            unsafe {
+                for c in 0..codes.len() / 16 {
+                    let v = decode16(_mm_loadu_si128(codes.as_ptr().add(c * 16).cast()));
+                    _mm256_storeu_si256(
+                        kb.add(c * 16).cast(),
+                        std::mem::transmute::<__m256bh, __m256i>(v),
+                    );
                 }
-                match nk {
-                    6 => heads_block::<6>(q, kb, heads),
-                    5 => heads_block::<5>(q, kb, heads),
-                    4 => heads_block::<4>(q, kb, heads),
-                    3 => heads_block::<3>(q, kb, heads),
-                    2 => heads_block::<2>(q, kb, heads),
-                    _ => heads_block::<1>(q, kb, heads),
-                }
-                for i in 0..nk {
-                    out[s + i] =
-                        tree_sum_avx2(&mut heads[i * hp..(i + 1) * hp]) * (scales[s + i] * 256.0);
-                }
-                s += nk;
             }
         }
+        #[inline(always)]
+        unsafe fn heads<const N: usize>(q: Query<'_>, keys: &[f32], heads: &mut [f32]) {
+            // SAFETY: `keys` holds NK × d u16 (as above); forwarded.
+            unsafe {
+                let kb = std::slice::from_raw_parts(keys.as_ptr().cast::<u16>(), 2 * keys.len());
+                heads_block::<N>(q, kb, heads)
+            }
+        }
+        #[inline(always)]
+        unsafe fn tree_sum(heads: &mut [f32]) -> f32 {
+            // SAFETY: forwarded.
+            unsafe { tree_sum_avx2(heads) }
+        }
     }
+
+    simd_entry!(
+        /// AVX512-BF16 twin of `score_keys_bf16_scalar` (`Bf16Avx512` in the driver of `score.rs`).
+        score_keys_avx512bf16,
+        "avx512f,avx512bf16,avx512vl,avx2,fma,f16c",
+        Bf16Avx512
+    );
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fp8::DECODE_TABLE;
     use crate::score::{padded_heads, score_keys};
     use crate::test_rng as lcg;
 

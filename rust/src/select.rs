@@ -4,11 +4,11 @@
 //! scores themselves.
 //!
 //! One core, two ways in: a row is a block table and a count of visible keys
-//! (`Row`). `select` / `scores` take the rows' block tables from the cache's own
-//! sequences; `select_paged` / `scores_paged` take them from the caller's
-//! `[T, W]` tables (the serving engine's, one per request). Both check their
-//! rows, then run the same `select_rows` / `scores_rows`, so a sequence's
-//! `select` is exactly `select_paged` over its block table.
+//! (`Row`). `select` / `scores` take the rows' block tables from a `RowSource`:
+//! the cache's own sequences, or the caller's `[T, W]` tables (the serving
+//! engine's, one per request). Either is checked into rows, then the same
+//! `select_rows` / `scores_rows` run, so a sequence's `select` is exactly the
+//! paged one over its block table.
 
 use rayon::prelude::*;
 
@@ -544,73 +544,101 @@ fn visible_flops<'r, 'a: 'r>(rows: impl Iterator<Item = &'r Row<'a>>, q: &Querie
         .saturating_mul(q.flops_per_key())
 }
 
-/// `select_rows` over the cache's sequences: row `t` is query `t` of sequence `seq_ids[t]` at
-/// `positions[t]` (it sees keys `0 ..= positions[t]`).
+/// Where the query rows' block tables come from: the two ways into `select` / `scores`.
+#[derive(Debug, Clone, Copy)]
+pub enum RowSource<'a> {
+    /// The cache's own sequences: row `t` is query `t` of sequence `seq_ids[t]` at `positions[t]`
+    /// (it sees keys `0 ..= positions[t]`; see `sequence_rows`).
+    Sequences {
+        seq_ids: &'a [SeqId],
+        positions: &'a [i64],
+    },
+    /// The caller's block tables, `tables` `[T, width]` row-major, −1 padded (see `paged_rows`).
+    Paged {
+        tables: &'a [i32],
+        width: usize,
+        positions: &'a [i64],
+    },
+}
+
+impl<'a> RowSource<'a> {
+    /// The rows, checked (`sequence_rows` or `paged_rows`).
+    pub fn rows<'r>(
+        self,
+        cache: &'r IndexerKeyCache,
+        q: &Queries<'_>,
+    ) -> Result<Vec<Row<'r>>, CacheError>
+    where
+        'a: 'r,
+    {
+        match self {
+            RowSource::Sequences { seq_ids, positions } => {
+                sequence_rows(cache, q, seq_ids, positions)
+            }
+            RowSource::Paged {
+                tables,
+                width,
+                positions,
+            } => paged_rows(cache.geometry(), q, tables, width, positions),
+        }
+    }
+}
+
+/// `select_rows` over the rows of `src`: a sequence's `select` is exactly the paged one over its
+/// block table. `k` and the page buffer are checked before the rows.
 pub fn select(
     cache: &IndexerKeyCache,
     pages: &[u8],
     q: &Queries<'_>,
-    seq_ids: &[SeqId],
-    positions: &[i64],
+    src: RowSource<'_>,
     opts: SelectOptions,
 ) -> Result<Vec<i32>, CacheError> {
     check_k(opts.k)?;
     check_pages(cache.geometry(), pages)?;
-    let rows = sequence_rows(cache, q, seq_ids, positions)?;
+    let rows = src.rows(cache, q)?;
     select_rows(cache.geometry(), pages, q, &rows, opts)
 }
 
-/// `select_rows` through external block tables (`tables` `[T, width]`, see `paged_rows`).
-pub fn select_paged(
-    geom: PageGeometry,
-    pages: &[u8],
-    q: &Queries<'_>,
-    tables: &[i32],
-    width: usize,
-    positions: &[i64],
-    opts: SelectOptions,
-) -> Result<Vec<i32>, CacheError> {
-    check_k(opts.k)?;
-    check_pages(geom, pages)?;
-    let rows = paged_rows(geom, q, tables, width, positions)?;
-    select_rows(geom, pages, q, &rows, opts)
-}
-
-/// `scores_rows` over the cache's sequences (rows as in `select`).
+/// `scores_rows` over the rows of `src` (as `select`).
 pub fn scores(
     cache: &IndexerKeyCache,
     pages: &[u8],
     q: &Queries<'_>,
-    seq_ids: &[SeqId],
-    positions: &[i64],
+    src: RowSource<'_>,
     threads: usize,
     isa: Isa,
 ) -> Result<(Vec<f32>, usize), CacheError> {
     check_pages(cache.geometry(), pages)?;
-    let rows = sequence_rows(cache, q, seq_ids, positions)?;
+    let rows = src.rows(cache, q)?;
     scores_rows(cache.geometry(), pages, q, &rows, threads, isa)
-}
-
-/// `scores_rows` through external block tables (rows as in `select_paged`).
-#[allow(clippy::too_many_arguments)]
-pub fn scores_paged(
-    geom: PageGeometry,
-    pages: &[u8],
-    q: &Queries<'_>,
-    tables: &[i32],
-    width: usize,
-    positions: &[i64],
-    threads: usize,
-    isa: Isa,
-) -> Result<(Vec<f32>, usize), CacheError> {
-    check_pages(geom, pages)?;
-    let rows = paged_rows(geom, q, tables, width, positions)?;
-    scores_rows(geom, pages, q, &rows, threads, isa)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn seqs<'a>(seq_ids: &'a [SeqId], positions: &'a [i64]) -> RowSource<'a> {
+        RowSource::Sequences { seq_ids, positions }
+    }
+
+    /// The one-thread scalar scores of sequence rows: the baseline every path is compared with.
+    fn scalar_scores(
+        cache: &IndexerKeyCache,
+        pages: &[u8],
+        q: &Queries<'_>,
+        seq_ids: &[SeqId],
+        positions: &[i64],
+    ) -> (Vec<f32>, usize) {
+        scores(cache, pages, q, seqs(seq_ids, positions), 1, Isa::Scalar).unwrap()
+    }
+
+    fn paged<'a>(tables: &'a [i32], width: usize, positions: &'a [i64]) -> RowSource<'a> {
+        RowSource::Paged {
+            tables,
+            width,
+            positions,
+        }
+    }
 
     /// Uniform f32 in [-1, 1).
     fn lcg(seed: u64) -> impl FnMut() -> f32 {
@@ -645,7 +673,7 @@ mod tests {
         let qv: Vec<f32> = (0..t * heads * d).map(|_| next()).collect();
         let wv: Vec<f32> = (0..t * heads).map(|_| next()).collect();
         let q = Queries::new(&qv, &wv, t, heads, d, true).unwrap();
-        let (all, l) = scores(&cache, &pages, &q, &seq_ids, &positions, 1, Isa::Scalar).unwrap();
+        let (all, l) = scalar_scores(&cache, &pages, &q, &seq_ids, &positions);
         assert_eq!(l, 1000);
         for isa in Isa::available() {
             for threads in [1, 2, 3] {
@@ -656,7 +684,7 @@ mod tests {
                     threads,
                     isa,
                 };
-                let got = select(&cache, &pages, &q, &seq_ids, &positions, opts).unwrap();
+                let got = select(&cache, &pages, &q, seqs(&seq_ids, &positions), opts).unwrap();
                 for r in 0..t {
                     let n = positions[r] as usize + 1;
                     let mut want = vec![0i32; 64];
@@ -693,11 +721,11 @@ mod tests {
             isa: Isa::Scalar,
         };
         assert_eq!(
-            select(&cache, &pages, &q, &[7], &[0], opts).unwrap_err(),
+            select(&cache, &pages, &q, seqs(&[7], &[0]), opts).unwrap_err(),
             CacheError::UnknownSequence(7)
         );
         assert!(matches!(
-            select(&cache, &pages, &q, &[0], &[10], opts).unwrap_err(),
+            select(&cache, &pages, &q, seqs(&[0], &[10]), opts).unwrap_err(),
             CacheError::Position {
                 index: 0,
                 position: 10,
@@ -744,19 +772,24 @@ mod tests {
         let wv: Vec<f32> = (0..t * heads).map(|_| next()).collect();
         let width = 24;
         let tables = tables_of(&cache, &seq_ids, width);
-        let geom = cache.geometry();
         for quantize in [true, false] {
             let q = Queries::new(&qv, &wv, t, heads, d, quantize).unwrap();
             for isa in Isa::available() {
                 for threads in [1, 2, 3] {
-                    let want = scores(&cache, &pages, &q, &seq_ids, &positions, threads, isa);
-                    let got =
-                        scores_paged(geom, &pages, &q, &tables, width, &positions, threads, isa);
+                    let want = scores(&cache, &pages, &q, seqs(&seq_ids, &positions), threads, isa);
+                    let got = scores(
+                        &cache,
+                        &pages,
+                        &q,
+                        paged(&tables, width, &positions),
+                        threads,
+                        isa,
+                    );
                     let want = want.unwrap();
                     assert_eq!(got.unwrap(), want, "{isa:?} threads={threads}");
                     // Every path and thread count scores bit for bit alike.
-                    let base = scores(&cache, &pages, &q, &seq_ids, &positions, 1, Isa::Scalar);
-                    assert_eq!(want, base.unwrap(), "{isa:?} threads={threads}");
+                    let base = scalar_scores(&cache, &pages, &q, &seq_ids, &positions);
+                    assert_eq!(want, base, "{isa:?} threads={threads}");
                     for (k, as_slots, by_score) in
                         [(8, false, false), (8, true, true), (64, true, false)]
                     {
@@ -767,9 +800,11 @@ mod tests {
                             threads,
                             isa,
                         };
-                        let want = select(&cache, &pages, &q, &seq_ids, &positions, opts).unwrap();
-                        let got = select_paged(geom, &pages, &q, &tables, width, &positions, opts)
-                            .unwrap();
+                        let want =
+                            select(&cache, &pages, &q, seqs(&seq_ids, &positions), opts).unwrap();
+                        let got =
+                            select(&cache, &pages, &q, paged(&tables, width, &positions), opts)
+                                .unwrap();
                         assert_eq!(got, want, "{isa:?} threads={threads} k={k}");
                     }
                 }
@@ -780,7 +815,6 @@ mod tests {
     #[test]
     fn bad_tables_are_refused_before_any_work() {
         let (cache, pages, _) = setup(&[40], 4, 16);
-        let geom = cache.geometry();
         let q = Queries::new(&[0.5; 2 * 4 * 16], &[1.0; 2 * 4], 2, 4, 16, true).unwrap();
         let opts = SelectOptions {
             k: 4,
@@ -790,10 +824,10 @@ mod tests {
             isa: Isa::Scalar,
         };
         let run = |tables: &[i32], width: usize, positions: &[i64]| {
-            select_paged(geom, &pages, &q, tables, width, positions, opts).unwrap_err()
+            select(&cache, &pages, &q, paged(tables, width, positions), opts).unwrap_err()
         };
         let good = [0, 1, 2, 0, 1, 2];
-        assert!(select_paged(geom, &pages, &q, &good, 3, &[39, 5], opts).is_ok());
+        assert!(select(&cache, &pages, &q, paged(&good, 3, &[39, 5]), opts).is_ok());
         assert_eq!(
             run(&[0, 1, -1, 0, 1, 2], 3, &[39, 5]),
             CacheError::BadPage {
@@ -813,7 +847,14 @@ mod tests {
             }
         );
         // Pages past the ones a row needs may hold anything.
-        assert!(select_paged(geom, &pages, &q, &[0, 1, 2, 0, -7, 999], 3, &[39, 5], opts).is_ok());
+        assert!(select(
+            &cache,
+            &pages,
+            &q,
+            paged(&[0, 1, 2, 0, -7, 999], 3, &[39, 5]),
+            opts
+        )
+        .is_ok());
         assert_eq!(
             run(&good, 3, &[48, 5]),
             CacheError::TableTooNarrow {
@@ -834,7 +875,7 @@ mod tests {
         assert!(matches!(run(&good, 3, &[3]), CacheError::Shape(_)));
         let q32 = Queries::new(&[0.5; 4 * 32], &[1.0; 4], 1, 4, 32, true).unwrap();
         assert!(matches!(
-            select_paged(geom, &pages, &q32, &good[..3], 3, &[3], opts),
+            select(&cache, &pages, &q32, paged(&good[..3], 3, &[3]), opts),
             Err(CacheError::Shape(_))
         ));
     }
@@ -875,11 +916,10 @@ mod tests {
             let k = 1 + (bits() % 200) as usize;
             for quantize in [true, false] {
                 let q = Queries::new(&qv, &wv, t, heads, d, quantize).unwrap();
-                let base =
-                    scores(&cache, &pages, &q, &seq_ids, &positions, 1, Isa::Scalar).unwrap();
+                let base = scalar_scores(&cache, &pages, &q, &seq_ids, &positions);
                 for &isa in &paths {
                     let threads = 1 + (bits() % 3) as usize;
-                    let got = scores(&cache, &pages, &q, &seq_ids, &positions, threads, isa);
+                    let got = scores(&cache, &pages, &q, seqs(&seq_ids, &positions), threads, isa);
                     let got = got.unwrap();
                     let as_bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     assert_eq!(
@@ -895,9 +935,14 @@ mod tests {
                             threads,
                             isa,
                         };
-                        let want =
-                            select(&cache, &pages, &q, &seq_ids, &positions, opts(Isa::Scalar));
-                        let got = select(&cache, &pages, &q, &seq_ids, &positions, opts(isa));
+                        let want = select(
+                            &cache,
+                            &pages,
+                            &q,
+                            seqs(&seq_ids, &positions),
+                            opts(Isa::Scalar),
+                        );
+                        let got = select(&cache, &pages, &q, seqs(&seq_ids, &positions), opts(isa));
                         assert_eq!(got, want, "{isa:?} quantize={quantize} k={k}");
                     }
                 }
@@ -908,7 +953,6 @@ mod tests {
     #[test]
     fn absurd_k_positions_and_non_finite_scores_are_errors() {
         let (cache, pages, _) = setup(&[40], 4, 16);
-        let geom = cache.geometry();
         let q = Queries::new(&[0.5; 4 * 16], &[1.0; 4], 1, 4, 16, true).unwrap();
         let opts = |k| SelectOptions {
             k,
@@ -919,14 +963,14 @@ mod tests {
         };
         for k in [0, MAX_K + 1, usize::MAX] {
             assert!(matches!(
-                select(&cache, &pages, &q, &[0], &[3], opts(k)),
+                select(&cache, &pages, &q, seqs(&[0], &[3]), opts(k)),
                 Err(CacheError::Shape(m)) if m.starts_with("k: ")
             ));
         }
         // A position past int32 in a (wide enough) table: refused, not wrapped.
         let tables = [0i32; 4];
         assert_eq!(
-            select_paged(geom, &pages, &q, &tables, 4, &[1 << 31], opts(4)).unwrap_err(),
+            select(&cache, &pages, &q, paged(&tables, 4, &[1 << 31]), opts(4)).unwrap_err(),
             CacheError::PositionTooLarge {
                 index: 0,
                 position: 1 << 31
@@ -940,7 +984,7 @@ mod tests {
         let ids = vec![0i64; t];
         let pos = vec![3i64; t];
         assert!(matches!(
-            select(&cache, &pages, &big, &ids, &pos, opts(MAX_K)),
+            select(&cache, &pages, &big, seqs(&ids, &pos), opts(MAX_K)),
             Err(CacheError::Alloc { arg: "k", err, .. }) if err.over_limit
         ));
         // Weights so large that one head's term is +inf and another's −inf: a NaN score, refused
@@ -952,7 +996,7 @@ mod tests {
             .unwrap();
         let q = Queries::new(&[100.0; 2 * 16], &[f32::MAX, -f32::MAX], 1, 2, 16, false).unwrap();
         assert_eq!(
-            scores(&c, &p, &q, &[5], &[0], 1, Isa::Scalar).unwrap_err(),
+            scores(&c, &p, &q, seqs(&[5], &[0]), 1, Isa::Scalar).unwrap_err(),
             CacheError::NonFiniteScore { row: 0 }
         );
         let by_score = SelectOptions {
@@ -960,7 +1004,7 @@ mod tests {
             ..opts(1)
         };
         assert_eq!(
-            select(&c, &p, &q, &[5], &[0], by_score).unwrap_err(),
+            select(&c, &p, &q, seqs(&[5], &[0]), by_score).unwrap_err(),
             CacheError::NonFiniteScore { row: 0 }
         );
     }

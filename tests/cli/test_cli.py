@@ -53,9 +53,19 @@ def test_cli_oracle_and_info_print_their_reports(capsys):
     assert "SIMD path" in out and "JAX" in out
 
 
-def test_bench_quick_prints_every_perf_row_and_the_plot(tmp_path):
+def test_bench_quick_prints_every_perf_row_and_the_plot(tmp_path, monkeypatch):
+    """Every row and the plot of `bench --quick`. A smoke test of the code paths, not of the figures: each
+    timing runs once after its warm-up call (`--quick` times 3), and the overlap row decodes 2 requests at
+    256 tokens (`--quick`: 4 at 1024), which keeps its two engines (1 and 2 micro-batches) and their steps."""
+    from dsa_hybrid import _timing
+    from dsa_hybrid.cli import bench
     from dsa_hybrid.cli.bench import run_bench
 
+    monkeypatch.setattr(bench, "best_time", lambda fn, repeats=3: _timing.best_time(fn, 1))
+    monkeypatch.setattr(bench, "cpu_best_time", lambda fn, repeats=3, f=bench.cpu_best_time: f(fn, 1))
+    monkeypatch.setattr(
+        bench, "bench_overlap", lambda t, context, requests=4, f=bench.bench_overlap: f(t, 256, requests=2)
+    )
     out = io.StringIO()
     png = tmp_path / "bench.png"
     run_bench(quick=True, plot_path=str(png), out=out)

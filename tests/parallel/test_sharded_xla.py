@@ -55,16 +55,34 @@ def reference(name: str) -> tuple[list[list[int]], np.ndarray]:
     return tokens, np.concatenate(topks)
 
 
+def _finish(proc: subprocess.Popen[str]) -> str:
+    """The worker's stdout once it exits 0 (killed on a timeout or a failure of this process)."""
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:  # never leave a worker (or a peer waiting on the coordinator) behind
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-4000:]
+    return out
+
+
 def test_eight_devices_give_the_tokens_of_one() -> None:
     names = ["dsv32_moe", "glm_shared"]
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, str(HERE / "worker.py"), "mesh", *names],
-        capture_output=True, text=True, timeout=TIMEOUT, env=_env(), check=False,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    # The one-device references are computed here while the worker runs (the checks are the same).
+    try:
+        refs = {name: reference(name) for name in names}
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    got = json.loads(_finish(proc).strip().splitlines()[-1])
     for name in names:
-        tokens, topk = reference(name)
+        tokens, topk = refs[name]
         assert got[name]["tokens"] == tokens, name
         # Every TP rank selected the same positions for every row, and the same as one device.
         assert got[name]["topk_equal"] is True, name
@@ -88,18 +106,14 @@ def test_two_processes_give_the_tokens_of_one() -> None:
         )  # fmt: skip
         for i in range(2)
     ]
-    outs = []
     try:
-        for p in procs:
-            out, err = p.communicate(timeout=TIMEOUT)
-            assert p.returncode == 0, err[-4000:]
-            outs.append(json.loads(out.strip().splitlines()[-1])["mp_moe"])
+        tokens, _ = reference("mp_moe")  # while the two processes run
+        outs = [json.loads(_finish(p).strip().splitlines()[-1])["mp_moe"] for p in procs]
     finally:
         for p in procs:  # never leave a peer waiting on the coordinator
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    tokens, _ = reference("mp_moe")
     assert outs[0]["tokens"] == outs[1]["tokens"] == tokens
 
 

@@ -126,7 +126,9 @@ class EngineMachine(RuleBasedStateMachine):
 
 
 TestEngine = EngineMachine.TestCase
-TestEngine.settings = settings(max_examples=12, stateful_step_count=25, deadline=None)
+# 8 runs of up to 20 rules (was 12 × 25, about 60 s): every rule and both pool sizes and budgets still come
+# up in the derandomized CI runs; the deterministic tests below pin preemption, sharing and aborts.
+TestEngine.settings = settings(max_examples=8, stateful_step_count=20, deadline=None)
 
 
 def test_generate_streams_and_matches_greedy() -> None:
@@ -324,7 +326,8 @@ def expected_fp8(i: int) -> list[int]:
 
 
 TestHostEngine = HostEngineMachine.TestCase
-TestHostEngine.settings = settings(max_examples=3, stateful_step_count=20, deadline=None)
+# 3 runs of up to 16 rules (was 20): 4 pages of 16 still force preemptions and placement switches.
+TestHostEngine.settings = settings(max_examples=3, stateful_step_count=16, deadline=None)
 
 
 def test_eos_stop_ids_and_stop_sequences_end_requests_with_their_reasons() -> None:

@@ -300,15 +300,14 @@ class IndexerKeyCache:
         Returns int32 `[T, k]`, −1 padded; rows with `p_t + 1 ≤ k` select every visible key (no scoring).
         Ties go to the lowest position. Scores are accumulated in float32 from exact FP8 products.
         """
-        ids = _int_array("seq_ids", seq_ids, 1, KeyError)
-        q = _float_array("q", q, 3)
-        weights = _float_array("weights", weights, 2)
-        return self._c.select(
-            ids,
+        return self._rows_call(
+            self._c.select,
+            _int_array("seq_ids", seq_ids, 1, KeyError),
+            positions,
             q,
             weights,
-            _int_array("positions", positions, 1),
             k,
+            paged=False,
             as_slots=as_slots,
             quantize_queries=quantize_queries,
             sorted=sorted,
@@ -329,11 +328,13 @@ class IndexerKeyCache:
     ) -> npt.NDArray[np.float32]:
         """The indexer scores `select` ranks, float32 `[T, L]` with `L = max(positions) + 1`; entries past a
         row's own `p_t` are −inf. Arguments as in `select`. For tests and callers that want the scores."""
-        return self._c.scores(
+        return self._rows_call(
+            self._c.scores,
             _int_array("seq_ids", seq_ids, 1, KeyError),
-            _float_array("q", q, 3),
-            _float_array("weights", weights, 2),
-            _int_array("positions", positions, 1),
+            positions,
+            q,
+            weights,
+            paged=False,
             quantize_queries=quantize_queries,
             threads=threads,
             query_dtype=query_dtype,
@@ -367,16 +368,14 @@ class IndexerKeyCache:
         (same kernels, same tie rule). IndexError if a row needs a page that is −1, outside the table's
         width or outside `[0, num_blocks)`, or for a negative position; ValueError as `select`.
         """
-        tables = _int32_array("block_tables", block_tables, 2)
-        pos = _int_array("positions", positions, 1)
-        q = _float_array("q", q, 3)
-        weights = _float_array("weights", weights, 2)
-        return self._c.select_paged(
-            tables,
-            pos,
+        return self._rows_call(
+            self._c.select_paged,
+            _int32_array("block_tables", block_tables, 2),
+            positions,
             q,
             weights,
             k,
+            paged=True,
             as_slots=as_slots,
             quantize_queries=quantize_queries,
             sorted=sorted,
@@ -397,15 +396,28 @@ class IndexerKeyCache:
     ) -> npt.NDArray[np.float32]:
         """`scores` through block tables (arguments as in `select_paged`): float32 `[T, max(positions) + 1]`,
         −inf past each row's own position."""
-        return self._c.scores_paged(
+        return self._rows_call(
+            self._c.scores_paged,
             _int32_array("block_tables", block_tables, 2),
-            _int_array("positions", positions, 1),
-            _float_array("q", q, 3),
-            _float_array("weights", weights, 2),
+            positions,
+            q,
+            weights,
+            paged=True,
             quantize_queries=quantize_queries,
             threads=threads,
             query_dtype=query_dtype,
         )
+
+    @staticmethod
+    def _rows_call(
+        call: Any, rows: np.ndarray, positions: Any, q: Any, weights: Any, *k: int, paged: bool, **options: Any
+    ) -> Any:
+        """One of the core's four selection calls (`select`, `scores` and their paged twins): `rows` (seq_ids
+        or block tables) converted by the caller, the positions and queries here (the sequence calls take
+        the positions after the queries, the paged ones before), the keyword options passed through."""
+        pos = _int_array("positions", positions, 1)
+        qw = (_float_array("q", q, 3), _float_array("weights", weights, 2))
+        return call(rows, pos, *qw, *k, **options) if paged else call(rows, *qw, pos, *k, **options)
 
     def pages(self) -> npt.NDArray[np.uint8]:
         """The page buffer itself: a zero-copy, read-only, live view, uint8 `[num_blocks, page_bytes]`

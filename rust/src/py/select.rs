@@ -10,7 +10,8 @@ use super::array2;
 use super::cache::PyIndexerKeyCache;
 use super::errors::select_err;
 use crate::indexer_cache::CacheError;
-use crate::select::{self, Queries, SelectOptions};
+use crate::indexer_cache::IndexerKeyCache;
+use crate::select::{self, Queries, RowSource, SelectOptions};
 use crate::{cpu, mem};
 
 /// Where the rows' block tables come from, converted.
@@ -24,20 +25,6 @@ pub enum RowsArg<'py> {
     Paged {
         tables: PyReadonlyArray2<'py, i32>,
         positions: PyReadonlyArray1<'py, i64>,
-    },
-}
-
-/// The rows as plain slices.
-#[derive(Clone, Copy)]
-enum Rows<'a> {
-    Sequences {
-        seq_ids: &'a [i64],
-        positions: &'a [i64],
-    },
-    Paged {
-        tables: &'a [i32],
-        width: usize,
-        positions: &'a [i64],
     },
 }
 
@@ -56,13 +43,13 @@ impl<'py> RowsArg<'py> {
         })
     }
 
-    fn slices(&self) -> PyResult<Rows<'_>> {
+    fn slices(&self) -> PyResult<RowSource<'_>> {
         Ok(match self {
-            RowsArg::Sequences { seq_ids, positions } => Rows::Sequences {
+            RowsArg::Sequences { seq_ids, positions } => RowSource::Sequences {
                 seq_ids: args::slice("seq_ids", seq_ids)?,
                 positions: args::slice("positions", positions)?,
             },
-            RowsArg::Paged { tables, positions } => Rows::Paged {
+            RowsArg::Paged { tables, positions } => RowSource::Paged {
                 tables: args::slice("block_tables", tables)?,
                 width: tables.shape()[1],
                 positions: args::slice("positions", positions)?,
@@ -156,6 +143,30 @@ fn query_arrays<'py>(
     Ok((q, weights, [t, h, d]))
 }
 
+/// The body both calls share: `run` on the cache, its pages, the checked queries and the rows,
+/// with the GIL released; errors named (`select_err`).
+fn run_rows<R: Send>(
+    cache: &PyIndexerKeyCache,
+    py: Python<'_>,
+    rows: &RowsArg<'_>,
+    arrays: &QueryArrays<'_>,
+    o: Opts,
+    run: impl FnOnce(&IndexerKeyCache, &[u8], &Queries<'_>, RowSource<'_>) -> Result<R, CacheError>
+        + Send,
+) -> PyResult<R> {
+    let (q, weights, [t, h, d]) = arrays;
+    let (qs, ws) = (args::slice("q", q)?, args::slice("weights", weights)?);
+    let rows = rows.slices()?;
+    cache
+        .with_pages(py, |c, pages| {
+            let queries = Queries::new(qs, ws, *t, *h, *d, o.quantize)
+                .map_err(CacheError::Shape)?
+                .with_bf16(o.bf16);
+            run(c, pages, &queries, rows)
+        })
+        .map_err(select_err)
+}
+
 /// `select` (sequence rows) or `select_paged` (table rows): int32 `[T, k]`.
 pub fn select<'py>(
     cache: &PyIndexerKeyCache,
@@ -165,12 +176,11 @@ pub fn select<'py>(
     weights: &Bound<'py, PyAny>,
     o: Opts,
 ) -> PyResult<Bound<'py, PyArray2<i32>>> {
-    let (q, weights, [t, h, d]) = query_arrays(q, weights)?;
+    let arrays = query_arrays(q, weights)?;
+    let t = arrays.2[0];
     // Refused before any work: an output past the limit (allocation failures come later).
     mem::check_size::<i32>(t, o.k)
         .map_err(|e| PyMemoryError::new_err(format!("k: the [{t}, {}] int32 output: {e}", o.k)))?;
-    let (qs, ws) = (args::slice("q", &q)?, args::slice("weights", &weights)?);
-    let rows = rows.slices()?;
     let opts = SelectOptions {
         k: o.k,
         as_slots: o.as_slots,
@@ -178,31 +188,9 @@ pub fn select<'py>(
         threads: o.threads,
         isa: cpu::active(),
     };
-    let out = cache
-        .with_pages(py, |c, pages| {
-            let queries = Queries::new(qs, ws, t, h, d, o.quantize)
-                .map_err(CacheError::Shape)?
-                .with_bf16(o.bf16);
-            match rows {
-                Rows::Sequences { seq_ids, positions } => {
-                    select::select(c, pages, &queries, seq_ids, positions, opts)
-                }
-                Rows::Paged {
-                    tables,
-                    width,
-                    positions,
-                } => select::select_paged(
-                    c.geometry(),
-                    pages,
-                    &queries,
-                    tables,
-                    width,
-                    positions,
-                    opts,
-                ),
-            }
-        })
-        .map_err(select_err)?;
+    let out = run_rows(cache, py, &rows, &arrays, o, |c, pages, queries, src| {
+        select::select(c, pages, queries, src, opts)
+    })?;
     array2(py, t, o.k, out)
 }
 
@@ -215,35 +203,10 @@ pub fn scores<'py>(
     weights: &Bound<'py, PyAny>,
     o: Opts,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-    let (q, weights, [t, h, d]) = query_arrays(q, weights)?;
-    let (qs, ws) = (args::slice("q", &q)?, args::slice("weights", &weights)?);
-    let rows = rows.slices()?;
+    let arrays = query_arrays(q, weights)?;
     let isa = cpu::active();
-    let (out, l) = cache
-        .with_pages(py, |c, pages| {
-            let queries = Queries::new(qs, ws, t, h, d, o.quantize)
-                .map_err(CacheError::Shape)?
-                .with_bf16(o.bf16);
-            match rows {
-                Rows::Sequences { seq_ids, positions } => {
-                    select::scores(c, pages, &queries, seq_ids, positions, o.threads, isa)
-                }
-                Rows::Paged {
-                    tables,
-                    width,
-                    positions,
-                } => select::scores_paged(
-                    c.geometry(),
-                    pages,
-                    &queries,
-                    tables,
-                    width,
-                    positions,
-                    o.threads,
-                    isa,
-                ),
-            }
-        })
-        .map_err(select_err)?;
-    array2(py, t, l, out)
+    let (out, l) = run_rows(cache, py, &rows, &arrays, o, |c, pages, queries, src| {
+        select::scores(c, pages, queries, src, o.threads, isa)
+    })?;
+    array2(py, arrays.2[0], l, out)
 }

@@ -92,7 +92,9 @@ def test_pallas_indexer_under_hypothesis_matches_host_and_oracle() -> None:
     from dsa_hybrid import reference as ref
     from dsa_hybrid.testing import assert_topk_equal
 
-    @settings(max_examples=6, deadline=None)
+    # 4 random caches (was 6): the deterministic tests above pin ragged rows, padded tables, several chunks
+    # and short rows; these add forks, truncations and exact ties through both Pallas kernels.
+    @settings(max_examples=4, deadline=None)
     @given(problems())
     def check(p) -> None:
         dev = IndexerPages.from_host_pages(p.cache.pages(), p.cache.block_size, p.cache.head_dim)

@@ -122,7 +122,9 @@ def _check_against_oracles(scores: np.ndarray, lengths: np.ndarray, k: int, got:
     np.testing.assert_array_equal(got, dh.topk(scores, k, lengths))
 
 
-@settings(max_examples=30)
+# 15 random problems (was 30; each new shape compiles the twin again): every k, the tie kinds and the
+# edge lengths are also pinned by the deterministic tests below.
+@settings(max_examples=15)
 @given(problems())
 def test_xla_twin_matches_the_reference_and_the_host(problem) -> None:
     scores, lengths, k = problem
@@ -131,7 +133,9 @@ def test_xla_twin_matches_the_reference_and_the_host(problem) -> None:
     assert not nan.any()
 
 
-@settings(max_examples=12)
+# 8 random problems under the strict interpreter (was 12): `test_kernel_edge_cases` runs every k of KS,
+# `test_kernel_selects_exactly_the_oracle_set_with_ties` the ties.
+@settings(max_examples=8)
 @given(problems())
 def test_kernel_in_interpret_mode_matches_the_reference_and_the_host(problem) -> None:
     scores, lengths, k = problem

@@ -32,7 +32,17 @@ from jax.experimental.pallas import tpu as pltpu
 from dsa_hybrid.ops.latent_cache import LatentCache
 from dsa_hybrid.ops.target import tpu_chip
 from dsa_hybrid.ops.tpu import block_sizes
-from dsa_hybrid.ops.tpu.sparse_mla import KernelPlan, decode_chunk, from_kernel_columns, kernel_plan, to_kernel_columns
+from dsa_hybrid.ops.tpu.sparse_mla import (
+    AttentionScratch,
+    KernelPlan,
+    attention_scratch,
+    cache_parts,
+    from_kernel_columns,
+    kernel_plan,
+    offset_column,
+    scratch_bytes,
+    to_kernel_columns,
+)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -137,7 +147,7 @@ def sparse_mla_blocks_tpu(
     need = vmem_need(plan, rows, block, kc, n_chunks, jnp.dtype(compute).itemsize)
     limit_bytes = block_sizes.vmem_limit(chip, need, block_sizes.capacity(chip))
     block_sizes.record("sparse_mla_blocks", chip, need, limit_bytes, block=block, chunk=kc)
-    parts = [a for a in (cache.data, cache.rope, cache.scales) if a is not None]
+    parts = cache_parts(cache)
     entries = B * U
     cost = pl.CostEstimate(
         flops=2 * entries * rows * (plan.wk + plan.wv),
@@ -166,13 +176,7 @@ def sparse_mla_blocks_tpu(
                 pl.BlockSpec((1, rows, plan.wv), lambda i, n: (i, 0, 0)),
                 pl.BlockSpec((1, 1, rows), lambda i, n: (i, 0, 0)),
             ],
-            scratch_shapes=[
-                *[pltpu.VMEM((2, kc, a.shape[-1]), a.dtype) for a in parts],
-                pltpu.SemaphoreType.DMA((2 * len(parts),)),
-                pltpu.VMEM((rows, plan.wv), jnp.float32),
-                pltpu.VMEM((rows, 1), jnp.float32),
-                pltpu.VMEM((rows, 1), jnp.float32),
-            ],
+            scratch_shapes=attention_scratch(parts, kc, rows, plan.wv),
         ),
         out_shape=[
             jax.ShapeDtypeStruct((B, rows, plan.wv), jnp.float32),
@@ -191,13 +195,11 @@ def vmem_need(plan: KernelPlan, rows: int, block: int, kc: int, n_chunks: int, q
     """VMEM bytes of one launch: double-buffered q / mask / code / out / lse blocks, the part buffers, the
     softmax state and the decoded chunk with its logits (temporaries counted twice)."""
     t = block_sizes.tile_bytes
-    lay, wk, wv = plan.lay, plan.wk, plan.wv
+    wk, wv = plan.wk, plan.wv
     blocks = 2 * (t((rows, wk), q_itemsize) + t((rows, wv), 4) + t((1, rows), 4))
     blocks += 2 * n_chunks * (t((block, kc), 4) + t((1, kc), 4))
-    parts = [lay.main_words] + [w.row for w in (lay.rope, lay.scales) if w is not None]
-    scratch = sum(t((2 * kc, p), 4) for p in parts) + t((rows, wv), 4) + 2 * t((rows, 1), 4)
     temps = 2 * (t((kc, wk), 4) + 2 * t((rows, kc), 4) + t((rows, wv), 4) + t((kc, kc), 4) + t((rows, rows), 4))
-    return blocks + scratch + temps
+    return blocks + scratch_bytes(plan, kc, rows) + temps
 
 
 def _kernel(
@@ -216,67 +218,29 @@ def _kernel(
     compute: Any,
     n_parts: int,
 ) -> None:
-    lay = plan.lay
     hbm, refs = refs[:n_parts], refs[n_parts:]
     out_ref, lse_ref, refs = refs[0], refs[1], refs[2:]
-    bufs, refs = refs[:n_parts], refs[n_parts:]
-    sems, acc_ref, m_ref, l_ref = refs
-    groups = [1] + [w.group for w in (lay.rope, lay.scales) if w is not None]
-    has_rope, has_scales = lay.rope is not None, lay.scales is not None
+    st = AttentionScratch.of(plan.lay, refs)
     i = pl.program_id(0)
-    rows = block * heads
-    precision = jax.lax.Precision.HIGHEST if compute == jnp.float32 else None
     nc = (count_ref[i] + kc - 1) // kc
 
     def issue(c: jax.Array | int, b: jax.Array | int) -> None:
         def row(j: jax.Array, carry: int) -> int:
-            slot = addr_ref[0, 0, c * kc + j]
-            page = slot // page_size
-            off = slot - page * page_size
-            for p in range(n_parts):
-                src = hbm[p].at[page, pl.ds(off // groups[p], 1)]
-                pltpu.make_async_copy(src, bufs[p].at[b, pl.ds(j, 1)], sems.at[2 * p + b]).start()
+            st.fetch_entry(hbm, addr_ref[0, 0, c * kc + j], page_size, b, j)
             return carry
 
         jax.lax.fori_loop(0, kc, row, 0, unroll=min(kc, 8))
 
-    def wait(b: jax.Array) -> None:
-        for p in range(n_parts):
-            pltpu.make_async_copy(bufs[p].at[b], bufs[p].at[b], sems.at[2 * p + b]).wait()
-
     def attend(c: jax.Array, b: jax.Array) -> None:
-        off = None
-        if n_parts > 1:
-            row = code_ref[0, c] - 1  # [1, kc]
-            eye = jax.lax.broadcasted_iota(jnp.int32, (kc, kc), 0) == jax.lax.broadcasted_iota(jnp.int32, (kc, kc), 1)
-            off = jnp.sum(jnp.where(eye, row, 0), axis=1, keepdims=True)  # [kc, 1]
-        rope = bufs[1][b] if has_rope else None
-        scales = bufs[n_parts - 1][b] if has_scales else None
-        kv = decode_chunk(lay, bufs[0][b], rope, scales, off).astype(compute)  # [kc, Wk]
-        logits = jax.lax.dot_general(
-            q_ref[0], kv, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32, precision=precision
-        )  # [block · h, kc]: every row × head of the block against the shared chunk
+        off = offset_column(code_ref[0, c], kc) if n_parts > 1 else None  # [kc, 1]
+        kv = st.decoded(b, off).astype(compute)  # [kc, Wk]
         member = mask_ref[0, c]  # [block, kc]
         live = jnp.concatenate(
             [jnp.broadcast_to(member[r : r + 1] != 0, (heads, kc)) for r in range(block)], axis=0
-        )  # [block · h, kc]
-        logits = jnp.where(live, logits * scale, -jnp.inf)
-        m_prev = m_ref[...]
-        m_new = jnp.maximum(m_prev, logits.max(axis=1, keepdims=True))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = jnp.exp(m_prev - m_safe)
-        p = jnp.exp(logits - m_safe)
-        l_ref[...] = alpha * l_ref[...] + p.sum(axis=1, keepdims=True)
-        pv = jax.lax.dot_general(
-            p.astype(compute), kv[:, : plan.wv], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32,
-            precision=precision,
-        )  # fmt: skip
-        acc_ref[...] = alpha * acc_ref[...] + pv
-        m_ref[...] = m_new
+        )  # [block · h, kc]: every row × head of the block against the shared chunk
+        st.step(q_ref[0], kv, live, scale=scale, wv=plan.wv, compute=compute)
 
-    m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
-    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    st.reset()
 
     @pl.when(nc > 0)
     def _() -> None:
@@ -289,16 +253,11 @@ def _kernel(
         def _() -> None:
             issue(c + 1, nb)
 
-        wait(b)
+        st.wait(b)
         attend(c, b)
         return nb
 
     jax.lax.fori_loop(0, nc, step, jnp.int32(0))
-    denom = l_ref[...]
-    empty = denom == 0.0
-    safe = jnp.where(empty, 1.0, denom)
-    out_ref[0] = jnp.where(empty, 0.0, acc_ref[...] / safe)
-    m = m_ref[...]
-    lse = jnp.where(empty, jnp.inf, jnp.where(m == -jnp.inf, 0.0, m) + jnp.log(safe))  # [rows, 1]
-    eye = jax.lax.broadcasted_iota(jnp.int32, (rows, rows), 0) == jax.lax.broadcasted_iota(jnp.int32, (rows, rows), 1)
-    lse_ref[0] = jnp.sum(jnp.where(eye, lse, 0.0), axis=0, keepdims=True)  # [1, rows]: lse as a row
+    out, lse = st.result()
+    out_ref[0] = out
+    lse_ref[0] = lse  # [1, rows]

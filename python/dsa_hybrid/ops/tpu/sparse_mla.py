@@ -136,6 +136,127 @@ def kernel_plan(cache: LatentCache, d_v: int) -> KernelPlan:
     return KernelPlan(lay, cols, wk, wv)
 
 
+def cache_parts(cache: LatentCache) -> list[jax.Array]:
+    """The cache's arrays in the HBM order the kernels gather from: `c_kv` rows, then the shared rope and
+    scale rows where the layout has them."""
+    return [a for a in (cache.data, cache.rope, cache.scales) if a is not None]
+
+
+def attention_scratch(parts: list[jax.Array], kc: int, rows: int, wv: int) -> list[Any]:
+    """The VMEM scratch of both attention kernels (this one and `query_blocks`): each cache part's
+    double-buffered `[2, kc, row]` gather buffer, one DMA semaphore per part and buffer slot, and the
+    online softmax's float32 state `acc [rows, wv]`, `m [rows, 1]`, `l [rows, 1]` (`rows` = query rows ×
+    heads of one softmax). `AttentionScratch.of` takes the refs back in the kernel."""
+    return [
+        *[pltpu.VMEM((2, kc, a.shape[-1]), a.dtype) for a in parts],
+        pltpu.SemaphoreType.DMA((2 * len(parts),)),
+        pltpu.VMEM((rows, wv), jnp.float32),
+        pltpu.VMEM((rows, 1), jnp.float32),
+        pltpu.VMEM((rows, 1), jnp.float32),
+    ]
+
+
+def scratch_bytes(plan: KernelPlan, kc: int, rows: int) -> int:
+    """VMEM bytes of `attention_scratch` (tile-padded)."""
+    t = block_sizes.tile_bytes
+    lay = plan.lay
+    parts = [lay.main_words] + [w.row for w in (lay.rope, lay.scales) if w is not None]
+    return sum(t((2 * kc, p), 4) for p in parts) + t((rows, plan.wv), 4) + 2 * t((rows, 1), 4)
+
+
+def offset_column(code: jax.Array, kc: int) -> jax.Array:
+    """int32 `[kc, 1]`: a mask row `[1, kc]` of `1 + offset in page` (0: invalid) as each entry's offset
+    (−1 for an invalid one), turned into a column by a masked sum against the identity (exact)."""
+    eye = jax.lax.broadcasted_iota(jnp.int32, (kc, kc), 0) == jax.lax.broadcasted_iota(jnp.int32, (kc, kc), 1)
+    return jnp.sum(jnp.where(eye, code - 1, 0), axis=1, keepdims=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionScratch:
+    """Inside a kernel: the refs of `attention_scratch` and what both kernels do with them — gather a
+    chunk's entries by row DMAs, wait for a buffer slot, decode it, run one online-softmax step, and
+    turn the state into `out` and `lse`."""
+
+    lay: CacheLayout
+    bufs: tuple[Any, ...]
+    sems: Any
+    acc: Any
+    m: Any
+    l: Any  # noqa: E741 (the softmax's l)
+
+    @staticmethod
+    def of(lay: CacheLayout, refs: tuple[Any, ...]) -> AttentionScratch:
+        """The scratch refs (`attention_scratch`'s order, the kernel's trailing refs)."""
+        n = len(refs) - 4
+        sems, acc, m, l = refs[n:]  # noqa: E741
+        return AttentionScratch(lay, tuple(refs[:n]), sems, acc, m, l)
+
+    @property
+    def groups(self) -> list[int]:
+        """Tokens per row of each part (1 for `c_kv`; the rope / scale rows are shared)."""
+        return [1] + [w.group for w in (self.lay.rope, self.lay.scales) if w is not None]
+
+    def fetch_entry(self, hbm: tuple[Any, ...], slot: jax.Array, page_size: int, b: Any, j: jax.Array) -> None:
+        """Start the row DMAs of the entry at `slot` (all parts) into row `j` of buffer slot `b`."""
+        page = slot // page_size
+        off = slot - page * page_size
+        for p, g in enumerate(self.groups):
+            src = hbm[p].at[page, pl.ds(off // g, 1)]
+            pltpu.make_async_copy(src, self.bufs[p].at[b, pl.ds(j, 1)], self.sems.at[2 * p + b]).start()
+
+    def wait(self, b: Any) -> None:
+        # Semaphores count bytes: one wait on a descriptor of a whole buffer slot covers its kc row DMAs.
+        for p, buf in enumerate(self.bufs):
+            pltpu.make_async_copy(buf.at[b], buf.at[b], self.sems.at[2 * p + b]).wait()
+
+    def decoded(self, b: Any, off: jax.Array | None) -> jax.Array:
+        """float32 `[kc, wk]`: buffer slot `b` decoded (`decode_chunk`)."""
+        lay = self.lay
+        rope = self.bufs[1][b] if lay.rope is not None else None
+        scales = self.bufs[-1][b] if lay.scales is not None else None
+        return decode_chunk(lay, self.bufs[0][b], rope, scales, off)
+
+    def reset(self) -> None:
+        self.m[...] = jnp.full(self.m.shape, -jnp.inf, jnp.float32)
+        self.l[...] = jnp.zeros(self.l.shape, jnp.float32)
+        self.acc[...] = jnp.zeros(self.acc.shape, jnp.float32)
+
+    def step(self, q: jax.Array, kv: jax.Array, live: jax.Array, *, scale: float, wv: int, compute: Any) -> None:
+        """One online-softmax step: queries `q [rows, wk]` against the decoded chunk `kv [kc, wk]` (in
+        `compute`), entries where `live` (`[rows, kc]` or broadcastable) attend; values `kv[:, :wv]`."""
+        precision = jax.lax.Precision.HIGHEST if compute == jnp.float32 else None
+        logits = jax.lax.dot_general(
+            q, kv, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32, precision=precision
+        )  # [rows, kc]
+        logits = jnp.where(live, logits * scale, -jnp.inf)
+        m_prev = self.m[...]
+        m_new = jnp.maximum(m_prev, logits.max(axis=1, keepdims=True))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha = jnp.exp(m_prev - m_safe)
+        p = jnp.exp(logits - m_safe)
+        self.l[...] = alpha * self.l[...] + p.sum(axis=1, keepdims=True)
+        pv = jax.lax.dot_general(
+            p.astype(compute), kv[:, :wv], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32,
+            precision=precision,
+        )  # fmt: skip
+        self.acc[...] = alpha * self.acc[...] + pv
+        self.m[...] = m_new
+
+    def result(self) -> tuple[jax.Array, jax.Array]:
+        """`(out [rows, wv], lse [1, rows])` of the state (no entry: `out = 0`, `lse = +inf`); lse as a
+        row, by a masked sum against the identity."""
+        rows = self.acc.shape[0]
+        denom = self.l[...]
+        empty = denom == 0.0
+        safe = jnp.where(empty, 1.0, denom)
+        out = jnp.where(empty, 0.0, self.acc[...] / safe)
+        m = self.m[...]
+        lse = jnp.where(empty, jnp.inf, jnp.where(m == -jnp.inf, 0.0, m) + jnp.log(safe))  # [rows, 1]
+        iota = functools.partial(jax.lax.broadcasted_iota, jnp.int32, (rows, rows))
+        eye = iota(0) == iota(1)
+        return out, jnp.sum(jnp.where(eye, lse, 0.0), axis=0, keepdims=True)
+
+
 def vmem_need(plan: KernelPlan, h: int, tb: int, kc: int, q_itemsize: int, mask_chunks: int = 0) -> int:
     """VMEM bytes of one launch: double-buffered q / out / lse (/ mask) blocks, the part buffers, the
     softmax state, and the decoded chunk with its logits and the identity of the offset column
@@ -144,10 +265,9 @@ def vmem_need(plan: KernelPlan, h: int, tb: int, kc: int, q_itemsize: int, mask_
     lay, wk, wv = plan.lay, plan.wk, plan.wv
     blocks = 2 * (tb * t((h, wk), q_itemsize) + tb * t((h, wv), 4) + tb * t((1, h), 4))
     blocks += 2 * tb * mask_chunks * t((1, kc), 4)
-    parts = [lay.main_words] + [w.row for w in (lay.rope, lay.scales) if w is not None]
-    scratch = sum(t((2 * kc, p), 4) for p in parts) + t((h, wv), 4) + 2 * t((h, 1), 4)
-    temps = 2 * (t((kc, wk), 4) + 2 * t((h, kc), 4) + t((h, wv), 4) + (t((kc, kc), 4) if len(parts) > 1 else 0))
-    return blocks + scratch + temps
+    shared_rows = lay.rope is not None or lay.scales is not None
+    temps = 2 * (t((kc, wk), 4) + 2 * t((h, kc), 4) + t((h, wv), 4) + (t((kc, kc), 4) if shared_rows else 0))
+    return blocks + scratch_bytes(plan, kc, h) + temps
 
 
 def _attention_call(
@@ -191,7 +311,7 @@ def _attention_call(
         mask = jnp.pad(mask, ((0, Tp - T), (0, 0), (0, 0), (0, 0)))
         extra_in = [pl.BlockSpec((tb, *mask.shape[1:]), lambda i, lim: (i, 0, 0, 0))]
         extra_args = [mask]
-    parts = [a for a in (cache.data, cache.rope, cache.scales) if a is not None]
+    parts = cache_parts(cache)
     block_sizes.record(f"sparse_mla_{mode}", chip, need, limit_bytes, tokens_per_step=tb, chunk=kc)
     # What the kernel moves and multiplies at most (every slot valid), for XLA's cost analysis.
     entries = Tp * addr.shape[1] * (kc if mode == "pages" else 1)
@@ -219,13 +339,7 @@ def _attention_call(
                 pl.BlockSpec((tb, h, plan.wv), lambda i, lim: (i, 0, 0)),
                 pl.BlockSpec((tb, 1, h), lambda i, lim: (i, 0, 0)),
             ],
-            scratch_shapes=[
-                *[pltpu.VMEM((2, kc, a.shape[-1]), a.dtype) for a in parts],
-                pltpu.SemaphoreType.DMA((2 * len(parts),)),
-                pltpu.VMEM((h, plan.wv), jnp.float32),
-                pltpu.VMEM((h, 1), jnp.float32),
-                pltpu.VMEM((h, 1), jnp.float32),
-            ],
+            scratch_shapes=attention_scratch(parts, kc, h, plan.wv),
         ),
         out_shape=[
             jax.ShapeDtypeStruct((Tp, h, plan.wv), jnp.float32),
@@ -371,20 +485,13 @@ def _kernel(
     compute: Any,
     n_parts: int,
 ) -> None:
-    lay = plan.lay
     mask_ref = None
     if mode == "rows":
         mask_ref, refs = refs[0], refs[1:]
     hbm, refs = refs[:n_parts], refs[n_parts:]
     out_ref, lse_ref, refs = refs[0], refs[1], refs[2:]
-    bufs, refs = refs[:n_parts], refs[n_parts:]
-    sems, acc_ref, m_ref, l_ref = refs
-    has_rope = lay.rope is not None
-    has_scales = lay.scales is not None
-    groups = [1] + [w.group for w in (lay.rope, lay.scales) if w is not None]  # tokens per row of each part
+    st = AttentionScratch.of(plan.lay, refs)
     i = pl.program_id(0)
-    h = q_ref.shape[1]
-    precision = jax.lax.Precision.HIGHEST if compute == jnp.float32 else None
 
     def n_chunks(t: jax.Array) -> jax.Array:
         lim = limit_ref[i * tb + t]
@@ -404,19 +511,18 @@ def _kernel(
             return None
         if mask_ref is None:  # pages: the chunk is the page, in order
             return jax.lax.broadcasted_iota(jnp.int32, (kc, 1), 0)
-        row = mask_ref[t, c] - 1  # [1, kc]
-        eye = jax.lax.broadcasted_iota(jnp.int32, (kc, kc), 0) == jax.lax.broadcasted_iota(jnp.int32, (kc, kc), 1)
-        return jnp.sum(jnp.where(eye, row, 0), axis=1, keepdims=True)
+        return offset_column(mask_ref[t, c], kc)
 
     def issue(t: jax.Array, c: jax.Array | int, b: jax.Array) -> None:
         if mode == "pages":
             page = jnp.maximum(addr_ref[t, c], 0)
-            pltpu.make_async_copy(hbm[0].at[page], bufs[0].at[b], sems.at[b]).start()
+            pltpu.make_async_copy(hbm[0].at[page], st.bufs[0].at[b], st.sems.at[b]).start()
+            groups = st.groups
 
             def shared(j: jax.Array, carry: int) -> int:
                 for p in range(1, n_parts):
                     src = hbm[p].at[page, pl.ds(j // groups[p], 1)]
-                    pltpu.make_async_copy(src, bufs[p].at[b, pl.ds(j, 1)], sems.at[2 * p + b]).start()
+                    pltpu.make_async_copy(src, st.bufs[p].at[b, pl.ds(j, 1)], st.sems.at[2 * p + b]).start()
                 return carry
 
             if n_parts > 1:
@@ -424,52 +530,19 @@ def _kernel(
             return
 
         def row(j: jax.Array, carry: int) -> int:
-            slot = addr_ref[t, c * kc + j]
-            page = slot // page_size
-            off = slot - page * page_size
-            for p in range(n_parts):
-                src = hbm[p].at[page, pl.ds(off // groups[p], 1)]
-                pltpu.make_async_copy(src, bufs[p].at[b, pl.ds(j, 1)], sems.at[2 * p + b]).start()
+            st.fetch_entry(hbm, addr_ref[t, c * kc + j], page_size, b, j)
             return carry
 
         jax.lax.fori_loop(0, kc, row, 0, unroll=min(kc, 8))
 
-    def wait(b: jax.Array) -> None:
-        # Semaphores count bytes: one wait on a descriptor of a whole buffer slot covers its kc row DMAs.
-        for p in range(n_parts):
-            pltpu.make_async_copy(bufs[p].at[b], bufs[p].at[b], sems.at[2 * p + b]).wait()
-
     def attend(t: jax.Array, c: jax.Array, b: jax.Array) -> None:
-        off = offsets(t, c)
-        rope = bufs[1][b] if has_rope else None
-        scales = bufs[n_parts - 1][b] if has_scales else None
-        rows = decode_chunk(lay, bufs[0][b], rope, scales, off).astype(compute)  # [kc, Wk]
-        logits = jax.lax.dot_general(
-            q_ref[t], rows, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32, precision=precision
-        )  # [h, kc]
-        logits = jnp.where(live(t, c), logits * scale, -jnp.inf)
-        m_prev = m_ref[...]
-        m_new = jnp.maximum(m_prev, logits.max(axis=1, keepdims=True))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = jnp.exp(m_prev - m_safe)
-        p = jnp.exp(logits - m_safe)
-        l_ref[...] = alpha * l_ref[...] + p.sum(axis=1, keepdims=True)
-        pv = jax.lax.dot_general(
-            p.astype(compute), rows[:, : plan.wv], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32,
-            precision=precision,
-        )  # fmt: skip
-        acc_ref[...] = alpha * acc_ref[...] + pv
-        m_ref[...] = m_new
+        kv = st.decoded(b, offsets(t, c)).astype(compute)  # [kc, Wk]
+        st.step(q_ref[t], kv, live(t, c), scale=scale, wv=plan.wv, compute=compute)
 
     def finish(t: jax.Array) -> None:
-        denom = l_ref[...]
-        empty = denom == 0.0
-        safe = jnp.where(empty, 1.0, denom)
-        out_ref[t] = jnp.where(empty, 0.0, acc_ref[...] / safe)
-        m = m_ref[...]
-        lse = jnp.where(empty, jnp.inf, jnp.where(m == -jnp.inf, 0.0, m) + jnp.log(safe))  # [h, 1]
-        eye = jax.lax.broadcasted_iota(jnp.int32, (h, h), 0) == jax.lax.broadcasted_iota(jnp.int32, (h, h), 1)
-        lse_ref[t] = jnp.sum(jnp.where(eye, lse, 0.0), axis=0, keepdims=True)  # [1, h]: lse as a row
+        out, lse = st.result()
+        out_ref[t] = out
+        lse_ref[t] = lse  # [1, h]
 
     def token(t: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         b, prefetched = carry
@@ -481,9 +554,7 @@ def _kernel(
         def _() -> None:
             issue(t, 0, b)
 
-        m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
-        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+        st.reset()
 
         def chunk(c: jax.Array, b: jax.Array) -> jax.Array:
             nb = 1 - b
@@ -496,7 +567,7 @@ def _kernel(
             def _() -> None:
                 issue(t + 1, 0, nb)  # the next token's first chunk flies during this one
 
-            wait(b)
+            st.wait(b)
             attend(t, c, b)
             return nb
 
