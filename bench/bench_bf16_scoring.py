@@ -20,16 +20,12 @@ import numpy as np
 
 import dsa_hybrid as dh
 from dsa_hybrid import host
+from dsa_hybrid._timing import best_time
 
 
 def cpu_best(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.thread_time()
-        fn()
-        best = min(best, time.thread_time() - t0)
-    return best
+    """Best CPU time of the calling thread over `repeats` calls after one untimed call."""
+    return best_time(fn, repeats, clock=time.thread_time)
 
 
 def main() -> None:

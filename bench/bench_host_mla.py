@@ -24,19 +24,14 @@ import ml_dtypes
 import numpy as np
 
 from dsa_hybrid import host
+from dsa_hybrid._timing import best_time
 from dsa_hybrid.ops.latent_cache import LatentCache
 from dsa_hybrid.ops.sparse_mla import sparse_mla
 
 
 def cpu_best(fn: Callable[[], Any], repeats: int) -> float:
     """Best process CPU time of `repeats` calls after one untimed call (JAX results waited for)."""
-    jax.block_until_ready(fn())
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.process_time()
-        jax.block_until_ready(fn())
-        best = min(best, time.process_time() - t0)
-    return best
+    return best_time(fn, repeats, clock=time.process_time)
 
 
 def matmul_peak() -> float:

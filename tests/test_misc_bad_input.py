@@ -10,6 +10,7 @@ the shared objects are checked unchanged afterwards."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from dsa_hybrid.ops import resolve_backend
 from dsa_hybrid.ops.indexer import ExactIndexerKeys, IndexerPages
 from dsa_hybrid.ops.tpu.topk import order_keys, topk_select, topk_select_xla, vmem_bytes
 from dsa_hybrid.serving.engine import Engine
-from dsa_hybrid.serving.sampling import SamplingParams, sample
+from dsa_hybrid.serving.sampling import SamplingError, SamplingParams, draw_tokens, sample
 
 GOLDEN = Path(__file__).parent / "golden" / "deepseek_v32_lm"
 CFG = DSAConfig.tiny().replace(num_hidden_layers=1, n_routed_experts=0)
@@ -45,6 +46,17 @@ STF = SafetensorsFile(GOLDEN / "model.safetensors")
 SCORES = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8)), jnp.float32)
 LENS = jnp.asarray([8, 5], jnp.int32)
 SP = SamplingParams(temperature=1.0)
+
+
+@dataclasses.dataclass
+class Drawer:
+    request_id: int
+    sampling: SamplingParams
+    rng: np.random.Generator
+
+
+DRAWERS = [Drawer(7, SP, np.random.default_rng(1)), Drawer(8, SP, np.random.default_rng(2))]
+DRAWER_STATES = [d.rng.bit_generator.state for d in DRAWERS]
 COSTS = PlacementCosts(host_fixed=1e-3, host_per_key=1e-8, device_fixed=2e-3, device_per_key=1e-9)
 IPAGES = IndexerPages.create(4, 8, 16)
 EXACT = ExactIndexerKeys(jnp.zeros((4, 8, 16), jnp.float32))
@@ -118,6 +130,7 @@ CASES: list[Case] = [
     ("vmem_bytes/L", lambda: vmem_bytes(-1, 8), ValueError, "L: must be >= 1"),
     ("vmem_bytes/k", lambda: vmem_bytes(1024, 0), ValueError, "k: must be >= 1"),
     ("PlacementCosts.from_json/missing", lambda: PlacementCosts.from_json({}), KeyError, "host_fixed"),
+    ("draw_tokens/nan", lambda: draw_tokens([DRAWERS[0], DRAWERS[1]], np.array([[0.0, 1.0], [np.nan, 0.0]], np.float32), {}), SamplingError, "request 8: logits hold NaN"),
     ("sample/nan", lambda: sample(np.full(4, np.nan, np.float32), SP, np.random.default_rng(0)), ValueError, "logits hold NaN"),
     ("sample/2d", lambda: sample(np.zeros((2, 4), np.float32), SP, np.random.default_rng(0)), ValueError, "logits must be one non-empty row [vocab]"),
 ]
@@ -133,6 +146,8 @@ def test_bad_input_is_refused_by_name_and_changes_nothing(
     assert match in str(info.value), str(info.value)
     for before, after in zip(BEFORE, leaves((LP, MP)), strict=True):
         np.testing.assert_array_equal(before, after)
+    # a failed draw leaves every generator as it was (request 7 drew before request 8 failed)
+    assert [d.rng.bit_generator.state for d in DRAWERS] == DRAWER_STATES
 
 
 def test_good_inputs_round_trip() -> None:
@@ -148,6 +163,10 @@ def test_good_inputs_round_trip() -> None:
     name = next(n for n in STF.names if STF.shape(n))
     assert STF.array(name).shape == STF.shape(name) and CK.nbytes(name) == STF.nbytes(name)
     assert sample(np.array([0.0, 50.0, 0.0], np.float32), SP, np.random.default_rng(0)) == 1
+    tokens: dict[int, int] = {}
+    draws = [Drawer(7, SP, np.random.default_rng(1)), Drawer(8, SP, np.random.default_rng(2))]
+    draw_tokens(draws, np.array([[0.0, 50.0], [50.0, 0.0]], np.float32), tokens)
+    assert tokens == {7: 1, 8: 0}
     assert COSTS.choose(10**6, 1, 64) == "device" and COSTS.predict(0, 0, 0) == {"host": 1e-3, "device": 2e-3}
     assert fma_peak_gflops(0.01, 1) > 0 and vmem_bytes(1024, 8) > 0
     x = jnp.asarray([-2.0, -0.0, 0.0, 1.5, np.inf], jnp.float32)

@@ -61,7 +61,7 @@ def test_bench_quick_prints_every_perf_row_and_the_plot(tmp_path, monkeypatch):
     from dsa_hybrid.cli import bench
     from dsa_hybrid.cli.bench import run_bench
 
-    monkeypatch.setattr(bench, "best_time", lambda fn, repeats=3: _timing.best_time(fn, 1))
+    monkeypatch.setattr(bench, "best_time", lambda fn, repeats=3, **clock: _timing.best_time(fn, 1, **clock))
     monkeypatch.setattr(bench, "cpu_best_time", lambda fn, repeats=3, f=bench.cpu_best_time: f(fn, 1))
     monkeypatch.setattr(
         bench, "bench_overlap", lambda t, context, requests=4, f=bench.bench_overlap: f(t, 256, requests=2)

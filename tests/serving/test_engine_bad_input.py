@@ -29,6 +29,7 @@ from dsa_hybrid.host.cache import IndexerKeyCache
 from dsa_hybrid.layers import dsa_attention as layer_mod
 from dsa_hybrid.models.causal_lm import ModelParams
 from dsa_hybrid.serving import runner as runner_mod
+from dsa_hybrid.serving import sampling as sampling_mod
 from dsa_hybrid.serving.engine import Engine
 from dsa_hybrid.serving.sampling import SamplingError, SamplingParams
 
@@ -284,7 +285,7 @@ def fault(where: str, m: pytest.MonkeyPatch, e: Engine) -> type[BaseException]:
         m.setattr(e.kv, "mark_computed", mark_and_interrupt)
         return KeyboardInterrupt
     elif where == "sample":  # drawing the sampled request's token fails after the greedy rows were read
-        m.setattr(runner_mod, "sample_request", _raise(ZeroDivisionError("injected")))
+        m.setattr(sampling_mod, "sample_request", _raise(ZeroDivisionError("injected")))
         return ZeroDivisionError
     else:
         raise AssertionError(where)
@@ -329,7 +330,7 @@ def test_a_request_whose_logits_fail_ends_alone_and_the_others_keep_their_tokens
     says why) and the tokens it had; the greedy requests finish as if it had never failed."""
     e = Engine(PARAMS, CFG, **ENGINE_KW)
     ids = add_all(e)
-    real, drawn = runner_mod.sample_request, []
+    real, drawn = sampling_mod.sample_request, []
 
     def nan_for_the_sampled(rid: int, logits: np.ndarray, params: SamplingParams, rng: Any) -> int:
         drawn.append(rid)
@@ -337,7 +338,7 @@ def test_a_request_whose_logits_fail_ends_alone_and_the_others_keep_their_tokens
             logits = np.full_like(logits, np.nan)
         return real(rid, logits, params, rng)
 
-    monkeypatch.setattr(runner_mod, "sample_request", nan_for_the_sampled)
+    monkeypatch.setattr(sampling_mod, "sample_request", nan_for_the_sampled)
     streamed: dict[int, list[int]] = {i: [] for i in ids}
     while e.has_unfinished():
         for rid, toks in e.step().items():

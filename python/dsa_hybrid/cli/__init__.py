@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from dsa_hybrid import __version__, cpu_features
+from dsa_hybrid.cli.args import int_in
 from dsa_hybrid.models.config import DSAConfig
 
 
@@ -25,22 +26,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _int_in(lo: int, hi: int):  # noqa: ANN202 - an argparse type callable
-    """An argparse type: an integer in `[lo, hi]` (absurd sizes are refused before anything runs)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"must lie in [{lo}, {hi}], got {value}")
-        return value
-
-    parse.__name__ = "integer"
-    return parse
 
 
 def _real_in(lo: float, hi: float, *, open_low: bool = False):  # noqa: ANN202 - an argparse type callable
@@ -59,8 +44,8 @@ def _real_in(lo: float, hi: float, *, open_low: bool = False):  # noqa: ANN202 -
     return parse
 
 
-_positive = _int_in(1, 2**31 - 1)
-_seed = _int_in(0, 2**32 - 1)
+_positive = int_in(1, 2**31 - 1)
+_seed = int_in(0, 2**32 - 1)
 
 
 def _checkpoint_dir(text: str) -> str:
@@ -196,10 +181,10 @@ def main(argv: list[str] | None = None) -> int:
                       help="structure of the random model (default deepseek_v32)")  # fmt: skip
     demo.add_argument("--random-weights", action="store_true",
                       help="serve a random model, long prompts (default: the recall model trained here)")  # fmt: skip
-    demo.add_argument("--requests", type=_int_in(1, 1024), help="requests (default 16 recall prompts; 4 random)")
-    demo.add_argument("--prompt-len", type=_int_in(2, 2**20),
+    demo.add_argument("--requests", type=int_in(1, 1024), help="requests (default 16 recall prompts; 4 random)")
+    demo.add_argument("--prompt-len", type=int_in(2, 2**20),
                       help="tokens per prompt (default 256 recall; 3072 random)")  # fmt: skip
-    demo.add_argument("--new-tokens", type=_int_in(1, 2**16), default=32)
+    demo.add_argument("--new-tokens", type=int_in(1, 2**16), default=32)
     demo.add_argument("--placement", choices=["auto", "device", "host"], default="auto")
     demo.add_argument("--seed", type=_seed, default=0)
     demo.set_defaults(func=_cmd_demo)
@@ -213,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
 
     oracle = sub.add_parser("oracle", help="one DSA attention step by the float64 reference, at real widths")
     oracle.add_argument("--model", choices=["deepseek-v3.2", "glm5"], default="deepseek-v3.2")
-    oracle.add_argument("--seq-len", type=_int_in(1, 2**17), default=6144, help="tokens in the sequence (default 6144)")
-    oracle.add_argument("--tokens", type=_int_in(1, 1024), default=4, help="query tokens at the end of the sequence")
+    oracle.add_argument("--seq-len", type=int_in(1, 2**17), default=6144, help="tokens in the sequence (default 6144)")
+    oracle.add_argument("--tokens", type=int_in(1, 1024), default=4, help="query tokens at the end of the sequence")
     oracle.add_argument("--seed", type=_seed, default=0)
     oracle.set_defaults(func=_cmd_oracle)
 

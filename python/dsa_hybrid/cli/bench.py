@@ -202,15 +202,7 @@ def bench_sparse_mla(t: Table, lengths: list[int]) -> list[tuple[int, float, flo
 def cpu_best_time(fn: Any, repeats: int = 3) -> float:
     """`best_time` in process CPU seconds (the process is pinned to one core: other load on the machine
     does not count), for rows judged against the FMA peak."""
-    import jax
-
-    jax.block_until_ready(fn())
-    best = float("inf")
-    for _ in range(repeats):
-        c0 = time.process_time()
-        jax.block_until_ready(fn())
-        best = min(best, time.process_time() - c0)
-    return best
+    return best_time(fn, repeats, clock=time.process_time)
 
 
 def bench_host_mla(t: Table, rows: list[int], length: int, peak: float) -> None:

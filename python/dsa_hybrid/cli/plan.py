@@ -10,30 +10,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
 from typing import TextIO
+
+from dsa_hybrid.cli.args import int_in
 
 TABLE_TOPOLOGIES = ("v5p:4x4x4", "v6e:8x8", "tpu7x:2x2x4")
 GENERATIONS = ("v5e", "v5p", "v6e", "tpu7x")
 # Temporaries assumed on other slices than the compiled one (the most measured here: 2.8 GiB, DeepSeek-V3.2
 # decode on tpu7x:2x2x4; a smaller slice holds more experts per device and needs more).
 SLICE_TEMP_FLOOR = 3 << 30
-
-
-def _int_in(lo: int, hi: int) -> Callable[[str], int]:
-    """An argparse type: an integer in `[lo, hi]`."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"must lie in [{lo}, {hi}], got {value}")
-        return value
-
-    parse.__name__ = "integer"
-    return parse
 
 
 def _topology(text: str) -> str:
@@ -58,16 +43,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=["deepseek_v32", "glm_moe_dsa"], default="deepseek_v32")
     p.add_argument("--topology", type=_topology, default="v5p:4x4x4",
                    help="a libtpu topology, e.g. v5p:4x4x4, v6e:8x8, tpu7x:2x2x4")  # fmt: skip
-    p.add_argument("--context", type=_int_in(1, 2**24), default=131072,
+    p.add_argument("--context", type=int_in(1, 2**24), default=131072,
                    help="tokens per sequence in the caches (default 131072)")  # fmt: skip
     p.add_argument(
-        "--batch", type=_int_in(1, 2**20), default=32, help="sequences, spread over the DP ranks (default 32)"
+        "--batch", type=int_in(1, 2**20), default=32, help="sequences, spread over the DP ranks (default 32)"
     )
     p.add_argument("--weights", choices=["fp8", "bf16"], default="fp8", help="resident weight format (default fp8)")
     p.add_argument(
-        "--tp", type=_int_in(1, 1024), default=None, help="tensor-parallel width (default: 8, or less to divide)"
+        "--tp", type=int_in(1, 1024), default=None, help="tensor-parallel width (default: 8, or less to divide)"
     )
-    p.add_argument("--prefill-chunk", type=_int_in(1, 2**20), default=256,
+    p.add_argument("--prefill-chunk", type=int_in(1, 2**20), default=256,
                    help="new tokens per DP rank in the prefill step")  # fmt: skip
     p.add_argument("--steps", type=_steps, default="decode,prefill", help="steps to compile: decode, prefill or both")
     p.add_argument("--full", action="store_true",

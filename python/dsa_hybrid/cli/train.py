@@ -8,28 +8,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from collections.abc import Callable
 from pathlib import Path
+
+from dsa_hybrid.cli.args import int_in
 
 RECIPES = ("recall",)
 MAX_STEPS = 10**7
 MAX_EVAL_LENGTH = 2**17
-
-
-def _count(lo: int, hi: int) -> Callable[[str], int]:
-    """An argparse type: an integer in `[lo, hi]`."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"must lie in [{lo}, {hi}], got {value}")
-        return value
-
-    parse.__name__ = "integer"
-    return parse
 
 
 def _lengths(text: str) -> tuple[int, ...]:
@@ -64,11 +49,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", type=_out_dir, default="dsa_recall_model", help="output directory (default dsa_recall_model)"
     )
-    steps = _count(0, MAX_STEPS)
+    steps = int_in(0, MAX_STEPS)
     p.add_argument("--dense-steps", type=steps, help="override the recipe's dense steps")
     p.add_argument("--warmup-steps", type=steps, help="override the recipe's indexer warm-up steps")
     p.add_argument("--sparse-steps", type=steps, help="override the recipe's sparse steps (default 0)")
-    p.add_argument("--seed", type=_count(0, 2**32 - 1), help="override the recipe's seed")
+    p.add_argument("--seed", type=int_in(0, 2**32 - 1), help="override the recipe's seed")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation table")
     p.add_argument(
         "--eval-lengths",

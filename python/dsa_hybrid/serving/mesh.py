@@ -51,7 +51,7 @@ from dsa_hybrid.parallel.mesh import mesh_shape
 from dsa_hybrid.parallel.rules import check_model_divides
 from dsa_hybrid.serving.kv_manager import KVManager
 from dsa_hybrid.serving.runner import Batch, RunnerOutput, build_batch, table_width
-from dsa_hybrid.serving.sampling import sample_request
+from dsa_hybrid.serving.sampling import draw_tokens
 from dsa_hybrid.serving.scheduler import Request, RequestOutput, Scheduler, SchedulerOutput, SchedulerState
 
 MESH_PLACEMENTS = ("device", "host")
@@ -323,15 +323,7 @@ class MeshRunner:
         want = np.zeros(padded_rows(len(drawn)), np.int32)  # padded: few gather shapes compile
         want[: len(drawn)] = [rows[i] for i in drawn]
         full = np.asarray(replicated_rows(logits, put(want, NamedSharding(self.mesh, P())), self.mesh))
-        states = [samplers[i].rng.bit_generator.state for i in drawn]
-        try:
-            for j, i in enumerate(drawn):
-                c = samplers[i]
-                tokens[c.request_id] = sample_request(c.request_id, full[j], c.sampling, c.rng)
-        except BaseException:
-            for i, state in zip(drawn, states, strict=True):
-                samplers[i].rng.bit_generator.state = state
-            raise
+        draw_tokens([samplers[i] for i in drawn], full, tokens)
         return tokens
 
     # ----- caches ----------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from dsa_hybrid.models.config import DSAConfig
 from dsa_hybrid.ops.sparse_mla import Backend
 from dsa_hybrid.ops.target import target_device
 from dsa_hybrid.serving.placement import PlacementCosts
-from dsa_hybrid.serving.sampling import sample_request
+from dsa_hybrid.serving.sampling import draw_tokens
 from dsa_hybrid.serving.scheduler import ScheduledChunk, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -260,16 +260,8 @@ class ModelRunner:
         greedy = np.asarray(jnp.argmax(logits, axis=-1))[rows]
         drawn = [i for i, c in enumerate(samplers) if not c.sampling.greedy]
         full = np.asarray(logits[np.asarray(rows[drawn], np.int32)]) if drawn else np.empty((0, 0), np.float32)
-        states = [samplers[i].rng.bit_generator.state for i in drawn]
         tokens = {c.request_id: int(g) for c, g in zip(samplers, greedy, strict=True)}
-        try:
-            for j, i in enumerate(drawn):
-                c = samplers[i]
-                tokens[c.request_id] = sample_request(c.request_id, full[j], c.sampling, c.rng)
-        except BaseException:
-            for i, state in zip(drawn, states, strict=True):
-                samplers[i].rng.bit_generator.state = state
-            raise
+        draw_tokens([samplers[i] for i in drawn], full, tokens)
         return tokens
 
     # ----- caches ----------------------------------------------------------------------------------

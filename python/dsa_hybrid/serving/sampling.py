@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import numpy as np
 
-__all__ = ["SamplingError", "SamplingParams", "sample", "sample_request"]
+__all__ = ["SamplingError", "SamplingParams", "draw_tokens", "sample", "sample_request"]
 
 
 class SamplingError(ValueError):
@@ -146,3 +147,29 @@ def sample_request(request_id: int, logits: np.ndarray, params: SamplingParams, 
         return sample(logits, params, rng)
     except Exception as e:
         raise SamplingError(request_id, str(e)) from e
+
+
+class Drawer(Protocol):
+    """What `draw_tokens` reads of a request that draws (a scheduled chunk)."""
+
+    @property
+    def request_id(self) -> int: ...
+    @property
+    def sampling(self) -> SamplingParams: ...
+    @property
+    def rng(self) -> np.random.Generator: ...
+
+
+def draw_tokens(drawers: Sequence[Drawer], logits_rows: np.ndarray, tokens: dict[int, int]) -> None:
+    """Each of `drawers` draws its next token from its row of `logits_rows` (`[len(drawers), vocab]`, or
+    more rows, padding) with its own generator (`sample_request`), into `tokens` by request id. If any
+    draw raises, every drawer's generator state is restored first, so a retried step draws the same
+    tokens."""
+    states = [d.rng.bit_generator.state for d in drawers]
+    try:
+        for j, d in enumerate(drawers):
+            tokens[d.request_id] = sample_request(d.request_id, logits_rows[j], d.sampling, d.rng)
+    except BaseException:
+        for d, state in zip(drawers, states, strict=True):
+            d.rng.bit_generator.state = state
+        raise
