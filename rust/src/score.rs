@@ -9,6 +9,13 @@
 //! by a fixed halving tree (`tree_sum`). The x86 kernels decode e4m3 through
 //! F16C (the code's bits shifted into an f16 give the value / 256) and fold
 //! the 256 back into the key's scale; both scalings are exact powers of two.
+//! The AVX2 kernel sums the tree in registers: head vectors `j` and `j + hp/16` are
+//! scored together (the tree's first step), and the in-vector steps (+4, +2, +1) run
+//! for eight keys at once across registers (`lane_sums8`), in the same order.
+//!
+//! Rows that read the same keys (a prefill chunk's rows of one request) are scored
+//! together by `score_keys_rows`: each key decoded once for all of them, each row's
+//! scores bit for bit what `score_keys` gives it alone.
 
 use crate::cpu::Isa;
 use crate::fp8::DECODE_TABLE;
@@ -125,6 +132,74 @@ pub fn score_keys(
     Ok(())
 }
 
+/// Scores of several query rows over the same run of keys (`codes`: `n × d` e4m3fn bytes, `n =
+/// scales.len()`): row `r` scores the first `counts[r]` keys into `out[r · stride ..][..
+/// counts[r]]` (a row with a count of 0 is skipped; the rest of `out` is left as it is). Each key
+/// is decoded once for all the rows; every row's scores are bit for bit those `score_keys` gives
+/// it alone. Sizes that do not agree are an error (nothing written), checked before any kernel.
+#[allow(clippy::too_many_arguments)]
+pub fn score_keys_rows(
+    isa: Isa,
+    qs: &[Query<'_>],
+    counts: &[usize],
+    codes: &[u8],
+    scales: &[f32],
+    out: &mut [f32],
+    stride: usize,
+    scratch: &mut Vec<f32>,
+) -> Result<(), ShapeError> {
+    let n = scales.len();
+    if qs.len() != counts.len() {
+        return Err(ShapeError(format!(
+            "{} queries and {} counts",
+            qs.len(),
+            counts.len()
+        )));
+    }
+    for (r, (q, &m)) in qs.iter().zip(counts).enumerate() {
+        check_shapes(*q, codes, n, n)?;
+        if q.d != qs[0].d || q.hp != qs[0].hp || q.pairs.is_empty() != qs[0].pairs.is_empty() {
+            return Err(ShapeError(format!("row {r}: queries of another shape")));
+        }
+        let end = r.checked_mul(stride).and_then(|o| o.checked_add(m));
+        if m > n || (m > 0 && (m > stride || end.is_none_or(|e| e > out.len()))) {
+            return Err(ShapeError(format!(
+                "row {r}: {m} of {n} keys at stride {stride} in {} outputs",
+                out.len()
+            )));
+        }
+    }
+    let simd = !qs.is_empty() && qs[0].pairs.is_empty() && qs[0].d.is_multiple_of(16);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has the features (checked by `supported`) and the sizes were checked above.
+        Isa::Avx512 if simd && isa.supported() => unsafe {
+            x86::score_keys_rows_avx512(qs, counts, codes, scales, out, stride, scratch)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 if simd && isa.supported() => unsafe {
+            x86::score_keys_rows_avx2(qs, counts, codes, scales, out, stride, scratch)
+        },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above.
+        Isa::Neon if simd && isa.supported() => unsafe {
+            neon::score_keys_rows_neon(qs, counts, codes, scales, out, stride, scratch)
+        },
+        // The scalar twins and the bf16 kernels: row by row.
+        _ => {
+            let d = qs.first().map_or(0, |q| q.d);
+            for ((q, &m), r) in qs.iter().zip(counts).zip(0..) {
+                if m > 0 {
+                    let o = &mut out[r * stride..r * stride + m];
+                    score_keys(isa, *q, &codes[..m * d], &scales[..m], o, scratch)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The scalar twin: the definition, in the kernels' order of operations.
 fn score_keys_scalar(
     q: Query<'_>,
@@ -210,6 +285,31 @@ pub(crate) trait BlockKernel {
     /// # Safety
     /// As `decode`.
     unsafe fn tree_sum(heads: &mut [f32]) -> f32;
+    /// The scores of a register block's `N` keys: `out[i] = tree_sum(heads of key i) ·
+    /// (scales[i] · KEY_UNIT)` (`out`, `scales`: `N` values; `heads`: `NK × hp` floats of scratch).
+    /// By default `heads` and `tree_sum` key by key; a kernel may sum in registers instead, in the
+    /// same order.
+    ///
+    /// # Safety
+    /// As `heads`.
+    #[inline(always)]
+    unsafe fn scores<const N: usize>(
+        q: Query<'_>,
+        keys: &[f32],
+        heads: &mut [f32],
+        scales: &[f32],
+        out: &mut [f32],
+    ) {
+        let hp = q.hp;
+        // SAFETY: forwarded.
+        unsafe {
+            Self::heads::<N>(q, keys, heads);
+            for i in 0..N {
+                out[i] =
+                    Self::tree_sum(&mut heads[i * hp..(i + 1) * hp]) * (scales[i] * Self::KEY_UNIT);
+            }
+        }
+    }
 }
 
 /// The driver of every SIMD kernel: keys in groups of `K::NK`, decoded, scored a register block at
@@ -225,33 +325,72 @@ pub(crate) unsafe fn score_blocks<K: BlockKernel>(
     out: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {
-    let (d, hp, n, kf) = (q.d, q.hp, scales.len(), K::key_floats(q.d));
-    scratch.resize(K::NK * (kf + hp), 0.0);
-    let (k, heads) = scratch.split_at_mut(K::NK * kf);
-    let mut s = 0;
-    // SAFETY: forwarded; k holds NK decoded keys, heads NK × hp.
+    let n = scales.len();
+    // SAFETY: forwarded.
+    unsafe { score_blocks_rows::<K>(&[q], &[n], codes, scales, out, n, scratch) }
+}
+
+/// Keys decoded at a time when several rows share them (about 32 KiB of scratch at d = 64).
+const ROWS_CHUNK_FLOATS: usize = 8192;
+
+/// `score_blocks` for rows that read the same keys: row `r` scores the first `counts[r]` keys
+/// into `out[r · stride ..][.. counts[r]]`. Each key is decoded once for all the rows (a chunk
+/// of keys at a time, then every row's register blocks over it); with one row, one register
+/// block's keys at a time. Every row's scores are those `score_blocks` gives it alone.
+///
+/// # Safety
+/// As `score_blocks`; each query was checked against `codes` and `scales`, `counts[r] ≤
+/// scales.len()`, and `out` holds every row's outputs (`check_rows`).
+#[inline(always)]
+pub(crate) unsafe fn score_blocks_rows<K: BlockKernel>(
+    qs: &[Query<'_>],
+    counts: &[usize],
+    codes: &[u8],
+    scales: &[f32],
+    out: &mut [f32],
+    stride: usize,
+    scratch: &mut Vec<f32>,
+) {
+    debug_assert!((1..=6).contains(&K::NK) && qs.len() == counts.len() && !qs.is_empty());
+    let (d, hp, kf) = (qs[0].d, qs[0].hp, K::key_floats(qs[0].d));
+    let n = counts.iter().copied().max().unwrap_or(0);
+    let chunk = if qs.len() == 1 {
+        K::NK
+    } else {
+        (ROWS_CHUNK_FLOATS / kf.max(1) / K::NK).max(1) * K::NK
+    };
+    scratch.resize(chunk * kf + K::NK * hp, 0.0);
+    let (k, heads) = scratch.split_at_mut(chunk * kf);
+    let mut c0 = 0;
+    // SAFETY: forwarded; k holds `chunk` decoded keys, heads NK × hp.
     unsafe {
-        while s < n {
-            let nk = (n - s).min(K::NK);
-            for i in 0..nk {
-                K::decode(
-                    &codes[(s + i) * d..(s + i + 1) * d],
-                    &mut k[i * kf..(i + 1) * kf],
-                );
+        while c0 < n {
+            let c1 = (c0 + chunk).min(n);
+            for i in c0..c1 {
+                let j = i - c0;
+                K::decode(&codes[i * d..(i + 1) * d], &mut k[j * kf..(j + 1) * kf]);
             }
-            match nk {
-                6 => K::heads::<6>(q, k, heads),
-                5 => K::heads::<5>(q, k, heads),
-                4 => K::heads::<4>(q, k, heads),
-                3 => K::heads::<3>(q, k, heads),
-                2 => K::heads::<2>(q, k, heads),
-                _ => K::heads::<1>(q, k, heads),
+            for ((q, &m), r) in qs.iter().zip(counts).zip(0..) {
+                let mut s = c0;
+                while s < c1.min(m) {
+                    let nk = (c1.min(m) - s).min(K::NK);
+                    let kk = &k[(s - c0) * kf..];
+                    let (sc, o) = (
+                        &scales[s..s + nk],
+                        &mut out[r * stride + s..r * stride + s + nk],
+                    );
+                    match nk {
+                        6 => K::scores::<6>(*q, kk, heads, sc, o),
+                        5 => K::scores::<5>(*q, kk, heads, sc, o),
+                        4 => K::scores::<4>(*q, kk, heads, sc, o),
+                        3 => K::scores::<3>(*q, kk, heads, sc, o),
+                        2 => K::scores::<2>(*q, kk, heads, sc, o),
+                        _ => K::scores::<1>(*q, kk, heads, sc, o),
+                    }
+                    s += nk;
+                }
             }
-            for i in 0..nk {
-                out[s + i] =
-                    K::tree_sum(&mut heads[i * hp..(i + 1) * hp]) * (scales[s + i] * K::KEY_UNIT);
-            }
-            s += nk;
+            c0 = c1;
         }
     }
 }
@@ -277,19 +416,47 @@ macro_rules! simd_entry {
 #[cfg(target_arch = "x86_64")] // (for the bf16 kernel)
 pub(crate) use simd_entry;
 
+/// A float32 SIMD kernel's entry point for rows sharing keys: `#[target_feature]` around
+/// `score_blocks_rows` with the kernel (`score_keys_rows`).
+macro_rules! simd_rows_entry {
+    ($(#[$doc:meta])* $name:ident, $features:literal, $kernel:ty) => {
+        $(#[$doc])*
+        #[target_feature(enable = $features)]
+        pub unsafe fn $name(
+            qs: &[Query<'_>],
+            counts: &[usize],
+            codes: &[u8],
+            scales: &[f32],
+            out: &mut [f32],
+            stride: usize,
+            scratch: &mut Vec<f32>,
+        ) {
+            // SAFETY: forwarded; the features are this function's.
+            unsafe {
+                $crate::score::score_blocks_rows::<$kernel>(
+                    qs, counts, codes, scales, out, stride, scratch,
+                )
+            }
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
     use super::{BlockKernel, Query};
     use std::arch::x86_64::*;
 
-    /// 16 e4m3 codes as the f16 bit patterns whose values are code value / 256.
+    /// 16 e4m3 codes as the f16 bit patterns whose values are code value / 256:
+    /// `(c & 0x7f) << 7 | (c & 0x80) << 8`, as `((c << 8) >> 1 arithmetic) & !0x4000` (the sign
+    /// lands in bits 15 and 14, the magnitude in 13..7; bit 14 is cleared).
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn e4m3_to_f16_bits(b: __m128i) -> __m256i {
-        let w = _mm256_cvtepu8_epi16(b);
-        let mag = _mm256_slli_epi16::<7>(_mm256_and_si256(w, _mm256_set1_epi16(0x7f)));
-        let sign = _mm256_slli_epi16::<8>(_mm256_and_si256(w, _mm256_set1_epi16(0x80)));
-        _mm256_or_si256(mag, sign)
+    pub(crate) fn e4m3_to_f16_bits(b: __m128i) -> __m256i {
+        let w = _mm256_slli_epi16::<8>(_mm256_cvtepu8_epi16(b));
+        _mm256_and_si256(
+            _mm256_srai_epi16::<1>(w),
+            _mm256_set1_epi16(0xbfffu16 as i16),
+        )
     }
 
     /// Decode one key (`d` codes, `d % 16 == 0`) into `dst`, scaled by 1/256.
@@ -421,14 +588,178 @@ pub(crate) mod x86 {
         };
     }
 
-    /// AVX2 + FMA + F16C: 6 keys × 16 heads per register block.
+    /// Head vectors `ja` and `jb` (8 heads each, `jb = ja + hp / 16`), `NK` decoded keys: the
+    /// first step of the head sum's tree for each key, `ReLU(a) · w_a + ReLU(b) · w_b`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn pair_avx2<const NK: usize>(
+        q: Query<'_>,
+        ja: usize,
+        jb: usize,
+        k: &[f32],
+    ) -> [__m256; NK] {
+        let (d, hp) = (q.d, q.hp);
+        debug_assert!(ja < jb && 8 * jb + 8 <= hp && k.len() >= NK * d);
+        let (qa, qb, kp) = (
+            q.qt.as_ptr().wrapping_add(8 * ja),
+            q.qt.as_ptr().wrapping_add(8 * jb),
+            k.as_ptr(),
+        );
+        let mut a = [_mm256_setzero_ps(); NK];
+        let mut b = [_mm256_setzero_ps(); NK];
+        // SAFETY: qt is d × hp, k is NK × d, hw hp (asserted by the caller).
+        unsafe {
+            for dd in 0..d {
+                let va = _mm256_loadu_ps(qa.add(dd * hp));
+                let vb = _mm256_loadu_ps(qb.add(dd * hp));
+                for i in 0..NK {
+                    let kb = _mm256_broadcast_ss(&*kp.add(i * d + dd));
+                    a[i] = _mm256_fmadd_ps(va, kb, a[i]);
+                    b[i] = _mm256_fmadd_ps(vb, kb, b[i]);
+                }
+            }
+            let zero = _mm256_setzero_ps();
+            let wa = _mm256_loadu_ps(q.hw.as_ptr().add(8 * ja));
+            let wb = _mm256_loadu_ps(q.hw.as_ptr().add(8 * jb));
+            let mut u = [zero; NK];
+            for i in 0..NK {
+                u[i] = _mm256_add_ps(
+                    _mm256_mul_ps(_mm256_max_ps(a[i], zero), wa),
+                    _mm256_mul_ps(_mm256_max_ps(b[i], zero), wb),
+                );
+            }
+            u
+        }
+    }
+
+    /// The in-vector steps of `tree_sum` (lane `i` + lane `i + 4`, then `+ 2`, then `+ 1`) for
+    /// eight keys' head vectors at once: lane `i` of the result is key `i`'s sum.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn lane_sums8(u: &[__m256; 8]) -> __m256 {
+        // [x_i | x_{i+4}] with x = lo + hi (the tree's + 4 step), keys i and i + 4.
+        let x = |i: usize| {
+            _mm256_add_ps(
+                _mm256_permute2f128_ps::<0x20>(u[i], u[i + 4]),
+                _mm256_permute2f128_ps::<0x31>(u[i], u[i + 4]),
+            )
+        };
+        let (x04, x15, x26, x37) = (x(0), x(1), x(2), x(3));
+        // The + 2 step: [y_0, y_1 of key i, key i + 1 | the same for i + 4, i + 5].
+        let y = |a: __m256, b: __m256| {
+            _mm256_add_ps(
+                _mm256_shuffle_ps::<0x44>(a, b),
+                _mm256_shuffle_ps::<0xEE>(a, b),
+            )
+        };
+        let (y0, y1) = (y(x04, x15), y(x26, x37));
+        // The + 1 step: keys 0..3 | 4..7 in order.
+        _mm256_add_ps(
+            _mm256_shuffle_ps::<0x88>(y0, y1),
+            _mm256_shuffle_ps::<0xDD>(y0, y1),
+        )
+    }
+
+    /// The scores of `NK ≤ 6` keys: the head sum's tree summed in registers, in `tree_sum`'s
+    /// order. Head vectors `j` and `j + hp / 16` are scored together (the tree's first step);
+    /// for `hp > 16` those sums are kept in `part` (`NK × hp / 2` floats) and halved per key.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn scores_avx2<const NK: usize>(
+        q: Query<'_>,
+        k: &[f32],
+        part: &mut [f32],
+        scales: &[f32],
+        out: &mut [f32],
+    ) {
+        let half = q.hp / 16;
+        debug_assert!(NK <= 6 && part.len() >= NK * half * 8 && scales.len() == NK);
+        let mut u = [_mm256_setzero_ps(); 8];
+        // SAFETY: forwarded; hp is a power of two ≥ 16, part holds NK × half vectors.
+        unsafe {
+            if half == 1 {
+                u[..NK].copy_from_slice(&pair_avx2::<NK>(q, 0, 1, k));
+            } else {
+                let pp = part.as_mut_ptr();
+                for j in 0..half {
+                    let v = pair_avx2::<NK>(q, j, j + half, k);
+                    for (i, vi) in v.iter().enumerate() {
+                        _mm256_storeu_ps(pp.add((i * half + j) * 8), *vi);
+                    }
+                }
+                for (i, ui) in u.iter_mut().take(NK).enumerate() {
+                    let p = pp.add(i * half * 8);
+                    let mut n = half;
+                    while n > 1 {
+                        n /= 2;
+                        for j in 0..n {
+                            _mm256_storeu_ps(
+                                p.add(j * 8),
+                                _mm256_add_ps(
+                                    _mm256_loadu_ps(p.add(j * 8)),
+                                    _mm256_loadu_ps(p.add((j + n) * 8)),
+                                ),
+                            );
+                        }
+                    }
+                    *ui = _mm256_loadu_ps(p);
+                }
+            }
+            let mut z = [0.0f32; 8];
+            _mm256_storeu_ps(z.as_mut_ptr(), lane_sums8(&u));
+            for i in 0..NK {
+                out[i] = z[i] * (scales[i] * 256.0);
+            }
+        }
+    }
+
+    /// AVX2 + FMA + F16C: 6 keys × 16 heads per register block, the head sums in registers.
     struct Avx2;
 
-    f16c_kernel!(Avx2, decode_avx2, heads_avx2);
+    impl BlockKernel for Avx2 {
+        const NK: usize = 6;
+        const KEY_UNIT: f32 = 256.0;
+        fn key_floats(d: usize) -> usize {
+            d
+        }
+        #[inline(always)]
+        unsafe fn decode(codes: &[u8], dst: &mut [f32]) {
+            // SAFETY: forwarded.
+            unsafe { decode_avx2(codes, dst) }
+        }
+        #[inline(always)]
+        unsafe fn heads<const N: usize>(q: Query<'_>, keys: &[f32], heads: &mut [f32]) {
+            // SAFETY: forwarded.
+            unsafe { heads_avx2::<N>(q, keys, heads) }
+        }
+        #[inline(always)]
+        unsafe fn tree_sum(heads: &mut [f32]) -> f32 {
+            // SAFETY: forwarded.
+            unsafe { tree_sum_avx2(heads) }
+        }
+        #[inline(always)]
+        unsafe fn scores<const N: usize>(
+            q: Query<'_>,
+            keys: &[f32],
+            heads: &mut [f32],
+            scales: &[f32],
+            out: &mut [f32],
+        ) {
+            // SAFETY: forwarded (`heads` is NK × hp floats, more than the sums need).
+            unsafe { scores_avx2::<N>(q, keys, heads, scales, out) }
+        }
+    }
 
     simd_entry!(
         /// AVX2 + FMA + F16C twin of `score_keys_scalar` (`Avx2` in the shared driver).
         score_keys_avx2,
+        "avx2,fma,f16c",
+        Avx2
+    );
+
+    simd_rows_entry!(
+        /// `score_keys_avx2` for rows sharing keys (`score_keys_rows`).
+        score_keys_rows_avx2,
         "avx2,fma,f16c",
         Avx2
     );
@@ -516,6 +847,13 @@ pub(crate) mod x86 {
     simd_entry!(
         /// AVX-512 twin of `score_keys_scalar` (`Avx512` in the shared driver).
         score_keys_avx512,
+        "avx512f,avx2,fma,f16c",
+        Avx512
+    );
+
+    simd_rows_entry!(
+        /// `score_keys_avx512` for rows sharing keys (`score_keys_rows`).
+        score_keys_rows_avx512,
         "avx512f,avx2,fma,f16c",
         Avx512
     );
@@ -623,6 +961,13 @@ mod neon {
     simd_entry!(
         /// NEON twin of `score_keys_scalar` (`Neon` in the shared driver).
         score_keys_neon,
+        "neon",
+        Neon
+    );
+
+    simd_rows_entry!(
+        /// `score_keys_neon` for rows sharing keys (`score_keys_rows`).
+        score_keys_rows_neon,
         "neon",
         Neon
     );
@@ -746,6 +1091,28 @@ mod tests {
         }
     }
 
+    /// The x86 kernels' e4m3 → f16 bit conversion, on every code, against the identity above.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn f16c_bit_conversion_is_the_identity_on_every_code() {
+        use std::arch::x86_64::*;
+        if !Isa::Avx2.supported() {
+            return;
+        }
+        for c0 in (0u16..256).step_by(16) {
+            let codes: Vec<u8> = (c0..c0 + 16).map(|c| c as u8).collect();
+            let mut got = [0u16; 16];
+            // SAFETY: AVX2 is supported (checked above); 16 bytes in, 16 u16 out.
+            unsafe {
+                let v = x86::e4m3_to_f16_bits(_mm_loadu_si128(codes.as_ptr().cast()));
+                _mm256_storeu_si256(got.as_mut_ptr().cast(), v);
+            }
+            for (c, g) in (c0..c0 + 16).zip(got) {
+                assert_eq!(g, ((c & 0x7f) << 7) | ((c & 0x80) << 8), "code {c:#x}");
+            }
+        }
+    }
+
     /// Uniform in [-1, 1) from the LCG's 31 bits.
     fn unit(next: &mut impl FnMut() -> u64) -> f32 {
         next() as f32 / (1u64 << 30) as f32 - 1.0
@@ -843,6 +1210,119 @@ mod tests {
         }
         // Every compiled SIMD path of this CPU was exercised (none on a scalar-only machine).
         assert_eq!(compared, 240 * paths.len());
+    }
+
+    /// Rows sharing keys (`score_keys_rows`, the row-blocked prefill path): on every path, each
+    /// row's scores equal `score_keys` of that row alone bit for bit, counts of 0 leave the row's
+    /// outputs alone, and sizes that do not agree are errors.
+    #[test]
+    fn rows_sharing_keys_score_as_each_row_alone() {
+        let mut next = lcg(0x0005_4a2e);
+        for case in 0..60 {
+            let heads = [1usize, 16, 20, 64, 100][(next() % 5) as usize];
+            let d = [16usize, 32, 64, 128, 8][(next() % 5) as usize];
+            let n = 1 + (next() % 200) as usize;
+            let rows = 1 + (next() % 5) as usize;
+            let (_, _, codes, scales) = random_problem(&mut next, heads, d, n, true);
+            let probs: Vec<_> = (0..rows)
+                .map(|_| random_problem(&mut next, heads, d, 0, case % 2 == 0))
+                .collect();
+            let hp = padded_heads(heads);
+            let qs: Vec<Query<'_>> = probs
+                .iter()
+                .map(|(qt, hw, _, _)| Query {
+                    qt,
+                    hw,
+                    hp,
+                    d,
+                    pairs: &[],
+                })
+                .collect();
+            let counts: Vec<usize> = (0..rows)
+                .map(|r| match (r + case) % 4 {
+                    0 => n,
+                    1 => 0,
+                    _ => (next() as usize) % (n + 1),
+                })
+                .collect();
+            let stride = n + (next() % 3) as usize;
+            for isa in Isa::available() {
+                let mut got = vec![f32::NAN; rows * stride];
+                let mut scratch = vec![1.0f32; (next() % 64) as usize];
+                score_keys_rows(
+                    isa,
+                    &qs,
+                    &counts,
+                    &codes,
+                    &scales,
+                    &mut got,
+                    stride,
+                    &mut scratch,
+                )
+                .unwrap();
+                for (r, q) in qs.iter().enumerate() {
+                    let m = counts[r];
+                    let mut want = vec![0.0f32; m];
+                    score_keys(
+                        isa,
+                        *q,
+                        &codes[..m * d],
+                        &scales[..m],
+                        &mut want,
+                        &mut Vec::new(),
+                    )
+                    .unwrap();
+                    let row = &got[r * stride..(r + 1) * stride];
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&row[..m]), bits(&want), "{isa:?} case {case} row {r}");
+                    assert!(
+                        row[m..].iter().all(|x| x.is_nan()),
+                        "{isa:?} case {case} row {r}"
+                    );
+                }
+            }
+        }
+        let (_, _, codes, scales) = random_problem(&mut next, 4, 16, 10, true);
+        let (qt, hw, _, _) = random_problem(&mut next, 4, 16, 0, true);
+        let q = Query {
+            qt: &qt,
+            hw: &hw,
+            hp: 16,
+            d: 16,
+            pairs: &[],
+        };
+        let mut out = vec![0.0; 20];
+        let mut s = Vec::new();
+        for isa in Isa::available() {
+            let mut run = |counts: &[usize], stride: usize, out: &mut [f32]| {
+                let qs = vec![q; counts.len()];
+                score_keys_rows(isa, &qs, counts, &codes, &scales, out, stride, &mut s)
+            };
+            assert!(run(&[10, 10], 10, &mut out).is_ok());
+            assert!(run(&[11, 0], 11, &mut out).is_err(), "more keys than given");
+            assert!(run(&[10, 10], 9, &mut out).is_err(), "rows overlap");
+            assert!(
+                run(&[10, 10], 10, &mut out[..19]).is_err(),
+                "too few outputs"
+            );
+            assert!(run(&[10, 10, 1], 10, &mut out).is_err(), "too few outputs");
+            let qs = [q, q];
+            assert!(
+                score_keys_rows(isa, &qs, &[1], &codes, &scales, &mut out, 10, &mut s).is_err()
+            );
+            let bad = Query { hp: 32, ..q };
+            assert!(score_keys_rows(
+                isa,
+                &[q, bad],
+                &[1, 1],
+                &codes,
+                &scales,
+                &mut out,
+                10,
+                &mut s
+            )
+            .is_err());
+        }
     }
 
     #[test]

@@ -9,6 +9,11 @@
 //! engine's, one per request). Either is checked into rows, then the same
 //! `select_rows` / `scores_rows` run, so a sequence's `select` is exactly the
 //! paged one over its block table.
+//!
+//! Consecutive rows that read the same pages (a prefill chunk's rows of one
+//! request: one block table, rising positions) are scored together, up to
+//! `MAX_GROUP` at a time, each page decoded once for all of them
+//! (`score::score_keys_rows`); a row's scores are the same bits as alone.
 
 use rayon::prelude::*;
 
@@ -327,6 +332,102 @@ struct Work {
     query: QueryBuf,
     span: SpanBuf,
     topk: topk::Scratch,
+    /// The queries of a group of rows scored together (`group_len`).
+    group: Vec<QueryBuf>,
+}
+
+/// Most rows scored together over the same pages (each page decoded once for all of them).
+const MAX_GROUP: usize = 8;
+
+/// How many rows from `first` (before `end`) read the same pages and can be scored together: each
+/// needs scores (`needs`) and its pages are the same blocks as the longest row's so far (a
+/// prefill chunk's rows of one request: one block table, different visible lengths). At least 1.
+fn group_len(
+    rows: &[Row<'_>],
+    first: usize,
+    end: usize,
+    bs: usize,
+    needs: impl Fn(&Row<'_>) -> bool,
+) -> usize {
+    let pages = |r: &Row<'_>| r.visible.div_ceil(bs);
+    let mut longest = rows[first];
+    let mut g = 1;
+    while g < MAX_GROUP && first + g < end {
+        let c = rows[first + g];
+        let common = pages(&c).min(pages(&longest));
+        if !needs(&c) || c.blocks[..common] != longest.blocks[..common] {
+            break;
+        }
+        if c.visible > longest.visible {
+            longest = c;
+        }
+        g += 1;
+    }
+    g
+}
+
+/// Scores of a group of rows that read the same pages (`blocks`: the longest row's): row `r` sees
+/// `visible[r]` keys and its scores go to `out[r · stride ..]`. Each page is decoded once for all
+/// the rows (`score::score_keys_rows`); every row's scores are those `score_span` gives it alone.
+#[allow(clippy::too_many_arguments)]
+fn score_group(
+    isa: Isa,
+    geom: PageGeometry,
+    pages: &[u8],
+    blocks: &[u32],
+    qs: &[Query<'_>],
+    visible: &[usize],
+    out: &mut [f32],
+    stride: usize,
+    buf: &mut SpanBuf,
+) -> Result<(), CacheError> {
+    let (bs, d, page_bytes) = (geom.block_size, geom.head_dim, geom.page_bytes());
+    let n = visible.iter().copied().max().unwrap_or(0);
+    let mut counts = [0usize; MAX_GROUP];
+    let counts = &mut counts[..visible.len()];
+    for (p, &b) in blocks.iter().enumerate().take(n.div_ceil(bs)) {
+        let page = &pages[b as usize * page_bytes..][..page_bytes];
+        for (c, v) in counts.iter_mut().zip(visible) {
+            *c = v.saturating_sub(p * bs).min(bs);
+        }
+        let m = counts.iter().copied().max().unwrap_or(0);
+        buf.scales.clear();
+        buf.scales.extend(
+            page[bs * d..bs * d + 4 * m]
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        );
+        let o = &mut out[p * bs..];
+        score::score_keys_rows(
+            isa,
+            qs,
+            counts,
+            &page[..m * d],
+            &buf.scales,
+            o,
+            stride,
+            &mut buf.kernel,
+        )
+        .map_err(|e| CacheError::Shape(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// The queries of rows `first..first + g` in the kernels' layout, in `bufs`.
+fn prepare_group<'b>(
+    q: &Queries<'_>,
+    first: usize,
+    g: usize,
+    bufs: &'b mut Vec<QueryBuf>,
+) -> Result<Vec<Query<'b>>, CacheError> {
+    if bufs.len() < g {
+        bufs.resize_with(g, QueryBuf::default);
+    }
+    bufs.iter_mut()
+        .take(g)
+        .enumerate()
+        .map(|(i, b)| q.prepare(first + i, b))
+        .collect()
 }
 
 /// Buffers of one span of a row's keys.
@@ -440,43 +541,91 @@ pub fn select_rows(
         .map_err(CacheError::alloc("k", "the [T, k] int32 output"))?;
     workers.run(|| {
         par::for_each_row_chunk(&mut out, k, threads, Work::default, |row0, chunk, w| {
-            for (i, o) in chunk.chunks_mut(k).enumerate() {
-                let r = row0 + i;
+            let end = row0 + chunk.len() / k;
+            let mut r = row0;
+            while r < end {
                 let row = rows[r];
-                let n = row.visible;
-                if !needs_scores(&row) {
-                    for (o, p) in o.iter_mut().zip(0..n as i32) {
-                        *o = p;
-                    }
+                // Rows that read the same pages, scored together (when a row's keys are not
+                // split over workers).
+                let g = if inner == 1 && needs_scores(&row) {
+                    group_len(rows, r, end, bs, needs_scores)
                 } else {
-                    let Work {
-                        scores,
-                        query,
-                        span,
-                        topk,
-                    } = w;
-                    mem::try_resize(scores, n, 0.0)
+                    1
+                };
+                if g > 1 {
+                    let group = &rows[r..r + g];
+                    let longest = group.iter().max_by_key(|x| x.visible).unwrap_or(&row);
+                    let stride = longest.visible;
+                    let mut visible = [0usize; MAX_GROUP];
+                    for (v, x) in visible.iter_mut().zip(group) {
+                        *v = x.visible;
+                    }
+                    mem::try_resize(&mut w.scores, g * stride, 0.0)
                         .map_err(CacheError::alloc("positions", "a row of scores"))?;
-                    let qr = q.prepare(r, query)?;
-                    score_row(
+                    let qs = prepare_group(q, r, g, &mut w.group)?;
+                    score_group(
                         isa,
                         geom,
                         pages,
-                        row.blocks,
-                        qr,
-                        &mut scores[..n],
-                        inner,
-                        span,
+                        longest.blocks,
+                        &qs,
+                        &visible[..g],
+                        &mut w.scores[..g * stride],
+                        stride,
+                        &mut w.span,
                     )?;
-                    topk_row(isa, &scores[..n], o, opts.by_score, topk)
-                        .map_err(|_| CacheError::NonFiniteScore { row: r })?;
-                }
-                if opts.as_slots {
-                    for p in o.iter_mut().filter(|p| **p >= 0) {
-                        let pos = *p as usize;
-                        *p = (row.blocks[pos / bs] as usize * bs + pos % bs) as i32;
+                    for (j, x) in group.iter().enumerate() {
+                        let o = &mut chunk[(r + j - row0) * k..(r + j - row0 + 1) * k];
+                        let sc = &w.scores[j * stride..j * stride + x.visible];
+                        topk_row(isa, sc, o, opts.by_score, &mut w.topk)
+                            .map_err(|_| CacheError::NonFiniteScore { row: r + j })?;
                     }
                 }
+                for (i, o) in chunk[(r - row0) * k..(r - row0 + g) * k]
+                    .chunks_mut(k)
+                    .enumerate()
+                {
+                    let r = r + i;
+                    let row = rows[r];
+                    let n = row.visible;
+                    if g > 1 {
+                        // Selected above.
+                    } else if !needs_scores(&row) {
+                        for (o, p) in o.iter_mut().zip(0..n as i32) {
+                            *o = p;
+                        }
+                    } else {
+                        let Work {
+                            scores,
+                            query,
+                            span,
+                            topk,
+                            ..
+                        } = w;
+                        mem::try_resize(scores, n, 0.0)
+                            .map_err(CacheError::alloc("positions", "a row of scores"))?;
+                        let qr = q.prepare(r, query)?;
+                        score_row(
+                            isa,
+                            geom,
+                            pages,
+                            row.blocks,
+                            qr,
+                            &mut scores[..n],
+                            inner,
+                            span,
+                        )?;
+                        topk_row(isa, &scores[..n], o, opts.by_score, topk)
+                            .map_err(|_| CacheError::NonFiniteScore { row: r })?;
+                    }
+                    if opts.as_slots {
+                        for p in o.iter_mut().filter(|p| **p >= 0) {
+                            let pos = *p as usize;
+                            *p = (row.blocks[pos / bs] as usize * bs + pos % bs) as i32;
+                        }
+                    }
+                }
+                r += g;
             }
             Ok::<(), CacheError>(())
         })
@@ -511,16 +660,46 @@ pub fn scores_rows(
     ))?;
     workers.run(|| {
         par::for_each_row_chunk(&mut out, l, threads, Work::default, |row0, chunk, w| {
-            for (i, o) in chunk.chunks_mut(l).enumerate() {
-                let r = row0 + i;
-                let row = rows[r];
-                let qr = q.prepare(r, &mut w.query)?;
-                let o = &mut o[..row.visible];
-                score_row(isa, geom, pages, row.blocks, qr, o, inner, &mut w.span)?;
-                // As `select` refuses them: a NaN score (infinite products) is no score.
-                if o.iter().any(|x| x.is_nan()) {
-                    return Err(CacheError::NonFiniteScore { row: r });
+            let end = row0 + chunk.len().checked_div(l).unwrap_or(0);
+            let mut r = row0;
+            while r < end {
+                let g = if inner == 1 {
+                    group_len(rows, r, end, geom.block_size, |_| true)
+                } else {
+                    1
+                };
+                let group = &rows[r..r + g];
+                let o = &mut chunk[(r - row0) * l..(r - row0 + g) * l];
+                if g > 1 {
+                    let longest = group.iter().max_by_key(|x| x.visible).unwrap_or(&rows[r]);
+                    let mut visible = [0usize; MAX_GROUP];
+                    for (v, x) in visible.iter_mut().zip(group) {
+                        *v = x.visible;
+                    }
+                    let qs = prepare_group(q, r, g, &mut w.group)?;
+                    score_group(
+                        isa,
+                        geom,
+                        pages,
+                        longest.blocks,
+                        &qs,
+                        &visible[..g],
+                        o,
+                        l,
+                        &mut w.span,
+                    )?;
+                } else {
+                    let qr = q.prepare(r, &mut w.query)?;
+                    let o = &mut o[..group[0].visible];
+                    score_row(isa, geom, pages, group[0].blocks, qr, o, inner, &mut w.span)?;
                 }
+                // As `select` refuses them: a NaN score (infinite products) is no score.
+                for (j, x) in group.iter().enumerate() {
+                    if o[j * l..j * l + x.visible].iter().any(|x| x.is_nan()) {
+                        return Err(CacheError::NonFiniteScore { row: r + j });
+                    }
+                }
+                r += g;
             }
             Ok::<(), CacheError>(())
         })
@@ -807,6 +986,91 @@ mod tests {
                                 .unwrap();
                         assert_eq!(got, want, "{isa:?} threads={threads} k={k}");
                     }
+                }
+            }
+        }
+    }
+
+    /// Issue 17, row blocking: a prefill chunk's rows (one block table, positions rising), rows of
+    /// a forked request sharing its prefix, and rows of another request, interleaved, score and
+    /// select on every path and thread count exactly as each row does alone.
+    #[test]
+    fn rows_sharing_pages_score_and_select_as_each_row_alone() {
+        let (heads, d) = (20, 64);
+        let mut next = lcg(0x17b0);
+        let mut cache = IndexerKeyCache::new(96, 16, d).unwrap();
+        let mut pages = vec![0u8; cache.buffer_bytes()];
+        let mut keys = |n: usize| -> Vec<f32> { (0..n * d).map(|_| next()).collect() };
+        cache.add_sequence(0).unwrap();
+        cache.append(&mut pages, 0, &keys(300)).unwrap();
+        cache.fork(0, 1).unwrap();
+        cache.append(&mut pages, 1, &keys(70)).unwrap();
+        cache.add_sequence(2).unwrap();
+        cache.append(&mut pages, 2, &keys(90)).unwrap();
+        let mut seq_ids = vec![];
+        let mut positions = vec![];
+        for p in (0..300).step_by(23).chain([299, 298, 1]) {
+            seq_ids.push(0i64);
+            positions.push(p as i64);
+        }
+        for (id, p) in [
+            (1i64, 369),
+            (1, 300),
+            (2, 89),
+            (0, 100),
+            (1, 12),
+            (2, 0),
+            (2, 40),
+        ] {
+            seq_ids.push(id);
+            positions.push(p);
+        }
+        let t = seq_ids.len();
+        let mut next = lcg(0x17b1);
+        let qv: Vec<f32> = (0..t * heads * d).map(|_| next()).collect();
+        let wv: Vec<f32> = (0..t * heads).map(|_| next()).collect();
+        let width = 30;
+        let tables = tables_of(&cache, &seq_ids, width);
+        let q = Queries::new(&qv, &wv, t, heads, d, true).unwrap();
+        for isa in Isa::available() {
+            // Row by row: one call per row.
+            let mut alone = Vec::new();
+            let mut alone_sel = Vec::new();
+            let opts = |threads, by_score| SelectOptions {
+                k: 40,
+                as_slots: false,
+                by_score,
+                threads,
+                isa,
+            };
+            for r in 0..t {
+                let q1 = Queries::new(
+                    &qv[r * heads * d..(r + 1) * heads * d],
+                    &wv[r * heads..(r + 1) * heads],
+                    1,
+                    heads,
+                    d,
+                    true,
+                )
+                .unwrap();
+                let src = seqs(&seq_ids[r..r + 1], &positions[r..r + 1]);
+                alone.push(scores(&cache, &pages, &q1, src, 1, isa).unwrap().0);
+                let sel = select(&cache, &pages, &q1, src, opts(1, true)).unwrap();
+                alone_sel.extend(sel);
+            }
+            for threads in [1, 2, 3] {
+                for src in [
+                    seqs(&seq_ids, &positions),
+                    paged(&tables, width, &positions),
+                ] {
+                    let (got, l) = scores(&cache, &pages, &q, src, threads, isa).unwrap();
+                    for (r, a) in alone.iter().enumerate() {
+                        let row = &got[r * l..(r + 1) * l];
+                        assert_eq!(&row[..a.len()], &a[..], "{isa:?} threads={threads} row {r}");
+                        assert!(row[a.len()..].iter().all(|x| *x == f32::NEG_INFINITY));
+                    }
+                    let sel = select(&cache, &pages, &q, src, opts(threads, true)).unwrap();
+                    assert_eq!(sel, alone_sel, "{isa:?} threads={threads}");
                 }
             }
         }
