@@ -86,6 +86,18 @@ def sparse_mla(
     `d_v` outside `[1, D]`, a non-finite `scale`, `threads` outside `[1, 1024]`; TypeError for other
     dtypes; MemoryError naming `q` for an output that cannot be allocated. Releases the GIL."""
 
+def ffi_targets() -> dict[str, Any]:
+    """`{name: PyCapsule}` of the Rust core's XLA FFI handlers (rust/src/ffi.rs), for
+    `jax.ffi.register_ffi_target(name, capsule, platform="cpu", api_version=1)`: today one,
+    `"dsa_hybrid_sparse_mla_f32"`, the sparse-MLA kernel over XLA's buffers (arguments q float32
+    `[T, h, D]`, kv float32 `[..., D]`, slots int32 `[T, K]`; results out float32 `[T, h, d_v]`, lse
+    float32 `[T, h]`; attributes scale float32, threads int64). `dsa_hybrid.ops.cpu_kernels` registers
+    and calls it."""
+
+def ffi_last_kv_address() -> int:
+    """The address of the latent buffer the last successful `dsa_hybrid_sparse_mla_f32` call read (0
+    before the first): a diagnostic showing the cache is read in place."""
+
 def fma_loop(iters: int) -> int:
     """Run `iters` rounds of the FMA-peak loop (independent FMA chains) on the SIMD path in use, with
     the GIL released; returns the floating-point operations done. ValueError for `iters` outside

@@ -6,6 +6,7 @@
 //! exceptions. This file declares the modules and registers the Python module.
 
 pub mod cpu;
+pub mod ffi;
 pub mod fp8;
 pub mod hadamard;
 pub mod indexer_cache;
@@ -49,6 +50,8 @@ fn core_module(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()>
     m.add_function(wrap_pyfunction!(py::quant::fp8_decode_table, m)?)?;
     m.add_function(wrap_pyfunction!(py::topk::topk_rows, m)?)?;
     m.add_function(wrap_pyfunction!(py::mla::sparse_mla, m)?)?;
+    m.add_function(wrap_pyfunction!(py::ffi::ffi_targets, m)?)?;
+    m.add_function(wrap_pyfunction!(py::ffi::ffi_last_kv_address, m)?)?;
     m.add_function(wrap_pyfunction!(py::test_panic, m)?)?;
     m.add_class::<py::cache::PyIndexerKeyCache>()?;
     m.add_class::<py::cache::PageBuffer>()?;

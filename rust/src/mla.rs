@@ -246,8 +246,51 @@ pub fn sparse_mla(isa: Isa, p: &Problem<'_>, threads: usize) -> Result<Output, M
     )
     .map_err(MlaError::Alloc)?;
     let mut lse = mem::try_filled(t * h, f32::INFINITY).map_err(MlaError::Alloc)?;
+    attend_into(isa, p, threads, &mut out, &mut lse);
+    Ok(Output { out, lse })
+}
+
+/// `sparse_mla` into caller-owned outputs (the XLA FFI handler writes XLA's result buffers in
+/// place): `out` must hold `T · h · d_v` values and `lse` `T · h` (any contents: both are
+/// overwritten). Checks every size, the outputs' included, before any work; same results as
+/// `sparse_mla`.
+pub fn sparse_mla_into(
+    isa: Isa,
+    p: &Problem<'_>,
+    threads: usize,
+    out: &mut [f32],
+    lse: &mut [f32],
+) -> Result<(), MlaError> {
+    p.check()?;
+    let th = p.t.checked_mul(p.h);
+    if th.and_then(|x| x.checked_mul(p.d_v)) != Some(out.len()) {
+        return Err(MlaError::Shape(format!(
+            "out: {} values for [{}, {}, {}]",
+            out.len(),
+            p.t,
+            p.h,
+            p.d_v
+        )));
+    }
+    if th != Some(lse.len()) {
+        return Err(MlaError::Shape(format!(
+            "lse: {} values for [{}, {}]",
+            lse.len(),
+            p.t,
+            p.h
+        )));
+    }
+    out.fill(0.0);
+    lse.fill(f32::INFINITY);
+    attend_into(isa, p, threads, out, lse);
+    Ok(())
+}
+
+/// The work of both entry points, on checked sizes: `out` zero and `lse` +inf on entry.
+fn attend_into(isa: Isa, p: &Problem<'_>, threads: usize, out: &mut [f32], lse: &mut [f32]) {
+    let (t, h, d_v) = (p.t, p.h, p.d_v);
     if t * h == 0 {
-        return Ok(Output { out, lse });
+        return;
     }
     let isa = if isa.supported() { isa } else { Isa::Scalar };
     let workers = if threads == 1 {
@@ -284,7 +327,6 @@ pub fn sparse_mla(isa: Isa, p: &Problem<'_>, threads: usize) -> Result<Output, M
                 .for_each_init(Scratch::default, |sc, (i, (o, l))| unit(i, o, l, sc));
         });
     }
-    Ok(Output { out, lse })
 }
 
 /// Heads `h0 .. h0 + g` of query row `t`: `out [g, d_v]` (zero on entry), `lse [g]` (+inf on entry).
@@ -1341,6 +1383,46 @@ mod tests {
         )
         .unwrap();
         assert!(none.out.is_empty() && none.lse.is_empty());
+    }
+
+    #[test]
+    fn into_caller_buffers_equals_the_allocating_call_and_checks_their_sizes() {
+        let mut next = lcg(0x1470);
+        let c = case(&mut next, 3, 17, 24, 16, 70, 40);
+        let want = run(Isa::Scalar, &c, false, 1);
+        let p = Problem {
+            q: &c.q,
+            kv: Latent::F32(&c.kv),
+            indices: Indices::I64(&c.idx),
+            t: c.t,
+            h: c.h,
+            d: c.d,
+            d_v: c.d_v,
+            k: c.k,
+            scale: 0.3,
+        };
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for threads in [1, 2] {
+            // Garbage on entry (XLA's result buffers are uninitialised): all of it is overwritten.
+            let mut out = vec![f32::NAN; c.t * c.h * c.d_v];
+            let mut lse = vec![-7.0f32; c.t * c.h];
+            sparse_mla_into(crate::cpu::active(), &p, threads, &mut out, &mut lse).unwrap();
+            assert_eq!(bits(&out), bits(&want.out));
+            assert_eq!(bits(&lse), bits(&want.lse));
+        }
+        let mut out = vec![0.0f32; c.t * c.h * c.d_v];
+        let mut lse = vec![0.0f32; c.t * c.h];
+        let e = sparse_mla_into(Isa::Scalar, &p, 1, &mut out[1..], &mut lse).unwrap_err();
+        assert!(e.to_string().starts_with("out:"), "{e}");
+        let e = sparse_mla_into(Isa::Scalar, &p, 1, &mut out, &mut lse[1..]).unwrap_err();
+        assert!(e.to_string().starts_with("lse:"), "{e}");
+        let bad = Problem { d_v: 0, ..p };
+        let e = sparse_mla_into(Isa::Scalar, &bad, 1, &mut out, &mut lse).unwrap_err();
+        assert!(e.to_string().starts_with("d_v:"), "{e}");
+        assert!(
+            lse.iter().all(|x| *x == 0.0),
+            "a refused call writes nothing"
+        );
     }
 
     #[test]

@@ -1,9 +1,12 @@
 """`sparse_mla`: attention of each query token over its own top-k latent entries (dsa.md §3), on the device.
 
-Backends: `"xla"` (gather + einsum; runs on CPU, GPU and TPU) and `"pallas_tpu"` (the TPU kernel);
-`"auto"` picks Pallas when the target is a TPU and XLA elsewhere. The target is the device the call is
-built for (`ops.target`: the arguments' devices when concrete, else the mesh / default device), not the
-process's backend, so a CPU host compiles the Pallas path for a TPU ahead of time. Both compute `reference.sparse_mla`:
+Backends: `"xla"` (gather + einsum; runs on CPU, GPU and TPU), `"pallas_tpu"` (the TPU kernel) and
+`"cpu_kernel"` (the Rust core's fused CPU kernel as an XLA FFI custom call, `ops.cpu_kernels`: a CPU
+target and a float32 `LatentCache`, read in place); `"auto"` picks Pallas when the target is a TPU, the
+CPU kernel when the target is a CPU and the cache is float32 ("f32"), and XLA otherwise. The target is
+the device the call is built for (`ops.target`: the arguments' devices when concrete, else the mesh /
+default device), not the process's backend, so a CPU host compiles the Pallas path for a TPU ahead of
+time. All compute `reference.sparse_mla`:
 invalid slots (−1, ≥ the cache's slot count, or past a row's `topk_length`) are skipped; a row with no
 valid slot returns `out = 0` and `lse = +inf`; the order of a row's slots does not matter.
 
@@ -13,7 +16,8 @@ array) has a memory-lean backward (`jax.custom_vjp`): the forward saves only `q`
 FlashMLA's backward does, instead of keeping every gathered row and intermediate as plain autodiff
 would. Gradients flow to `q` and to the latent rows (a float32 `LatentCache` or the row array; bf16 /
 FP8 caches hold integer words and get none); invalid entries get no gradient, empty rows zero
-gradients; a slot selected twice receives both contributions.
+gradients; a slot selected twice receives both contributions. The `"cpu_kernel"` path has the same
+backward (its forward saves the same residuals), so differentiating it gives the XLA path's gradients.
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
+from dsa_hybrid.ops import cpu_kernels
 from dsa_hybrid.ops.checks import check_array, check_int, check_scale
 from dsa_hybrid.ops.latent_cache import LatentCache
-from dsa_hybrid.ops.target import resolve_backend
+from dsa_hybrid.ops.target import resolve_backend, target_device_kind
 
-Backend = Literal["auto", "xla", "pallas_tpu"]
+Backend = Literal["auto", "xla", "pallas_tpu", "cpu_kernel"]
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Rows gathered per XLA block: keep the float32 gather under ~128 MiB.
 _GATHER_BUDGET = 1 << 25
@@ -49,6 +54,7 @@ def sparse_mla(
     backend: Backend = "auto",
     num_splits: int = 1,
     interpret: Any = False,
+    threads: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """Sparse MLA attention in absorbed form over a paged latent cache.
 
@@ -62,18 +68,22 @@ def sparse_mla(
         scale: softmax scale (`DSAConfig.softmax_scale`; 0.1352338 for DeepSeek-V3.2, not 576^-0.5).
         d_v: value width, the first `d_v` columns of a row (default: `cache.latent_dim`).
         topk_length: optional int32 `[T]`: row `t` uses only its first `topk_length[t]` slots.
-        backend: "auto", "xla" or "pallas_tpu".
+        backend: "auto", "xla", "pallas_tpu" or "cpu_kernel" (module docstring; "cpu_kernel" needs a CPU
+            target and a float32 cache, else ValueError / RuntimeError).
         num_splits: split each row's K slots into this many slices, attend to each as its own row, and
             merge the results by their LSE (exact up to rounding). For few-token long-context decode on
             TPU: more independent grid steps for the cores to share. K must divide evenly.
         interpret: for "pallas_tpu" off a TPU: `True` or `pltpu.InterpretParams(...)` runs the kernel in
             TPU interpret mode (slow; for tests). Without it, "pallas_tpu" needs a TPU.
+        threads: the "cpu_kernel" path's worker threads (1, the default, runs on XLA's calling thread; 0:
+            one per core; at most 1024); the other paths ignore it.
 
     Returns `(out float32 [T, h, d_v], lse float32 [T, h])`, `lse` the natural-log sum of exp of the scaled
-    logits. Jit-able (`scale`, `d_v` and `backend` static).
+    logits. Jit-able (`scale`, `d_v`, `backend` and `threads` static).
     """
     d_v = _check_query(q, cache, d_v, scale)
     _check_slots(q, slots, topk_length)
+    threads = _check_threads(threads)
     if num_splits != 1:
         T, K = slots.shape
         if check_int("num_splits", num_splits, 1) < 1 or K % num_splits:
@@ -82,10 +92,14 @@ def sparse_mla(
         split_slots = jnp.where(valid, slots, -1).reshape(T * num_splits, K // num_splits)
         out, lse = sparse_mla(
             jnp.repeat(q, num_splits, axis=0), cache, split_slots, scale=scale, d_v=d_v, backend=backend,
-            interpret=interpret,
+            interpret=interpret, threads=threads,
         )  # fmt: skip
         return merge_splits(out.reshape(T, num_splits, *out.shape[1:]), lse.reshape(T, num_splits, -1))
-    if _resolve_backend(backend, interpret, q, cache, slots) == "xla":
+    chosen = _resolve_backend(backend, interpret, q, cache, slots)
+    if chosen == "cpu_kernel":
+        valid = valid_mask(cache, slots, topk_length)
+        return _kernel_attention(float(scale), d_v, threads, q, cache, slots, valid)
+    if chosen == "xla":
         return _sparse_mla_xla(q, cache, slots, topk_length, scale, d_v)
     from dsa_hybrid.ops.tpu import sparse_mla as sparse_attention_tpu
 
@@ -322,6 +336,33 @@ def _lean_bwd(scale, d_v, res, cts):
 _lean_attention.defvjp(_lean_fwd, _lean_bwd)
 
 
+# ----- the "cpu_kernel" path: the Rust kernel forward (an XLA FFI call), the lean backward -----------
+def _kernel_forward(scale, d_v, threads, q, cache, slots, valid):
+    rows = jnp.where(valid, slots, -1).astype(jnp.int32)
+    return cpu_kernels.sparse_mla_cpu(q, cache.data, rows, scale=scale, d_v=d_v, threads=threads)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _kernel_attention(scale, d_v, threads, q, cache, slots, valid):
+    return _kernel_forward(scale, d_v, threads, q, cache, slots, valid)
+
+
+def _kernel_fwd(scale, d_v, threads, q, cache, slots, valid):
+    out, lse = _kernel_forward(scale, d_v, threads, q, cache, slots, valid)
+    return (out, lse), (q, cache, slots, valid, out, lse)
+
+
+def _kernel_bwd(scale, d_v, threads, res, cts):
+    return _lean_bwd(scale, d_v, res, cts)
+
+
+_kernel_attention.defvjp(_kernel_fwd, _kernel_bwd)
+
+
+def _check_threads(threads: Any) -> int:
+    return check_int("threads", threads, 0, 1024)
+
+
 def prefix_mla(
     q: jax.Array,
     cache: LatentCache,
@@ -332,12 +373,14 @@ def prefix_mla(
     d_v: int | None = None,
     backend: Backend = "auto",
     interpret: Any = False,
+    threads: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """The dense-prefix fast path: row `t` attends over positions `0 .. lengths[t] − 1` of its sequence,
     whose pages are `block_tables[t]` (int32 `[T, max_pages]`, −1 padded). This is `sparse_mla` with the
     selection of dsa.md §5 when `p_t + 1 ≤ K` (every visible token), read page by page instead of row by
     row. `lengths` int32 `[T]` (0 gives `out = 0`, `lse = +inf`). Other arguments as in `sparse_mla`."""
     d_v = _check_query(q, cache, d_v, scale)
+    threads = _check_threads(threads)
     T = q.shape[0]
     check_array("block_tables", block_tables)
     check_array("lengths", lengths)
@@ -348,7 +391,8 @@ def prefix_mla(
         )
     if lengths.shape != (T,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise ValueError(f"lengths: expected integers of shape [{T}], got {lengths.dtype} {list(lengths.shape)}")
-    if _resolve_backend(backend, interpret, q, cache, block_tables) == "pallas_tpu":
+    chosen = _resolve_backend(backend, interpret, q, cache, block_tables)
+    if chosen == "pallas_tpu":
         from dsa_hybrid.ops.tpu import sparse_mla as sparse_attention_tpu
 
         return sparse_attention_tpu.prefix_mla_tpu(
@@ -359,13 +403,31 @@ def prefix_mla(
     pages = jnp.clip(block_tables, 0, cache.num_pages - 1)
     slots = (pages[:, :, None] * S + jnp.arange(S)[None, None, :]).reshape(T, -1)
     valid = (positions[None, :] < lengths[:, None]) & (jnp.repeat(block_tables, S, axis=1) >= 0)
+    if chosen == "cpu_kernel":
+        return _kernel_attention(float(scale), d_v, threads, q, cache, slots, valid)
     return attend(q, cache.rows(slots), valid, scale, d_v)
 
 
-def _resolve_backend(backend: str, interpret: Any, *args: Any) -> str:
-    """ "xla" or "pallas_tpu" for a `backend` argument ("auto": Pallas when the *target* is a TPU, see
-    `ops.target`); the Pallas kernels need a TPU target unless `interpret` asks for the simulator."""
-    return resolve_backend(backend, *args, interpret=interpret)
+def _resolve_backend(backend: str, interpret: Any, q: Any, cache: LatentCache, *args: Any) -> str:
+    """ "xla", "pallas_tpu" or "cpu_kernel" for a `backend` argument. "auto": Pallas when the *target* is a
+    TPU (`ops.target`), the CPU kernel when it is a CPU and `cache` is float32 (without `interpret`), XLA
+    otherwise; the Pallas kernels need a TPU target unless `interpret` asks for the simulator; "cpu_kernel"
+    needs a CPU target (RuntimeError) and a float32 cache (ValueError)."""
+    if backend == "cpu_kernel":
+        if cache.kind != "f32":
+            raise ValueError(
+                f"backend: 'cpu_kernel' needs a float32 LatentCache (kind 'f32'), got kind {cache.kind!r}; "
+                "use backend='xla' for bf16 / FP8 caches"
+            )
+        if not cpu_kernels.target_is_cpu(q, cache, *args):
+            kind = target_device_kind(q, cache, *args)
+            raise RuntimeError(f"backend='cpu_kernel' needs a CPU target (the target device is {kind!r})")
+        return "cpu_kernel"
+    if backend == "auto" and interpret is False and cache.kind == "f32" and cpu_kernels.target_is_cpu(q, cache, *args):
+        return "cpu_kernel"
+    if backend not in ("auto", "xla", "pallas_tpu"):
+        raise ValueError(f"backend: expected 'auto', 'xla', 'pallas_tpu' or 'cpu_kernel', got {backend!r}")
+    return resolve_backend(backend, q, cache, *args, interpret=interpret)
 
 
 def dense_mla(

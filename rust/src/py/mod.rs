@@ -12,6 +12,7 @@ pub mod args;
 pub mod cache;
 pub mod cpu;
 pub mod errors;
+pub mod ffi;
 pub mod mla;
 pub mod pool;
 pub mod quant;

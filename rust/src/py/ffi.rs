@@ -1,0 +1,36 @@
+//! The XLA FFI handlers (`crate::ffi`) as PyCapsules, for `jax.ffi.register_ffi_target`.
+
+use std::ffi::c_void;
+use std::ptr::NonNull;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyCapsule, PyDict};
+
+use super::guard;
+use crate::ffi;
+
+/// `{target name: PyCapsule of its XLA FFI handler}`: register each with
+/// `jax.ffi.register_ffi_target(name, capsule, platform="cpu", api_version=1)`
+/// (`dsa_hybrid.ops.cpu_kernels` does, on first use).
+#[pyfunction]
+pub fn ffi_targets(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    guard("ffi_targets", || {
+        let handler: unsafe extern "C" fn(*mut ffi::CallFrame) -> *mut ffi::FfiError =
+            ffi::sparse_mla_f32;
+        let ptr = NonNull::new(handler as *mut c_void)
+            .ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("null handler"))?;
+        // SAFETY: a function pointer with static lifetime (this library stays loaded while Python
+        // runs), handed to XLA as an FFI handler; the capsule owns nothing.
+        let capsule = unsafe { PyCapsule::new_with_pointer(py, ptr, c"xla._CUSTOM_CALL_TARGET") }?;
+        let d = PyDict::new(py);
+        d.set_item(ffi::SPARSE_MLA_F32, capsule)?;
+        Ok(d)
+    })
+}
+
+/// The address of the latent buffer the last successful `dsa_hybrid_sparse_mla_f32` call read
+/// (0 before the first): a diagnostic that shows the cache is read in place.
+#[pyfunction]
+pub fn ffi_last_kv_address() -> usize {
+    ffi::last_kv_address()
+}
