@@ -397,6 +397,21 @@ def attend_host(
     return output_projection_jit(params, cfg, jnp.asarray(o_lat)), latent
 
 
+def host_attention_rows(
+    cfg: DSAConfig, proj: Projections, latent: LatentCache, slots: np.ndarray, threads: int | None = None
+) -> np.ndarray:
+    """The host kernel's part of `attend_host`: sparse MLA of the absorbed queries `proj.q_abs` `[T, h,
+    D]` over the rows at the cache `slots` int32 `[T, K]` (−1 skipped; a row with none gives zeros) of
+    the float32 CPU `latent` cache, read in place (after the writes dispatched before: it waits for them).
+    Returns `o_lat` float32 `[T, h, kv_lora_rank]` (numpy), for `output_projection`."""
+    kv = np.asarray(latent.data).reshape(latent.num_slots, -1)  # waits for the write; a view, no copy
+    o_lat, _ = sparse_mla_host(
+        np.asarray(proj.q_abs), kv, slots, cfg.softmax_scale, d_v=cfg.kv_lora_rank, threads=threads
+    )
+    del kv  # drop the view before anything donates the cache (a live view makes XLA copy it instead)
+    return o_lat
+
+
 def dsa_attention(
     params: DSAParams,
     cfg: DSAConfig,
@@ -435,7 +450,8 @@ def dsa_attention(
         index = index.write(slots, proj.k_idx)
         # "auto" follows the target device (ops.target): Pallas for FP8 pages on a TPU target, also when
         # a CPU host compiles for a TPU ahead of time; exact float32 keys are always scored by XLA.
-        idx_backend = backend if isinstance(index, IndexerPages) else "xla"
+        # ("cpu_kernel" names the attention kernel only; the indexer then takes its XLA path)
+        idx_backend = backend if isinstance(index, IndexerPages) and backend != "cpu_kernel" else "xla"
         # Keys per scan step and rows per block: the indexer's defaults bound its temporaries by itself.
         topk = select_topk_device(
             proj.q_idx, proj.w_idx, index, block_tables, positions, cfg.index_topk, backend=idx_backend
@@ -541,13 +557,16 @@ def host_select_paged(
     positions: np.ndarray | jax.Array,
     k: int,
     threads: int | None = None,
+    *,
+    as_slots: bool = False,
 ) -> np.ndarray:
     """`host_select` on a host cache addressed by the caller's block tables, as the device caches are:
     the new rows' quantized keys are written at their `slots` (int32 `[T]`, −1 skipped:
     `IndexerKeyCache.write_slots`), then each row selects its top-`k` positions among `0 ..
     positions[t]` through its `block_tables` row (int32 `[T, W]`, −1 padded: `select_paged`). The cache
     holds no sequences; a fork or a preemption is the caller's table alone. Only the first `T` rows of
-    `codes`, `scales` and `proj` are used (padding rows past them are ignored). int32 `[T, k]`."""
+    `codes`, `scales` and `proj` are used (padding rows past them are ignored). int32 `[T, k]`: the
+    positions, or with `as_slots` their cache slots through the tables (what `selected_slots` gives)."""
     slots = np.ascontiguousarray(slots, np.int32)
     n = slots.shape[0]
     _check_paged_select(host_cache, block_tables, positions, n, k)  # before the write: a bad call changes nothing
@@ -559,6 +578,7 @@ def host_select_paged(
         np.asarray(proj.q_idx)[:n],
         np.asarray(proj.w_idx)[:n],
         k,
+        as_slots=as_slots,
         threads=threads,
     )
 

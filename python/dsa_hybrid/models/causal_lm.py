@@ -388,6 +388,56 @@ def generate_greedy(
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class StepLogits:
+    """A step's logits as the device returns them: per row group (`forward_host`'s micro-batches; one group
+    for a device step) the padded logits (`padded_rows`) and their argmax, computed on the device, so a
+    greedy step moves one int32 per row to the host and only the rows that draw move whole.
+
+    `logits[g]` float32 `[P_g, vocab]` and `argmax[g]` int32 `[P_g]` hold group `g`'s `rows[g]` real rows
+    first (rows past them are padding); the groups are consecutive row ranges of the step."""
+
+    logits: tuple[jax.Array, ...]
+    argmax: tuple[jax.Array, ...]
+    rows: tuple[int, ...]
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.rows)
+
+    def greedy(self) -> np.ndarray:
+        """int32 `[T]`: the argmax of every real row (ties to the lowest id)."""
+        parts = [np.asarray(a)[:n] for a, n in zip(self.argmax, self.rows, strict=True)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """float32 `[len(rows), vocab]`: the logits of the real rows `rows` (int, step row numbers)."""
+        rows = np.asarray(rows, np.int64)
+        out = np.empty((rows.size, self.logits[0].shape[-1]), np.float32)
+        first = 0
+        for lg, n in zip(self.logits, self.rows, strict=True):
+            mine = (rows >= first) & (rows < first + n)
+            if mine.any():
+                out[mine] = np.asarray(lg[np.asarray(rows[mine] - first, np.int32)])
+            first += n
+        return out
+
+    def dense(self) -> jax.Array:
+        """float32 `[T, vocab]`: the real rows' logits, in row order (one device array)."""
+        parts = [lg if lg.shape[0] == n else lg[:n] for lg, n in zip(self.logits, self.rows, strict=True)]
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+    def block_until_ready(self) -> StepLogits:
+        jax.block_until_ready((self.logits, self.argmax))
+        return self
+
+
+@jax.jit
+def greedy_rows(logits: jax.Array) -> jax.Array:
+    """int32 `[T]` argmax of each row of `logits` `[T, vocab]` (ties to the lowest id), jitted."""
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
 def padded_rows(n: int) -> int:
     """The row count a batch of `n` rows is padded to: the next power of two, so that only a few batch
     shapes are ever compiled (and a single decode row stays one row: at real widths the projections of
@@ -395,11 +445,23 @@ def padded_rows(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def pad_rows(a: np.ndarray, rows: int, fill: int) -> np.ndarray:
+    """`a` (numpy, rows on axis 0) with `rows - len(a)` rows of `fill` appended (`a` itself when none)."""
+    n = a.shape[0]
+    if n == rows:
+        return a
+    out = np.full((rows, *a.shape[1:]), fill, a.dtype)
+    out[:n] = a
+    return out
+
+
 def split_rows(seq_ids: np.ndarray, parts: int) -> list[slice]:
     """Contiguous row ranges of about equal size that never cut a sequence's rows apart (rows of one
     sequence must be contiguous). At most `parts` ranges, fewer when there are fewer sequences."""
     seq_ids = np.asarray(seq_ids)
     T = seq_ids.size
+    if parts <= 1 or T == 0 or seq_ids[0] == seq_ids[-1]:  # one range (one sequence: never cut)
+        return [slice(0, T)] if T else []
     starts = [0, *(np.flatnonzero(seq_ids[1:] != seq_ids[:-1]) + 1).tolist()]  # where each sequence begins
 
     def nearest_start(want: int) -> int:
@@ -408,6 +470,133 @@ def split_rows(seq_ids: np.ndarray, parts: int) -> list[slice]:
     cuts = sorted({nearest_start(T * j // parts) for j in range(1, parts)} - {0})
     bounds = [0, *cuts, T]
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
+# ----- the host placement's device halves, fused -------------------------------------------------------
+# A host step runs, per layer, the host's selection (and, on a float32 CPU latent cache, the host's
+# attention) between two device programs. Everything between two host calls is one jitted program: the
+# embedding and layer 0's projections; then per layer its attention output (or the device attention),
+# residual and MLP together with the next layer's norm, projections and cache writes; after the last layer
+# the final norm, the LM head and the argmax. So a step dispatches `layers + 1` programs, and its row
+# arrays go in as numpy (jit moves them; no `jnp.asarray` per array).
+
+
+def project_stage(
+    blk: BlockParams,
+    cfg: DSAConfig,
+    x: jax.Array,
+    positions: jax.Array,
+    slots: jax.Array,
+    cache: DSACaches,
+    write_keys: bool,
+    write_latent: bool,
+) -> tuple[layer_mod.Projections, jax.Array | None, jax.Array | None, DSACaches]:
+    """A layer's start in a host step: pre-norm of `x` `[P, hidden]`, the projections, the new indexer
+    keys quantized once and written to the device pages (`write_keys`: the same bytes then go to the host
+    cache) and the new latent rows written (`write_latent`: when the host attends, it reads them there).
+    Returns `(projections, FP8 codes [P, D_I] | None, scales [P] | None, the layer's caches)`."""
+    h = rms_norm(x, blk.input_norm, cfg.rms_norm_eps)
+    index: Any = cache.index
+    codes = scales = None
+    if write_keys:
+        proj, codes, scales, index = layer_mod.project_write_keys(blk.attn, cfg, h, positions, slots, index)
+    else:
+        proj = layer_mod.project(blk.attn, cfg, h, positions)
+    latent = layer_mod.write_latent(cache.latent, slots, proj) if write_latent else cache.latent
+    return proj, codes, scales, DSACaches(latent, index)
+
+
+def _stage_end(
+    blk: BlockParams,
+    cfg: DSAConfig,
+    x: jax.Array,
+    attn_out: jax.Array,
+    nxt: BlockParams | None,
+    next_cache: DSACaches | None,
+    head: tuple[jax.Array, Weight] | None,
+    positions: jax.Array,
+    slots: jax.Array,
+    write_keys: bool,
+    write_latent: bool,
+) -> tuple[jax.Array, tuple]:
+    x = residual_mlp(blk, cfg, x, attn_out)
+    if nxt is not None:
+        assert next_cache is not None
+        return x, project_stage(nxt, cfg, x, positions, slots, next_cache, write_keys, write_latent)
+    assert head is not None
+    norm, lm_w = head
+    logits = linear(rms_norm(x, norm, cfg.rms_norm_eps), lm_w)
+    return x, (logits, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "write_keys", "write_latent"), donate_argnames=("cache",))
+def host_step_first(
+    embed_w: jax.Array,
+    blk: BlockParams,
+    cfg: DSAConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    slots: jax.Array,
+    cache: DSACaches,
+    write_keys: bool = True,
+    write_latent: bool = True,
+) -> tuple:
+    """A host step's first program: the embedding of `tokens` `[P]` and layer 0's `project_stage` (its
+    caches donated). Returns `(x [P, hidden], projections, codes, scales, caches)`."""
+    x = embed_w[tokens].astype(jnp.float32)
+    return (x, *project_stage(blk, cfg, x, positions, slots, cache, write_keys, write_latent))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "write_keys", "write_latent"), donate_argnames=("next_cache",))
+def host_step_next(
+    blk: BlockParams,
+    cfg: DSAConfig,
+    x: jax.Array,
+    o_lat: jax.Array,
+    nxt: BlockParams | None,
+    next_cache: DSACaches | None,
+    head: tuple[jax.Array, Weight] | None,
+    positions: jax.Array,
+    slots: jax.Array,
+    write_keys: bool = True,
+    write_latent: bool = True,
+) -> tuple:
+    """After the host attended layer `blk` (`o_lat` float32 `[P, h, kv_lora_rank]`): its output projection,
+    residual and MLP, then the next layer's `project_stage` (`nxt`, its caches donated) or, after the last
+    layer (`nxt` None, `head` = (final norm, LM head)), the logits and their argmax. Returns `(x, stage)`:
+    `stage` is `(projections, codes, scales, caches)` or `(logits [P, vocab], argmax int32 [P])`."""
+    out = layer_mod.output_projection(blk.attn, cfg, o_lat)
+    return _stage_end(blk, cfg, x, out, nxt, next_cache, head, positions, slots, write_keys, write_latent)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("cfg", "backend", "write_keys", "write_latent"),
+    donate_argnames=("latent", "next_cache"),
+)
+def host_step_attend_next(
+    blk: BlockParams,
+    cfg: DSAConfig,
+    x: jax.Array,
+    proj: layer_mod.Projections,
+    block_tables: jax.Array,
+    latent: Any,
+    topk: jax.Array,
+    prefix_positions: jax.Array | None,
+    nxt: BlockParams | None,
+    next_cache: DSACaches | None,
+    head: tuple[jax.Array, Weight] | None,
+    positions: jax.Array,
+    slots: jax.Array,
+    backend: Backend = "auto",
+    write_keys: bool = True,
+    write_latent: bool = True,
+) -> tuple:
+    """`host_step_next` with the attention on the device (`dsa_attention.attend` over the host's `topk`
+    positions, the latent cache donated). Returns `(x, latent, stage)`."""
+    out, latent = layer_mod.attend(blk.attn, cfg, proj, slots, block_tables, latent, topk, backend, prefix_positions)
+    x, stage = _stage_end(blk, cfg, x, out, nxt, next_cache, head, positions, slots, write_keys, write_latent)
+    return x, latent, stage
 
 
 def forward_host(
@@ -431,87 +620,125 @@ def forward_host(
     (`dsa_attention.host_select_paged`; the host caches hold no sequences). The device FP8
     `IndexerPages` in `caches` are written with the same bytes. `seq_ids` int `[T]` names each row's
     sequence (a sequence's rows contiguous), only to split the rows into micro-batches. The caches passed
-    in are consumed (updated in place); use the ones returned. Returns `(logits [T, vocab], caches)`.
+    in are consumed (updated in place); use the ones returned. Returns `(logits [T, vocab], caches)`
+    (`forward_host_step` returns the logits as the device holds them, with each row's argmax).
 
     With `micro_batches` > 1 the rows are split into that many groups of whole sequences and pipelined:
     while the host selects for one group, the device computes the other's projections, attention and
     MLP (JAX dispatch is asynchronous and the Rust select releases the GIL).
 
-    Sparse MLA runs in the Rust core as well (`dsa_attention.attend_host`: the fused CPU kernel on
-    `threads` workers, reading the latent cache in place) when `host_attention` allows it
-    (`dsa_attention.use_host_attention`: by default whenever the latent caches are float32 in CPU memory,
-    the engine's CPU default); otherwise the device attends (`attend`, `backend`)."""
+    Sparse MLA runs in the Rust core as well (the fused CPU kernel `host.attention.sparse_mla_host` on
+    `threads` workers, reading the latent cache in place, as `dsa_attention.attend_host` does) when
+    `host_attention` allows it (`dsa_attention.use_host_attention`: by default whenever the latent caches
+    are float32 in CPU memory, the engine's CPU default); otherwise the device attends (`attend`,
+    `backend`). Between two host calls the device runs one jitted program (`host_step_first`,
+    `host_step_next`, `host_step_attend_next`)."""
+    out, new_caches = forward_host_step(
+        params, cfg, tokens, positions, slots, block_tables, caches, host_caches, seq_ids, backend, threads,
+        micro_batches, host_attention,
+    )  # fmt: skip
+    return out.dense(), new_caches
+
+
+def forward_host_step(
+    params: ModelParams,
+    cfg: DSAConfig,
+    tokens: np.ndarray,
+    positions: np.ndarray,
+    slots: np.ndarray,
+    block_tables: np.ndarray,
+    caches: tuple[DSACaches, ...],
+    host_caches: tuple,
+    seq_ids: np.ndarray,
+    backend: Backend = "auto",
+    threads: int | None = None,
+    micro_batches: int = 1,
+    host_attention: bool | None = None,
+) -> tuple[StepLogits, tuple[DSACaches, ...]]:
+    """`forward_host` (same arguments), returning the logits as a `StepLogits` (per micro-batch, padded,
+    with the argmax of every row computed on the device): what the engine's runner samples from."""
     seq_ids = np.asarray(seq_ids, np.int64)
-    tokens, positions = np.asarray(tokens, np.int32), np.asarray(positions, np.int32)
-    slots, block_tables = np.asarray(slots, np.int32), np.asarray(block_tables, np.int32)
-    groups = split_rows(seq_ids, max(1, micro_batches))
-
-    def padded(a: np.ndarray, g: slice, fill: int) -> jax.Array:
-        """Rows `g` of `a`, padded by `padded_rows`; padding rows write nothing (slot −1) and are never
-        selected on the host."""
-        n = g.stop - g.start
-        pad = [(0, padded_rows(n) - n)] + [(0, 0)] * (a.ndim - 1)
-        return jnp.asarray(np.pad(a[g], pad, constant_values=fill))
-
-    pos = [padded(positions, g, 0) for g in groups]
-    slot = [padded(slots, g, -1) for g in groups]
-    table = [padded(block_tables, g, -1) for g in groups]
-    xs = [embed(params, padded(tokens, g, 0)) for g in groups]
-    layer_caches = list(caches)
-    topk: list[jax.Array | None] = [None] * len(groups)
-    host_topk: list[np.ndarray | None] = [None] * len(groups)
-    on_host = [layer_mod.use_host_attention(c.latent, backend, host_attention) for c in caches]
-
-    def dispatch_projection(i: int, g: int) -> tuple:
-        blk = params.blocks[i]
-        h = pre_norm(blk, cfg, xs[g])
-        if cfg.layer_indexer_type(i) == "shared":
-            return layer_mod.project_jit(blk.attn, cfg, h, pos[g]), None, None
-        proj, codes, scales, index = layer_mod.project_write_keys_donated(
-            blk.attn, cfg, h, pos[g], slot[g], layer_caches[i].index
+    tokens, positions = np.ascontiguousarray(tokens, np.int32), np.ascontiguousarray(positions, np.int32)
+    slots, block_tables = np.ascontiguousarray(slots, np.int32), np.ascontiguousarray(block_tables, np.int32)
+    T = tokens.shape[0]
+    if not (positions.shape == slots.shape == (T,) and block_tables.ndim == 2 and block_tables.shape[0] == T):
+        raise ValueError(
+            f"tokens, positions, slots, block_tables: expected [T], [T], [T], [T, W] for T = {T}, got "
+            f"{list(positions.shape)}, {list(slots.shape)}, {list(block_tables.shape)}"
         )
-        layer_caches[i] = dataclasses.replace(layer_caches[i], index=index)
-        return proj, codes, scales
-
-    # Group g's layer i+1 projections are dispatched right after its layer i attention, so the device
-    # always has the other group's work queued while the host selects.
-    pending = [dispatch_projection(0, g) for g in range(len(groups))]
+    if seq_ids.shape != (T,):
+        raise ValueError(f"seq_ids: expected shape [{T}], got {list(seq_ids.shape)}")
+    if not isinstance(caches, (tuple, list)) or len(caches) != cfg.num_hidden_layers:
+        raise ValueError(f"caches: expected one DSACaches per layer ({cfg.num_hidden_layers})")
+    if T and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
+        bad = tokens.min() if tokens.min() < 0 else tokens.max()
+        raise ValueError(f"tokens: ids must lie in [0, {cfg.vocab_size}), got {bad}")
+    groups = split_rows(seq_ids, max(1, micro_batches))
+    n_layers = len(params.blocks)
+    shared = [cfg.layer_indexer_type(i) == "shared" for i in range(n_layers)]
+    if shared and shared[0]:
+        raise ValueError("forward_host: the first layer must run an indexer (a 'shared' layer reuses the one before)")
+    on_host = [layer_mod.use_host_attention(c.latent, backend, host_attention) for c in caches]
+    as_slots = all(on_host)  # the host's selection as cache slots: what the host attention reads
+    head = (params.norm, params.lm_head)
+    P = [padded_rows(g.stop - g.start) for g in groups]
+    tok = [pad_rows(tokens[g], p, 0) for g, p in zip(groups, P, strict=True)]
+    pos = [pad_rows(positions[g], p, 0) for g, p in zip(groups, P, strict=True)]
+    slot = [pad_rows(slots[g], p, -1) for g, p in zip(groups, P, strict=True)]
+    table = [pad_rows(block_tables[g], p, -1) for g, p in zip(groups, P, strict=True)] if not as_slots else []
+    layer_caches = list(caches)
+    state: list[tuple] = []
+    for gi in range(len(groups)):
+        x, *stage, layer_caches[0] = host_step_first(
+            params.embed, params.blocks[0], cfg, tok[gi], pos[gi], slot[gi], layer_caches[0],
+            write_keys=not shared[0], write_latent=on_host[0],
+        )  # fmt: skip
+        state.append((x, *stage))
+    sel: list[np.ndarray | None] = [None] * len(groups)  # each group's latest selection ([n, K], numpy)
+    results: list[tuple[jax.Array, jax.Array]] = [None] * len(groups)  # type: ignore[list-item]
     for i, blk in enumerate(params.blocks):
-        shared = cfg.layer_indexer_type(i) == "shared"
-        for g, rows in enumerate(groups):
-            proj, codes, scales = pending[g]
-            if not shared:
-                sel = layer_mod.host_select_paged(
-                    host_caches[i], block_tables[rows], slots[rows], codes, scales, proj, positions[rows],
-                    cfg.index_topk, threads,
+        last = i + 1 == n_layers
+        nxt = None if last else params.blocks[i + 1]
+        flags = {} if last else {"write_keys": not shared[i + 1], "write_latent": on_host[i + 1]}
+        for gi, g in enumerate(groups):
+            x, proj, codes, scales = state[gi]
+            if not shared[i]:
+                sel[gi] = layer_mod.host_select_paged(
+                    host_caches[i], block_tables[g], slots[g], codes, scales, proj, positions[g],
+                    cfg.index_topk, threads, as_slots=as_slots,
                 )  # fmt: skip
-                host_topk[g] = sel
-                topk[g] = None
+            chosen = sel[gi]
+            assert chosen is not None  # the first layer always has an indexer
+            next_cache = None if last else layer_caches[i + 1]
             if on_host[i]:
-                # Only the real rows attend: padding rows (slot -1) get zeros and are dropped at the end.
-                sel_g = host_topk[g]
-                assert sel_g is not None  # the first layer always has an indexer
-                n_pad = proj.q_abs.shape[0] - sel_g.shape[0]
-                out, latent = layer_mod.attend_host(
-                    blk.attn, cfg, proj, slot[g], np.pad(block_tables[rows], ((0, n_pad), (0, 0)), constant_values=-1),
-                    layer_caches[i].latent, np.pad(sel_g, ((0, n_pad), (0, 0)), constant_values=-1), threads,
-                )  # fmt: skip
+                # Only the real rows attend: padding rows (slot -1 everywhere) get zeros.
+                picked = (
+                    chosen
+                    if as_slots
+                    else layer_mod.selected_slots(chosen, block_tables[g], layer_caches[i].latent.page_size)
+                )
+                o_lat = layer_mod.host_attention_rows(
+                    cfg, proj, layer_caches[i].latent, pad_rows(picked, P[gi], -1), threads
+                )
+                x, stage = host_step_next(
+                    blk, cfg, x, o_lat, nxt, next_cache, None if nxt else head, pos[gi], slot[gi], **flags
+                )
             else:
-                if topk[g] is None:
-                    sel_g = host_topk[g]
-                    assert sel_g is not None
-                    n_pad = proj.q_abs.shape[0] - sel_g.shape[0]
-                    topk[g] = jnp.asarray(np.pad(sel_g, ((0, n_pad), (0, 0)), constant_values=-1))
-                out, latent = layer_mod.attend_donated(
-                    blk.attn, cfg, proj, slot[g], table[g], layer_caches[i].latent, topk[g], backend,
-                    None if shared else pos[g],
+                x, latent, stage = host_step_attend_next(
+                    blk, cfg, x, proj, table[gi], layer_caches[i].latent, pad_rows(chosen, P[gi], -1),
+                    None if shared[i] else pos[gi], nxt, next_cache, None if nxt else head, pos[gi], slot[gi],
+                    backend=backend, **flags,
                 )  # fmt: skip
-            layer_caches[i] = dataclasses.replace(layer_caches[i], latent=latent)
-            xs[g] = residual_mlp(blk, cfg, xs[g], out)
-            if i + 1 < len(params.blocks):
-                pending[g] = dispatch_projection(i + 1, g)
-    logits = [lm_head(params, cfg, x)[: g.stop - g.start] for x, g in zip(xs, groups, strict=True)]
-    return (logits[0] if len(logits) == 1 else jnp.concatenate(logits)), tuple(layer_caches)
+                layer_caches[i] = dataclasses.replace(layer_caches[i], latent=latent)
+            if last:
+                results[gi] = stage
+            else:
+                *stage_proj, layer_caches[i + 1] = stage
+                state[gi] = (x, *stage_proj)
+    out = StepLogits(
+        tuple(r[0] for r in results), tuple(r[1] for r in results), tuple(g.stop - g.start for g in groups)
+    )
+    return out, tuple(layer_caches)
 
 
 @jax.jit

@@ -29,16 +29,18 @@ import logging
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dsa_hybrid.host.cache import IndexerKeyCache
 from dsa_hybrid.models.causal_lm import (
     ModelParams,
+    StepLogits,
     create_caches,
-    forward_host,
+    forward_host_step,
     forward_jit,
+    greedy_rows,
     new_index_rows,
+    pad_rows,
     padded_rows,
 )
 from dsa_hybrid.models.config import DSAConfig
@@ -222,46 +224,46 @@ class ModelRunner:
         t3 = time.perf_counter()
         return RunnerOutput(tokens, where, {"prepare": t1 - t0, "forward": t2 - t1, "sample": t3 - t2})
 
-    def _forward_device(self, b: Batch, padded: int) -> jax.Array:
-        pad = padded - b.num_rows
-        slots_dev = jnp.asarray(np.pad(b.slots, (0, pad), constant_values=-1))
+    def _forward_device(self, b: Batch, padded: int) -> StepLogits:
+        # The row arrays go in as numpy: jit moves them itself, far cheaper than a `jnp.asarray` each.
+        slots = pad_rows(b.slots, padded, -1)
         logits, self.caches = forward_jit(
             self.params,
             self.cfg,
-            jnp.asarray(np.pad(b.tokens, (0, pad))),
-            jnp.asarray(np.pad(b.positions, (0, pad))),
-            slots_dev,
-            jnp.asarray(np.pad(b.block_tables, ((0, pad), (0, 0)), constant_values=-1)),
+            pad_rows(b.tokens, padded, 0),
+            pad_rows(b.positions, padded, 0),
+            slots,
+            pad_rows(b.block_tables, padded, -1),
             self.caches,
             self.backend,
         )
         if self.host_caches:  # keep the host indexer caches identical: the bytes the device just wrote
-            codes, scales = (np.asarray(a)[:, : b.num_rows] for a in new_index_rows(self.caches, slots_dev))
+            codes, scales = (np.asarray(a)[:, : b.num_rows] for a in new_index_rows(self.caches, slots))
             for i, host in enumerate(self.host_caches):
                 if host is not None:
                     host.write_slots(b.slots, np.ascontiguousarray(codes[i]), np.ascontiguousarray(scales[i]))
-        return logits
+        return StepLogits((logits,), (greedy_rows(logits),), (b.num_rows,))
 
-    def _forward_host(self, b: Batch) -> jax.Array:
-        logits, self.caches = forward_host(
+    def _forward_host(self, b: Batch) -> StepLogits:
+        logits, self.caches = forward_host_step(
             self.params, self.cfg, b.tokens, b.positions, b.slots, b.block_tables, self.caches, self.host_caches,
             b.row_requests, self.backend, self.host_threads, self.micro_batches,
         )  # fmt: skip
         return logits
 
-    def sample(self, chunks: tuple[ScheduledChunk, ...], batch: Batch, logits: jax.Array) -> dict[int, int]:
+    def sample(self, chunks: tuple[ScheduledChunk, ...], batch: Batch, logits: StepLogits) -> dict[int, int]:
         """The next token of each chunk that samples, from its last row. Greedy requests take the argmax
-        (one int32 per row crosses to the host); the others draw from their own generator, whose state
-        is restored if this raises (so a retried step draws the same tokens)."""
-        samplers = [c for c in chunks if c.samples]
-        if not samplers:
-            return {}
+        computed on the device (one int32 per row crosses to the host); the others draw from their own
+        generator, whose state is restored if this raises (so a retried step draws the same tokens)."""
         rows = batch.sample_rows
-        greedy = np.asarray(jnp.argmax(logits, axis=-1))[rows]
+        if not rows.size:
+            return {}
+        greedy = logits.greedy()[rows]
+        samplers = [c for c in chunks if c.samples]
+        tokens = dict(zip([c.request_id for c in samplers], greedy.tolist(), strict=True))
         drawn = [i for i, c in enumerate(samplers) if not c.sampling.greedy]
-        full = np.asarray(logits[np.asarray(rows[drawn], np.int32)]) if drawn else np.empty((0, 0), np.float32)
-        tokens = {c.request_id: int(g) for c, g in zip(samplers, greedy, strict=True)}
-        draw_tokens([samplers[i] for i in drawn], full, tokens)
+        if drawn:
+            draw_tokens([samplers[i] for i in drawn], logits.take(rows[drawn]), tokens)
         return tokens
 
     # ----- caches ----------------------------------------------------------------------------------
