@@ -11,17 +11,11 @@ the ratio between each pair of neighbouring lengths (target: no jump above 15%).
 from __future__ import annotations
 
 import argparse
-import time
+import sys
 
 import _single_thread  # noqa: F401  (before numpy/jax)
-import jax.numpy as jnp
-import numpy as np
 
-from dsa_hybrid.models.causal_lm import ModelParams, create_caches, forward_jit
-from dsa_hybrid.models.config import DSAConfig
-from dsa_hybrid.serving.runner import table_width
-
-PAGE = 64
+from dsa_hybrid.cli.bench import Table, bench_staircase
 
 
 def main() -> None:
@@ -33,33 +27,7 @@ def main() -> None:
     args = ap.parse_args()
     if len(args.pairs) % 2:
         ap.error("--pairs takes an even number of lengths")
-    cfg = DSAConfig.small()
-    params = ModelParams.random(cfg, seed=0)
-    caches = create_caches(cfg, -(-max(args.pairs) // PAGE) + 2, PAGE, latent_kind="f32")
-    cost: dict[tuple[int, str], float] = {}
-    for L in args.pairs:
-        need = -(-L // PAGE)
-        widths = {"power of two": 1 << (need - 1).bit_length(), "table_width": table_width(need, 1 << 30)}
-        for rule, width in widths.items():
-            tab = np.full((args.rows, width), -1, np.int32)
-            tab[:, :need] = np.arange(need)
-            pos = jnp.full((args.rows,), L - 1, jnp.int32)
-            call = (params, cfg, jnp.zeros((args.rows,), jnp.int32), pos, pos, jnp.asarray(tab))
-            logits, caches = forward_jit(*call, caches, "xla")  # compiles
-            logits.block_until_ready()
-            times = []
-            for _ in range(args.repeats):
-                c0 = time.process_time()
-                logits, caches = forward_jit(*call, caches, "xla")
-                logits.block_until_ready()
-                times.append(time.process_time() - c0)
-            cost[(L, rule)] = float(np.median(times))
-            print(f"L = {L:6d}  {rule:12s}  width {width:5d} pages ({width * PAGE / L:.2f}× the keys)  "
-                  f"{cost[(L, rule)] * 1e3:.2f} ms")  # fmt: skip
-    print("\n| L → L' | power of two | table_width |\n|---|---|---|")
-    for a, b in zip(args.pairs[::2], args.pairs[1::2], strict=True):
-        ratios = [cost[(b, r)] / cost[(a, r)] for r in ("power of two", "table_width")]
-        print(f"| {a} → {b} | {ratios[0]:.2f}× | {ratios[1]:.2f}× |")
+    bench_staircase(Table(sys.stdout), args.pairs, args.repeats, args.rows, power_of_two=True)
 
 
 if __name__ == "__main__":

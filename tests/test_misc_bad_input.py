@@ -34,7 +34,7 @@ from dsa_hybrid.models.checkpoint import (
 from dsa_hybrid.ops import resolve_backend
 from dsa_hybrid.ops.indexer import ExactIndexerKeys, IndexerPages
 from dsa_hybrid.ops.tpu.topk import order_keys, topk_select, topk_select_xla, vmem_bytes
-from dsa_hybrid.serving.engine import Engine
+from dsa_hybrid.serving.engine import Engine, default_placement
 from dsa_hybrid.serving.sampling import SamplingError, SamplingParams, draw_tokens, sample
 
 GOLDEN = Path(__file__).parent / "golden" / "deepseek_v32_lm"
@@ -112,6 +112,8 @@ CASES: list[Case] = [
     ("ExactIndexerKeys.gather/negative", lambda: EXACT.gather(np.asarray([[-1]], np.int32)), IndexError, "pages: page ids must be in [0, 4)"),
     ("DSAParams.state_dict/negative", lambda: LP.state_dict(-1), ValueError, "layer: must be >= 0"),
     ("DSAParams.state_dict/float", lambda: LP.state_dict(1.0), TypeError, "layer: expected an integer"),
+    ("default_placement/indexer", lambda: default_placement(indexer="fp16"), ValueError, "indexer: expected one of"),
+    ("default_placement/mesh", lambda: default_placement(mesh="dp2"), TypeError, "mesh: expected a jax.sharding.Mesh"),
     ("Engine.rank_of/unknown", lambda: Engine(MP, CFG, num_pages=4, page_size=16).rank_of(99), KeyError, "request 99 is not waiting or running"),
     ("PlacementCosts.predict/negative", lambda: COSTS.predict(-1, 1, 64), ValueError, "visible_keys: must be >= 0"),
     ("PlacementCosts.predict/float", lambda: COSTS.predict(8, 1.5, 64), TypeError, "device_rows: expected an integer"),

@@ -218,7 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--temperature", type=_real_in(0.0, 100.0), default=0.0, help="0 (default): greedy")
     gen.add_argument("--top-p", type=_real_in(0.0, 1.0, open_low=True), default=1.0)
     gen.add_argument("--seed", type=_seed, default=0)
-    gen.add_argument("--placement", choices=["auto", "device", "host"], default="device")
+    gen.add_argument(
+        "--placement",
+        choices=["auto", "device", "host"],
+        default=None,
+        help="default: host on a CPU, device on an accelerator (Engine.default_placement)",
+    )
     gen.add_argument("--progress", action="store_true", help="a loading progress bar even when stderr is no terminal")
     gen.set_defaults(func=_cmd_generate)
 

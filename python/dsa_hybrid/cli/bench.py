@@ -323,10 +323,57 @@ def bench_overlap(t: Table, context: int, requests: int = 4) -> None:
     for mb in (1, 2):
         engine = Engine(params, cfg, num_pages=requests * (-(-(context + 8) // 64)) + 1, page_size=64,
                         max_tokens_per_step=1024, max_model_len=context + 8, placement="host",
-                        micro_batches=mb, host_threads=1, backend="xla")  # fmt: skip
+                        micro_batches=mb, host_threads=1, backend="auto")  # fmt: skip
         s, _ = _steady_decode_seconds(engine, prompts, 8)
         base = base or s
         t.row(mb, f"{s * 1e3:.1f}", f"{requests / s:.1f}", f"{base / s:.2f}×")
+
+
+def bench_staircase(
+    t: Table, pairs: list[int], repeats: int = 5, rows: int = 1, power_of_two: bool = False
+) -> dict[tuple[int, str], float]:
+    """Decode-step cost at neighbouring context lengths (`pairs`: L, L' pairs), the staircase check: one
+    decode step of `rows` rows through the whole model (`DSAConfig.small()`, `forward_jit`, the device
+    placement, whose indexer scans the block table) with the table as wide as the engine pads it
+    (`serving.runner.table_width`) and, with `power_of_two`, also padded to a power of two of pages (the
+    rule before). The caches stay empty: the step's cost does not depend on the key values. Median
+    process CPU time of `repeats` calls per point; returns `{(L, rule): seconds}`."""
+    import jax.numpy as jnp
+
+    from dsa_hybrid.models.causal_lm import ModelParams, create_caches, forward_jit
+    from dsa_hybrid.models.config import DSAConfig
+    from dsa_hybrid.serving.runner import table_width
+
+    page = 64
+    cfg = DSAConfig.small()
+    params = ModelParams.random(cfg, seed=0)
+    caches = create_caches(cfg, -(-max(pairs) // page) + 2, page, latent_kind="f32")
+    rules = ("table_width", "power of two") if power_of_two else ("table_width",)
+    cost: dict[tuple[int, str], float] = {}
+    for L in pairs:
+        need = -(-L // page)
+        for rule in rules:
+            width = table_width(need, 1 << 30) if rule == "table_width" else 1 << (need - 1).bit_length()
+            tab = np.full((rows, width), -1, np.int32)
+            tab[:, :need] = np.arange(need)
+            pos = jnp.full((rows,), L - 1, jnp.int32)
+            call = (params, cfg, jnp.zeros((rows,), jnp.int32), pos, pos, jnp.asarray(tab))
+            logits, caches = forward_jit(*call, caches, "auto")  # compiles
+            logits.block_until_ready()
+            times = []
+            for _ in range(repeats):
+                c0 = time.process_time()
+                logits, caches = forward_jit(*call, caches, "auto")
+                logits.block_until_ready()
+                times.append(time.process_time() - c0)
+            cost[(L, rule)] = float(np.median(times))
+    t.title(f"decode-step staircase: one step of {rows} row(s), device placement, DSAConfig.small(), "
+            "empty caches, block table as the engine pads it (target: no jump > 15% between neighbours)")  # fmt: skip
+    t.header("L → L'", *[f"ms ({r})" for r in rules], *[f"ratio ({r})" for r in rules])
+    for a, b in zip(pairs[::2], pairs[1::2], strict=True):
+        t.row(f"{a} → {b}", *[f"{cost[(a, r)] * 1e3:.2f} → {cost[(b, r)] * 1e3:.2f}" for r in rules],
+              *[f"{cost[(b, r)] / cost[(a, r)]:.2f}×" for r in rules])  # fmt: skip
+    return cost
 
 
 def _hf_model(cfg):
@@ -385,14 +432,38 @@ def _engine(params, cfg, context: int, new_tokens: int, placement: str, indexer:
 
     return Engine(params, cfg, num_pages=-(-(context + new_tokens) // 64) + 1, page_size=64, max_tokens_per_step=1024,
                   max_model_len=context + new_tokens, placement=placement, latent_kind="f32", indexer=indexer,
-                  host_threads=1, backend="xla")  # fmt: skip
+                  host_threads=1, backend="auto")  # fmt: skip
 
 
-def bench_end_to_end(t: Table, context: int, new_tokens: int, prefill_lengths: tuple[int, ...] = ()) -> None:
+def _hf_greedy(torch: Any, model: Any, past: Any, logits: Any, new_tokens: int) -> tuple[float, list[int]]:
+    """transformers' greedy decode after a prefill (`past`, its last `logits`): `(wall seconds per decode
+    step, the new_tokens tokens)`; the first token comes from the prefill's logits."""
+    with torch.no_grad():
+        tok = logits[:, -1:].argmax(-1)
+        tokens = [int(tok)]
+        t0 = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            out = model(input_ids=tok, past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            tokens.append(int(tok))
+        return (time.perf_counter() - t0) / max(new_tokens - 1, 1), tokens
+
+
+def _first_difference(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def bench_end_to_end(
+    t: Table, context: int, new_tokens: int, prefill_lengths: tuple[int, ...] = (), check_context: int = 4096
+) -> None:
     """Against transformers' DeepseekV32ForCausalLM on the same weights: decode tokens/s at `context`, and
     prefill time (chunks of 1024 tokens both sides) at each of `prefill_lengths` and at `context`, read off
     the one `context`-token prefill each side runs (the time once that many prompt tokens were computed;
-    a chunked prefill of a shorter prompt runs the same chunks)."""
+    a chunked prefill of a shorter prompt runs the same chunks). The Engine runs both placements with the
+    FP8 indexer as deployed ("host" is its default on a CPU). Then the correctness check: at
+    `check_context` tokens the Engine with the exact indexer (transformers' own computation) must give
+    transformers' greedy tokens."""
     from dsa_hybrid.models.config import DSAConfig
 
     t.title(f"end to end: decode at {context} tokens of context, DSAConfig.small() weights, 1 thread")
@@ -404,41 +475,29 @@ def bench_end_to_end(t: Table, context: int, new_tokens: int, prefill_lengths: t
     torch, model, params = hf
     prompt = np.random.default_rng(4).integers(0, cfg.vocab_size, context).tolist()
     hf_curve, past, logits = _hf_prefill(torch, model, prompt)
-    with torch.no_grad():  # transformers: timed greedy decode steps after the prefill
-        tok = logits[:, -1:].argmax(-1)
-        t0 = time.perf_counter()
-        hf_tokens = [int(tok)]
-        for _ in range(new_tokens - 1):
-            out = model(input_ids=tok, past_key_values=past, use_cache=True)
-            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            hf_tokens.append(int(tok))
-        hf_s = (time.perf_counter() - t0) / (new_tokens - 1)
+    hf_s, hf_tokens = _hf_greedy(torch, model, past, logits, new_tokens)
     del past
 
     row: dict[str, tuple[float, list[int]]] = {}
     curves: dict[str, list[tuple[int, float]]] = {}
-    # transformers runs the exact indexer (float32 keys): "device, exact" is the same computation, so its
-    # tokens must agree; the FP8 indexer (as deployed) may select differently near the top-k boundary.
-    for placement, indexer in (("device", "exact"), ("device", "fp8"), ("host", "fp8"), ("auto", "fp8")):
-        engine = _engine(params, cfg, context, new_tokens, placement, indexer)
-        curve, s, (out,) = _prefill_and_decode(engine, [prompt], new_tokens)
-        row[f"{placement}, {indexer} indexer"] = (s, out)
-        if indexer == "fp8":
-            curves[placement] = curve
+    for placement in ("device", "host"):
+        engine = _engine(params, cfg, context, new_tokens, placement, "fp8")
+        curves[placement], s, (out,) = _prefill_and_decode(engine, [prompt], new_tokens)
+        row[placement] = (s, out)
         del engine
     t.header("", "ms / token", "tokens/s", "× transformers", "tokens equal to transformers'")
     t.row("transformers (dense + mask, exact indexer)", f"{hf_s * 1e3:.1f}", f"{1 / hf_s:.1f}", "1.0×", "—")
-    for name, (s, toks) in row.items():
-        agree = next((i for i, (a, b) in enumerate(zip(toks, hf_tokens, strict=True)) if a != b), new_tokens)
-        t.row(f"dsa_hybrid Engine, {name}", f"{s * 1e3:.1f}", f"{1 / s:.1f}", f"{hf_s / s:.1f}×",
-              f"first {agree} of {new_tokens}")  # fmt: skip
+    for placement, (s, toks) in row.items():
+        name = f"dsa_hybrid Engine, {placement}{' (the CPU default)' if placement == 'host' else ''}, FP8 indexer"
+        t.row(name, f"{s * 1e3:.1f}", f"{1 / s:.1f}", f"{hf_s / s:.1f}×",
+              f"first {_first_difference(toks, hf_tokens)} of {new_tokens}")  # fmt: skip
 
     t.title(
         "end to end: prefill of one prompt, DSAConfig.small() weights, FP8 indexer, 1 thread, chunks of "
         f"1024 tokens (CPU seconds until L prompt tokens are computed, in one {context}-token prefill each; "
         "the Engine's less JAX's tracing and compilation)"
     )
-    names = [p for p in ("device", "host", "auto") if p in curves]
+    names = list(curves)
     t.header("L", "transformers s", *[f"Engine {p} s" for p in names], *[f"{p} × transformers" for p in names])
     for L in sorted({*prefill_lengths, context}):
         if L > context:
@@ -447,6 +506,19 @@ def bench_end_to_end(t: Table, context: int, new_tokens: int, prefill_lengths: t
         ours = {p: _at(curves[p], L) for p in names}
         t.row(L, f"{hf_pre:.1f}", *[f"{ours[p]:.1f}" for p in names],
               *[f"{hf_pre / max(ours[p], 1e-9):.1f}×" for p in names])  # fmt: skip
+
+    # transformers runs the exact indexer (float32 keys): the Engine's exact indexer is the same
+    # computation, so its greedy tokens must agree (the FP8 indexer may select differently near the top-k
+    # boundary, and with random weights the top logits lie close together).
+    short = prompt[: min(check_context, context)]
+    t.title(f"end to end: greedy tokens against transformers at {len(short)} tokens of context, exact indexer")
+    _, past, logits = _hf_prefill(torch, model, short)
+    _, want = _hf_greedy(torch, model, past, logits, new_tokens)
+    del past
+    exact = _engine(params, cfg, len(short), new_tokens, "device", "exact")
+    _, _, (got,) = _prefill_and_decode(exact, [short], new_tokens)
+    t.header("", "tokens equal to transformers'")
+    t.row("dsa_hybrid Engine, device placement, exact indexer", f"first {_first_difference(got, want)} of {new_tokens}")
 
 
 def bench_prefill(
@@ -522,7 +594,10 @@ def run_bench(quick: bool = False, plot_path: str | None = "dsa_bench.png", out:
     bench_host_mla(t, [1, 4] if quick else [1, 16], 4096 if quick else 32_768, peak)
     bench_layer_placement(t, [2048, 4096] if quick else [4096, 16_384, 65_536], "small" if quick else "deepseek_v32")
     bench_overlap(t, 1024 if quick else 8192)
-    bench_end_to_end(t, 1024 if quick else 32_768, 6 if quick else 16, (512,) if quick else (4096, 16_384))
+    bench_staircase(t, [2048, 2112] if quick else [16_384, 16_960, 32_768, 33_792, 65_536, 67_584])
+    bench_end_to_end(
+        t, 1024 if quick else 32_768, 6 if quick else 16, (512,) if quick else (4096, 16_384), 512 if quick else 4096
+    )
     print(f"\n(bench took {time.perf_counter() - started:.0f} s)", file=out)
     if plot_path:
         plot(points, plot_path, out)

@@ -34,7 +34,7 @@ def run_generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
-    placement: str = "device",
+    placement: str | None = None,
     progress: bool | None = None,
     out: IO[str] | None = None,
     err: IO[str] | None = None,

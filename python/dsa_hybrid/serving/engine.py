@@ -51,7 +51,9 @@ import numpy as np
 from dsa_hybrid.host import BlockPool, IndexerKeyCache
 from dsa_hybrid.models.causal_lm import ModelParams
 from dsa_hybrid.models.config import DSAConfig
+from dsa_hybrid.ops.checks import check_choice
 from dsa_hybrid.ops.sparse_mla import Backend
+from dsa_hybrid.ops.target import target_device
 from dsa_hybrid.serving.compile_cache import enable_compilation_cache
 from dsa_hybrid.serving.kv_manager import KVManager
 from dsa_hybrid.serving.mesh import MeshRunner, MeshScheduler, MeshSchedulerState
@@ -65,7 +67,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FINISH_REASONS", "PLACEMENTS", "Engine", "EngineStats", "FinishedRequests", "Request", "RequestOutput"]
+__all__ = [
+    "FINISH_REASONS",
+    "PLACEMENTS",
+    "Engine",
+    "EngineStats",
+    "FinishedRequests",
+    "Request",
+    "RequestOutput",
+    "default_placement",
+]
 
 
 @dataclasses.dataclass
@@ -150,6 +161,23 @@ def _sigint_deferred() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
+def default_placement(*, indexer: str = "fp8", page_size: int = 16, mesh: Mesh | None = None) -> str:
+    """The `Engine`'s placement when none is given: "host" when every device it runs on (the mesh's, or
+    the target device, `ops.target.target_device`) is a CPU, `indexer` is "fp8" and `page_size` a
+    multiple of 16 (what the host placement needs); "device" otherwise (an accelerator, or a cache the
+    host cannot serve). ValueError for an unknown `indexer`, TypeError for a `mesh` that is no `Mesh`; a
+    bad `page_size` gives "device" (the engine then names it)."""
+    from jax.sharding import Mesh
+
+    check_choice("indexer", indexer, ("fp8", "exact"))
+    if mesh is not None and not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh: expected a jax.sharding.Mesh or None, got {type(mesh).__name__}")
+    if indexer != "fp8" or type(page_size) is not int or page_size < 1 or page_size % 16:
+        return "device"
+    devices = list(mesh.devices.flat) if mesh is not None else [target_device()]
+    return "host" if all(d.platform == "cpu" for d in devices) else "device"
+
+
 class Engine:
     """Serve generation requests in continuous batches.
 
@@ -164,7 +192,10 @@ class Engine:
             updates a bf16 array by converting all of it to f32 and back, a whole-cache pass per layer
             and step (measured: +40 ms per V3.2 layer at 64K).
         backend: `sparse_mla` backend ("auto", "xla", "pallas_tpu").
-        placement: "device", "host" or "auto" (the indexer's side, see the module docstring).
+        placement: "device", "host" or "auto" (the indexer's side, see the module docstring). None (the
+            default): `default_placement` — "host" when the engine's devices are CPUs, the indexer is FP8
+            and `page_size` a multiple of 16 (there the Rust kernels select and attend: a 16K prefill of
+            `DSAConfig.small()` took 2.8× less CPU than "device", docs/performance.md), else "device".
         cost_model: for "auto", a `PlacementCosts` to use instead of the one measured at start-up (or
             loaded: a model measured before on this machine for these widths and versions is stored in
             the per-user cache directory and reused, `PlacementCosts.cached`; `DSA_HYBRID_REMEASURE=1`
@@ -192,7 +223,7 @@ class Engine:
         latent_kind: str | None = None,
         indexer: str = "fp8",
         backend: Backend = "auto",
-        placement: str = "device",
+        placement: str | None = None,
         cost_model: PlacementCosts | None = None,
         host_threads: int | None = None,
         micro_batches: int = 2,
@@ -206,6 +237,8 @@ class Engine:
             raise ValueError(f"max_model_len must be >= 2 (a prompt token and a new one), got {max_model_len}")
         self.cfg, self.page_size, self.max_model_len = cfg, page_size, max_model_len
         self.finished = FinishedRequests(max_finished)
+        if placement is None:
+            placement = default_placement(indexer=indexer, page_size=page_size, mesh=mesh)
         enable_compilation_cache()
         self.mesh = mesh
         self.runner: ModelRunner | MeshRunner

@@ -234,7 +234,7 @@ def cache_key(
     import jaxlib
 
     return {
-        "format": 1,
+        "format": 2,  # 2: each side attends as the engine does (the Rust kernels on a CPU)
         "machine": machine_id(),
         "model_type": cfg.model_type,
         "widths": {w: int(getattr(cfg, w)) for w in widths},
@@ -344,7 +344,7 @@ def _layer_call(cfg, params, S, L, T, where, threads, latent_kind) -> Callable[[
     state = {"caches": caches}
     if where == "device":
         step = jax.jit(
-            lambda x, c: dsa_attention(params, cfg, x, pos, pos, tables, c, backend="xla")[:2], donate_argnums=1
+            lambda x, c: dsa_attention(params, cfg, x, pos, pos, tables, c, backend="auto")[:2], donate_argnums=1
         )
 
         def on_device():
@@ -364,7 +364,12 @@ def _layer_call(cfg, params, S, L, T, where, threads, latent_kind) -> Callable[[
         topk = layer_mod.host_select_paged(
             host, tables_np, pos_np, codes, scales, proj, pos_np, cfg.index_topk, threads
         )
-        out, latent = layer_mod.attend_donated(params, cfg, proj, pos, tables, c.latent, jnp.asarray(topk), "xla", pos)
+        if layer_mod.use_host_attention(c.latent, "xla", None):  # as the engine's host steps attend
+            out, latent = layer_mod.attend_host(params, cfg, proj, pos, tables_np, c.latent, topk, threads)
+        else:
+            out, latent = layer_mod.attend_donated(
+                params, cfg, proj, pos, tables, c.latent, jnp.asarray(topk), "xla", pos
+            )
         state["caches"] = DSACaches(latent, index)
         return out
 
