@@ -53,7 +53,12 @@ def jax_cache_unset():
         "jax_persistent_cache_min_entry_size_bytes",
     )
     saved = {n: getattr(jax.config, n) for n in names}
+    # JAX's defaults, whatever the session set (tests/conftest.py stores every program in its own cache):
+    # what these tests check is what `enable_compilation_cache` sets, not what was there.
     jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    cc.reset_cache()
     yield
     for n, v in saved.items():
         jax.config.update(n, v)
@@ -68,6 +73,7 @@ def test_enable_compilation_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     assert enable_compilation_cache() == tmp_path / "jax"
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax")
     assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+    assert jax.config.jax_persistent_cache_min_entry_size_bytes == -1
     # A small program is stored.
     jax.jit(lambda x: x * 3.0 + 1.0)(jax.numpy.ones(7)).block_until_ready()
     assert any((tmp_path / "jax").iterdir())
