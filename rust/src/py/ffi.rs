@@ -31,6 +31,6 @@ pub fn ffi_targets(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 /// The address of the latent buffer the last successful `dsa_hybrid_sparse_mla_f32` call read
 /// (0 before the first): a diagnostic that shows the cache is read in place.
 #[pyfunction]
-pub fn ffi_last_kv_address() -> usize {
-    ffi::last_kv_address()
+pub fn ffi_last_kv_address() -> PyResult<usize> {
+    guard("ffi_last_kv_address", || Ok(ffi::last_kv_address()))
 }
