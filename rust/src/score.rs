@@ -560,9 +560,9 @@ pub(crate) mod x86 {
     }
 
     /// A kernel that decodes through F16C (keys / 256) and sums heads with `tree_sum_avx2`: its
-    /// decoder and head blocks, forwarded.
+    /// decoder and head blocks (and, given, a `scores` that sums heads in registers), forwarded.
     macro_rules! f16c_kernel {
-        ($kernel:ident, $decode:ident, $heads:ident) => {
+        ($kernel:ident, $decode:ident, $heads:ident $(, scores = $scores:ident)?) => {
             impl BlockKernel for $kernel {
                 const NK: usize = 6;
                 const KEY_UNIT: f32 = 256.0;
@@ -584,6 +584,19 @@ pub(crate) mod x86 {
                     // SAFETY: forwarded.
                     unsafe { tree_sum_avx2(heads) }
                 }
+                $(
+                    #[inline(always)]
+                    unsafe fn scores<const N: usize>(
+                        q: Query<'_>,
+                        keys: &[f32],
+                        heads: &mut [f32],
+                        scales: &[f32],
+                        out: &mut [f32],
+                    ) {
+                        // SAFETY: forwarded (`heads` is NK × hp floats, more than the sums need).
+                        unsafe { $scores::<N>(q, keys, heads, scales, out) }
+                    }
+                )?
             }
         };
     }
@@ -716,39 +729,7 @@ pub(crate) mod x86 {
     /// AVX2 + FMA + F16C: 6 keys × 16 heads per register block, the head sums in registers.
     struct Avx2;
 
-    impl BlockKernel for Avx2 {
-        const NK: usize = 6;
-        const KEY_UNIT: f32 = 256.0;
-        fn key_floats(d: usize) -> usize {
-            d
-        }
-        #[inline(always)]
-        unsafe fn decode(codes: &[u8], dst: &mut [f32]) {
-            // SAFETY: forwarded.
-            unsafe { decode_avx2(codes, dst) }
-        }
-        #[inline(always)]
-        unsafe fn heads<const N: usize>(q: Query<'_>, keys: &[f32], heads: &mut [f32]) {
-            // SAFETY: forwarded.
-            unsafe { heads_avx2::<N>(q, keys, heads) }
-        }
-        #[inline(always)]
-        unsafe fn tree_sum(heads: &mut [f32]) -> f32 {
-            // SAFETY: forwarded.
-            unsafe { tree_sum_avx2(heads) }
-        }
-        #[inline(always)]
-        unsafe fn scores<const N: usize>(
-            q: Query<'_>,
-            keys: &[f32],
-            heads: &mut [f32],
-            scales: &[f32],
-            out: &mut [f32],
-        ) {
-            // SAFETY: forwarded (`heads` is NK × hp floats, more than the sums need).
-            unsafe { scores_avx2::<N>(q, keys, heads, scales, out) }
-        }
-    }
+    f16c_kernel!(Avx2, decode_avx2, heads_avx2, scores = scores_avx2);
 
     simd_entry!(
         /// AVX2 + FMA + F16C twin of `score_keys_scalar` (`Avx2` in the shared driver).
