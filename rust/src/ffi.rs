@@ -254,17 +254,10 @@ pub unsafe extern "C" fn sparse_mla_f32(frame: *mut CallFrame) -> *mut FfiError 
     let refusal = match result {
         Ok(Ok(())) => return std::ptr::null_mut(),
         Ok(Err(r)) => r,
-        Err(payload) => {
-            let msg = payload
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic without a message".to_owned());
-            Refusal(
-                ERR_INTERNAL,
-                format!("{SPARSE_MLA_F32}: internal error (a bug in dsa_hybrid's Rust core, please report it): {msg}"),
-            )
-        }
+        Err(payload) => Refusal(
+            ERR_INTERNAL,
+            crate::internal_error_message(SPARSE_MLA_F32, &*payload),
+        ),
     };
     // SAFETY: `api` comes from XLA's call frame.
     unsafe { make_error(api, refusal.0, &refusal.1) }

@@ -3,7 +3,8 @@
 //! The core modules are plain Rust with their own `cargo test`; the PyO3
 //! bindings (feature `python`, turned on by maturin) live in `py/`, split by
 //! concept, and only check arguments, release the GIL and map errors to Python
-//! exceptions. This file declares the modules and registers the Python module.
+//! exceptions. This file declares the modules, registers the Python module and words a caught
+//! panic's message for both boundaries (Python and XLA's FFI).
 
 pub mod cpu;
 pub mod ffi;
@@ -20,6 +21,17 @@ pub mod score;
 pub mod score_bf16;
 pub mod select;
 pub mod topk;
+
+/// The message a caught panic becomes at a boundary (Python's `InternalError` in `py::guard`, an
+/// XLA INTERNAL error in `ffi`): the call's name, that it is a bug, and the panic's own message.
+pub fn internal_error_message(call: &str, payload: &(dyn std::any::Any + Send)) -> String {
+    let msg = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned());
+    format!("{call}: internal error (a bug in dsa_hybrid's Rust core, please report it): {msg}")
+}
 
 /// A seeded generator for the unit tests: 31 random bits per call (a 64-bit LCG's high bits).
 #[cfg(test)]

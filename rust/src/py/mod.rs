@@ -34,16 +34,9 @@ use errors::InternalError;
 pub fn guard<T>(call: &str, f: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r,
-        Err(payload) => {
-            let msg = payload
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic without a message".to_owned());
-            Err(InternalError::new_err(format!(
-                "{call}: internal error (a bug in dsa_hybrid's Rust core, please report it): {msg}"
-            )))
-        }
+        Err(payload) => Err(InternalError::new_err(crate::internal_error_message(
+            call, &*payload,
+        ))),
     }
 }
 
