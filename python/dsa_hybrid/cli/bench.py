@@ -20,11 +20,12 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import numpy as np
 
-from dsa_hybrid._timing import best_time
+from dsa_hybrid._timing import best_time, best_times
 
 SINGLE_THREAD_ENV = {
     "OMP_NUM_THREADS": "1",
@@ -355,7 +356,17 @@ def bench_staircase(
     params = ModelParams.random(cfg, seed=0)
     caches = create_caches(cfg, -(-max(pairs) // page) + 2, page, latent_kind="f32")
     rules = ("table_width", "power of two") if power_of_two else ("table_width",)
-    calls: dict[tuple[int, str], tuple] = {}
+    carried = {"caches": caches}  # donated by each call, carried to the next
+
+    def step(call: tuple) -> Callable[[], Any]:
+        def run() -> Any:
+            logits, carried["caches"] = forward_jit(*call, carried["caches"], "auto")
+            return logits
+
+        return run
+
+    keys: list[tuple[int, str]] = []
+    steps: list[Callable[[], Any]] = []
     for L in pairs:
         need = -(-L // page)
         for rule in rules:
@@ -363,16 +374,9 @@ def bench_staircase(
             tab = np.full((rows, width), -1, np.int32)
             tab[:, :need] = np.arange(need)
             pos = jnp.full((rows,), L - 1, jnp.int32)
-            calls[(L, rule)] = (params, cfg, jnp.zeros((rows,), jnp.int32), pos, pos, jnp.asarray(tab))
-            logits, caches = forward_jit(*calls[(L, rule)], caches, "auto")  # compiles
-            logits.block_until_ready()
-    cost = dict.fromkeys(calls, float("inf"))
-    for _ in range(repeats):
-        for key, call in calls.items():
-            c0 = time.process_time()
-            logits, caches = forward_jit(*call, caches, "auto")
-            logits.block_until_ready()
-            cost[key] = min(cost[key], time.process_time() - c0)
+            keys.append((L, rule))
+            steps.append(step((params, cfg, jnp.zeros((rows,), jnp.int32), pos, pos, jnp.asarray(tab))))
+    cost = dict(zip(keys, best_times(steps, repeats, clock=time.process_time), strict=True))
     t.title(f"decode-step staircase: one step of {rows} row(s), device placement, DSAConfig.small(), "
             f"empty caches, block table as the engine pads it, fastest of {repeats} interleaved rounds "
             "(target: no jump > 15% between neighbours)")  # fmt: skip
