@@ -114,6 +114,11 @@ pub fn score_keys(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has the features (checked by `supported`) and the slice
         // lengths the kernel relies on were checked above (`check_shapes`).
+        Isa::Avx512 if simd_width_ok && q.hp == 16 && isa.supported() => unsafe {
+            x86::score_keys_avx512_h16(q, codes, scales, out, scratch)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
         Isa::Avx512 if simd_width_ok && isa.supported() => unsafe {
             x86::score_keys_avx512(q, codes, scales, out, scratch)
         },
@@ -751,10 +756,21 @@ pub(crate) mod x86 {
     unsafe fn decode_avx512(src: &[u8], dst: &mut [f32]) {
         for (c, o) in src.chunks_exact(16).zip(dst.chunks_exact_mut(16)) {
             // SAFETY: `c` has 16 bytes and `o` 16 floats.
-            unsafe {
-                let h = e4m3_to_f16_bits(_mm_loadu_si128(c.as_ptr().cast()));
-                _mm512_storeu_ps(o.as_mut_ptr(), _mm512_cvtph_ps(h));
-            }
+            unsafe { decode16_avx512(c.as_ptr(), o.as_mut_ptr()) }
+        }
+    }
+
+    /// Decode 16 codes at `src` into 16 floats at `dst` (code value / 256).
+    ///
+    /// # Safety
+    /// `src` has 16 readable bytes and `dst` 16 writable floats.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,f16c")]
+    unsafe fn decode16_avx512(src: *const u8, dst: *mut f32) {
+        // SAFETY: forwarded.
+        unsafe {
+            let h = e4m3_to_f16_bits(_mm_loadu_si128(src.cast()));
+            _mm512_storeu_ps(dst, _mm512_cvtph_ps(h));
         }
     }
 
@@ -838,6 +854,119 @@ pub(crate) mod x86 {
         "avx512f,avx2,fma,f16c",
         Avx512
     );
+
+    /// The in-vector steps of `tree_sum` for 16 heads (lane `i` + lane `i + 8`, then `+ 4`, `+ 2`,
+    /// `+ 1`) of sixteen keys' head vectors at once: lane `i` of the result is key `i`'s sum.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn lane_sums16(u: &[__m512; 16]) -> __m512 {
+        // + 8: [key k's b[0..8] | key k + 8's b[0..8]] (as four 128-bit lanes: k, k, k + 8, k + 8).
+        let x = |k: usize| {
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x44>(u[k], u[k + 8]),
+                _mm512_shuffle_f32x4::<0xEE>(u[k], u[k + 8]),
+            )
+        };
+        // + 4: 128-bit lanes [k, k + 8, k + 4, k + 12], four values each.
+        let y = |a: __m512, b: __m512| {
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x88>(a, b),
+                _mm512_shuffle_f32x4::<0xDD>(a, b),
+            )
+        };
+        let (x0, x1, x2, x3) = (x(0), x(1), x(2), x(3));
+        let (x4, x5, x6, x7) = (x(4), x(5), x(6), x(7));
+        let (y0, y1, y2, y3) = (y(x0, x4), y(x1, x5), y(x2, x6), y(x3, x7));
+        // + 2 (pairs of keys per 128-bit lane), then + 1: lanes [0..4 | 8..12 | 4..8 | 12..16].
+        let z = |a: __m512, b: __m512| {
+            _mm512_add_ps(
+                _mm512_shuffle_ps::<0x44>(a, b),
+                _mm512_shuffle_ps::<0xEE>(a, b),
+            )
+        };
+        let (z01, z23) = (z(y0, y1), z(y2, y3));
+        let f = _mm512_add_ps(
+            _mm512_shuffle_ps::<0x88>(z01, z23),
+            _mm512_shuffle_ps::<0xDD>(z01, z23),
+        );
+        _mm512_shuffle_f32x4::<0xD8>(f, f)
+    }
+
+    /// `score_keys_avx512` for queries of up to 16 heads (`hp == 16`, one head vector): 16 keys per
+    /// register block, so 16 independent FMA chains, and their head sums in registers
+    /// (`lane_sums16`), in `tree_sum`'s order. The next block's keys are decoded inside this block's
+    /// FMA loop (16 codes per step of `d`: 16 keys × d/16 chunks is d steps), so the decoding overlaps the
+    /// arithmetic instead of running between blocks. The last `n % 16` keys take
+    /// `score_keys_avx512`: every key's score is the scalar twin's either way.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F, AVX2, FMA and F16C; the sizes were checked (`check_shapes`), `q.hp ==
+    /// 16` and `q.d % 16 == 0`.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub unsafe fn score_keys_avx512_h16(
+        q: Query<'_>,
+        codes: &[u8],
+        scales: &[f32],
+        out: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) {
+        let (d, n) = (q.d, scales.len());
+        debug_assert!(q.hp == 16 && d.is_multiple_of(16) && codes.len() == n * d);
+        let full = n / 16 * 16;
+        // Two blocks of 16 decoded keys: the one being scored and the next.
+        scratch.resize(32 * d, 0.0);
+        // SAFETY: qt is d × 16 and hw 16 floats (checked); block `b` reads the codes of keys b ..
+        // b + 16 ≤ full ≤ n and decodes keys b + 16 .. b + 32 only when b + 32 ≤ full; each
+        // scratch half holds 16 × d floats; 16 scales are read and 16 outputs written per block.
+        unsafe {
+            let (qp, cp) = (q.qt.as_ptr(), codes.as_ptr());
+            let (w, zero) = (_mm512_loadu_ps(q.hw.as_ptr()), _mm512_setzero_ps());
+            let unit = _mm512_set1_ps(256.0);
+            if full > 0 {
+                for j in 0..d {
+                    decode16_avx512(cp.add(j * 16), scratch.as_mut_ptr().add(j * 16));
+                }
+            }
+            for (blk, b) in (0..full).step_by(16).enumerate() {
+                let base = scratch.as_mut_ptr();
+                let (kp, next) = if blk % 2 == 0 {
+                    (base, base.add(16 * d))
+                } else {
+                    (base.add(16 * d), base)
+                };
+                let more = b + 32 <= full;
+                let next_codes = cp.add((b + 16) * d);
+                let mut acc = [zero; 16];
+                // 16 keys × d/16 chunks of codes: one chunk of the next block per step of d.
+                for dd in 0..d {
+                    let qv = _mm512_loadu_ps(qp.add(dd * 16));
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(qv, _mm512_set1_ps(*kp.add(i * d + dd)), *a);
+                    }
+                    if more {
+                        decode16_avx512(next_codes.add(dd * 16), next.add(dd * 16));
+                    }
+                }
+                for a in acc.iter_mut() {
+                    *a = _mm512_mul_ps(_mm512_max_ps(*a, zero), w);
+                }
+                let sk = _mm512_mul_ps(_mm512_loadu_ps(scales.as_ptr().add(b)), unit);
+                _mm512_storeu_ps(
+                    out.as_mut_ptr().add(b),
+                    _mm512_mul_ps(lane_sums16(&acc), sk),
+                );
+            }
+            if full < n {
+                score_keys_avx512(
+                    q,
+                    &codes[full * d..],
+                    &scales[full..],
+                    &mut out[full..],
+                    scratch,
+                );
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "aarch64")]
@@ -1191,6 +1320,42 @@ mod tests {
         }
         // Every compiled SIMD path of this CPU was exercised (none on a scalar-only machine).
         assert_eq!(compared, 240 * paths.len());
+    }
+
+    /// The few-head kernels (AVX-512 at up to 16 heads: 16 keys per register block, their head sums
+    /// in registers) against the scalar twin, bit for bit: whole blocks, tails, and both kinds of
+    /// queries.
+    #[test]
+    fn few_head_kernels_equal_the_scalar_twin_across_blocks_and_tails() {
+        let mut next = lcg(0x0016_0016);
+        for isa in Isa::available() {
+            for &(heads, d, n) in &[
+                (16, 64, 16),
+                (16, 64, 17),
+                (9, 64, 100),
+                (16, 16, 33),
+                (1, 128, 48),
+                (16, 128, 257),
+                (12, 32, 15),
+            ] {
+                for fp8_queries in [true, false] {
+                    let (qt, hw, codes, scales) =
+                        random_problem(&mut next, heads, d, n, fp8_queries);
+                    let q = Query {
+                        qt: &qt,
+                        hw: &hw,
+                        hp: padded_heads(heads),
+                        d,
+                        pairs: &[],
+                    };
+                    let (mut a, mut b) = (vec![f32::NAN; n], vec![0.0; n]);
+                    score_keys(isa, q, &codes, &scales, &mut a, &mut vec![f32::NAN; 3]).unwrap();
+                    score_keys(Isa::Scalar, q, &codes, &scales, &mut b, &mut Vec::new()).unwrap();
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&a), bits(&b), "{isa:?} heads={heads} d={d} n={n}");
+                }
+            }
+        }
     }
 
     /// Rows sharing keys (`score_keys_rows`, the row-blocked prefill path): on every path, each
