@@ -178,6 +178,11 @@ pub fn score_keys_rows(
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has the features (checked by `supported`) and the sizes were checked above.
+        Isa::Avx512 if simd && qs[0].hp == 16 && isa.supported() => unsafe {
+            x86::score_keys_rows_avx512_h16(qs, counts, codes, scales, out, stride, scratch)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
         Isa::Avx512 if simd && isa.supported() => unsafe {
             x86::score_keys_rows_avx512(qs, counts, codes, scales, out, stride, scratch)
         },
@@ -892,11 +897,60 @@ pub(crate) mod x86 {
         _mm512_shuffle_f32x4::<0xD8>(f, f)
     }
 
+    /// One register block of the few-head kernels: the 16 decoded keys at `kp` (`d` floats apart)
+    /// against the query's one head vector, 16 FMA chains in order of `d`. With `next` given, chunk
+    /// `dd` of the next block's codes is decoded into it at step `dd` (16 keys × d/16 chunks of 16
+    /// codes: exactly one chunk per step), so the decoding overlaps the arithmetic.
+    ///
+    /// # Safety
+    /// The features are enabled; `q.qt` holds `d × 16` floats, `kp` 16 keys of `d` floats, and with
+    /// `next` = (codes, dst) 16 × `d` readable codes and as many writable floats.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn block16(
+        q: Query<'_>,
+        kp: *const f32,
+        next: Option<(*const u8, *mut f32)>,
+    ) -> [__m512; 16] {
+        let d = q.d;
+        let mut acc = [_mm512_setzero_ps(); 16];
+        // SAFETY: as the caller promises.
+        unsafe {
+            for dd in 0..d {
+                let qv = _mm512_loadu_ps(q.qt.as_ptr().add(dd * 16));
+                for (i, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(qv, _mm512_set1_ps(*kp.add(i * d + dd)), *a);
+                }
+                if let Some((codes, dst)) = next {
+                    decode16_avx512(codes.add(dd * 16), dst.add(dd * 16));
+                }
+            }
+        }
+        acc
+    }
+
+    /// The 16 scores of a register block: `tree_sum(ReLU(acc) · hw) · (scale · 256)` per key, in
+    /// `tree_sum`'s order (`lane_sums16`), stored at `out`.
+    ///
+    /// # Safety
+    /// The features are enabled; `scales` has 16 readable floats and `out` 16 writable ones.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn finish16(q: Query<'_>, mut acc: [__m512; 16], scales: *const f32, out: *mut f32) {
+        // SAFETY: hw holds 16 floats (checked by the callers); the rest as the caller promises.
+        unsafe {
+            let (w, zero) = (_mm512_loadu_ps(q.hw.as_ptr()), _mm512_setzero_ps());
+            for a in acc.iter_mut() {
+                *a = _mm512_mul_ps(_mm512_max_ps(*a, zero), w);
+            }
+            let sk = _mm512_mul_ps(_mm512_loadu_ps(scales), _mm512_set1_ps(256.0));
+            _mm512_storeu_ps(out, _mm512_mul_ps(lane_sums16(&acc), sk));
+        }
+    }
+
     /// `score_keys_avx512` for queries of up to 16 heads (`hp == 16`, one head vector): 16 keys per
-    /// register block, so 16 independent FMA chains, and their head sums in registers
-    /// (`lane_sums16`), in `tree_sum`'s order. The next block's keys are decoded inside this block's
-    /// FMA loop (16 codes per step of `d`: 16 keys × d/16 chunks is d steps), so the decoding overlaps the
-    /// arithmetic instead of running between blocks. The last `n % 16` keys take
+    /// register block (`block16`: 16 independent FMA chains, the next block decoded inside the FMA
+    /// loop) and their head sums in registers (`finish16`). The last `n % 16` keys take
     /// `score_keys_avx512`: every key's score is the scalar twin's either way.
     ///
     /// # Safety
@@ -915,46 +969,24 @@ pub(crate) mod x86 {
         let full = n / 16 * 16;
         // Two blocks of 16 decoded keys: the one being scored and the next.
         scratch.resize(32 * d, 0.0);
-        // SAFETY: qt is d × 16 and hw 16 floats (checked); block `b` reads the codes of keys b ..
-        // b + 16 ≤ full ≤ n and decodes keys b + 16 .. b + 32 only when b + 32 ≤ full; each
-        // scratch half holds 16 × d floats; 16 scales are read and 16 outputs written per block.
+        // SAFETY: block `b` reads keys b .. b + 16 ≤ full ≤ n and decodes keys b + 16 .. b + 32 only
+        // when b + 32 ≤ full; each scratch half holds 16 × d floats; 16 scales and outputs per block.
         unsafe {
-            let (qp, cp) = (q.qt.as_ptr(), codes.as_ptr());
-            let (w, zero) = (_mm512_loadu_ps(q.hw.as_ptr()), _mm512_setzero_ps());
-            let unit = _mm512_set1_ps(256.0);
+            let (cp, base) = (codes.as_ptr(), scratch.as_mut_ptr());
             if full > 0 {
                 for j in 0..d {
-                    decode16_avx512(cp.add(j * 16), scratch.as_mut_ptr().add(j * 16));
+                    decode16_avx512(cp.add(j * 16), base.add(j * 16));
                 }
             }
             for (blk, b) in (0..full).step_by(16).enumerate() {
-                let base = scratch.as_mut_ptr();
                 let (kp, next) = if blk % 2 == 0 {
                     (base, base.add(16 * d))
                 } else {
                     (base.add(16 * d), base)
                 };
-                let more = b + 32 <= full;
-                let next_codes = cp.add((b + 16) * d);
-                let mut acc = [zero; 16];
-                // 16 keys × d/16 chunks of codes: one chunk of the next block per step of d.
-                for dd in 0..d {
-                    let qv = _mm512_loadu_ps(qp.add(dd * 16));
-                    for (i, a) in acc.iter_mut().enumerate() {
-                        *a = _mm512_fmadd_ps(qv, _mm512_set1_ps(*kp.add(i * d + dd)), *a);
-                    }
-                    if more {
-                        decode16_avx512(next_codes.add(dd * 16), next.add(dd * 16));
-                    }
-                }
-                for a in acc.iter_mut() {
-                    *a = _mm512_mul_ps(_mm512_max_ps(*a, zero), w);
-                }
-                let sk = _mm512_mul_ps(_mm512_loadu_ps(scales.as_ptr().add(b)), unit);
-                _mm512_storeu_ps(
-                    out.as_mut_ptr().add(b),
-                    _mm512_mul_ps(lane_sums16(&acc), sk),
-                );
+                let more = (b + 32 <= full).then(|| (cp.add((b + 16) * d), next));
+                let acc = block16(q, kp, more);
+                finish16(q, acc, scales.as_ptr().add(b), out.as_mut_ptr().add(b));
             }
             if full < n {
                 score_keys_avx512(
@@ -964,6 +996,64 @@ pub(crate) mod x86 {
                     &mut out[full..],
                     scratch,
                 );
+            }
+        }
+    }
+
+    /// `score_keys_rows` for queries of up to 16 heads: a chunk of keys decoded once for all the
+    /// rows, then each row's whole register blocks of 16 over it (`block16`, `finish16`); a row's
+    /// last `count % 16` keys take `score_keys_avx512`. Each row's scores are `score_keys`' bits.
+    ///
+    /// # Safety
+    /// As `score_keys_avx512_h16`, for every row (`check_rows`: `counts[r] ≤ n`, outputs in range).
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub unsafe fn score_keys_rows_avx512_h16(
+        qs: &[Query<'_>],
+        counts: &[usize],
+        codes: &[u8],
+        scales: &[f32],
+        out: &mut [f32],
+        stride: usize,
+        scratch: &mut Vec<f32>,
+    ) {
+        let d = qs[0].d;
+        let n = counts.iter().copied().max().unwrap_or(0);
+        // A multiple of 16 keys per chunk, about ROWS_CHUNK_FLOATS floats.
+        let chunk = (super::ROWS_CHUNK_FLOATS / d / 16).max(1) * 16;
+        scratch.resize(chunk * d, 0.0);
+        let mut tail = Vec::new();
+        let mut c0 = 0;
+        // SAFETY: the chunk's keys c0 .. c1 ≤ n are decoded into the scratch (chunk × d floats);
+        // row r's block at s reads keys s .. s + 16 ≤ min(c1, counts[r]) of it, 16 scales, and
+        // writes out[r · stride + s ..][.. 16] (in range: checked by the caller).
+        unsafe {
+            while c0 < n {
+                let c1 = (c0 + chunk).min(n);
+                let kp = scratch.as_mut_ptr();
+                for j in 0..(c1 - c0) * d / 16 {
+                    decode16_avx512(codes.as_ptr().add(c0 * d + j * 16), kp.add(j * 16));
+                }
+                for ((q, &m), r) in qs.iter().zip(counts).zip(0..) {
+                    let end = c1.min(m);
+                    let mut s = c0;
+                    while s + 16 <= end {
+                        let acc = block16(*q, kp.add((s - c0) * d), None);
+                        let o = out.as_mut_ptr().add(r * stride + s);
+                        finish16(*q, acc, scales.as_ptr().add(s), o);
+                        s += 16;
+                    }
+                    if s < end {
+                        let o = &mut out[r * stride + s..r * stride + end];
+                        score_keys_avx512(
+                            *q,
+                            &codes[s * d..end * d],
+                            &scales[s..end],
+                            o,
+                            &mut tail,
+                        );
+                    }
+                }
+                c0 = c1;
             }
         }
     }
