@@ -174,7 +174,13 @@ pub fn score_keys_rows(
             )));
         }
     }
-    let simd = !qs.is_empty() && qs[0].pairs.is_empty() && qs[0].d.is_multiple_of(16);
+    if !qs.is_empty() && !qs[0].pairs.is_empty() {
+        crate::score_bf16::score_keys_rows_bf16(
+            isa, qs, counts, codes, scales, out, stride, scratch,
+        );
+        return Ok(());
+    }
+    let simd = !qs.is_empty() && qs[0].d.is_multiple_of(16);
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has the features (checked by `supported`) and the sizes were checked above.
@@ -196,7 +202,7 @@ pub fn score_keys_rows(
         Isa::Neon if simd && isa.supported() => unsafe {
             neon::score_keys_rows_neon(qs, counts, codes, scales, out, stride, scratch)
         },
-        // The scalar twins and the bf16 kernels: row by row.
+        // The scalar twin: row by row.
         _ => {
             let d = qs.first().map_or(0, |q| q.d);
             for ((q, &m), r) in qs.iter().zip(counts).zip(0..) {
@@ -341,7 +347,7 @@ pub(crate) unsafe fn score_blocks<K: BlockKernel>(
 }
 
 /// Keys decoded at a time when several rows share them (about 32 KiB of scratch at d = 64).
-const ROWS_CHUNK_FLOATS: usize = 8192;
+pub(crate) const ROWS_CHUNK_FLOATS: usize = 8192;
 
 /// `score_blocks` for rows that read the same keys: row `r` scores the first `counts[r]` keys
 /// into `out[r · stride ..][.. counts[r]]`. Each key is decoded once for all the rows (a chunk
@@ -426,7 +432,7 @@ macro_rules! simd_entry {
 #[cfg(target_arch = "x86_64")] // (for the bf16 kernel)
 pub(crate) use simd_entry;
 
-/// A float32 SIMD kernel's entry point for rows sharing keys: `#[target_feature]` around
+/// A SIMD kernel's entry point for rows sharing keys: `#[target_feature]` around
 /// `score_blocks_rows` with the kernel (`score_keys_rows`).
 macro_rules! simd_rows_entry {
     ($(#[$doc:meta])* $name:ident, $features:literal, $kernel:ty) => {
@@ -450,6 +456,9 @@ macro_rules! simd_rows_entry {
         }
     };
 }
+
+#[cfg(target_arch = "x86_64")] // (for the bf16 kernels)
+pub(crate) use simd_rows_entry;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
@@ -936,7 +945,12 @@ pub(crate) mod x86 {
     /// The features are enabled; `scales` has 16 readable floats and `out` 16 writable ones.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn finish16(q: Query<'_>, mut acc: [__m512; 16], scales: *const f32, out: *mut f32) {
+    pub(crate) unsafe fn finish16(
+        q: Query<'_>,
+        mut acc: [__m512; 16],
+        scales: *const f32,
+        out: *mut f32,
+    ) {
         // SAFETY: hw holds 16 floats (checked by the callers); the rest as the caller promises.
         unsafe {
             let (w, zero) = (_mm512_loadu_ps(q.hw.as_ptr()), _mm512_setzero_ps());

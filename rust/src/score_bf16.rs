@@ -73,6 +73,15 @@ pub fn has_bf16_kernel(isa: Isa) -> bool {
     simd_ok(isa, 128)
 }
 
+/// Whether `query_dtype="auto"` scores FP8-quantized queries (exact in bf16) with the bf16
+/// kernel on this CPU: it has AVX512-BF16 and is an AMD core, where `vdpbf16ps` measured 1.2–1.8×
+/// the float32 kernels (Zen 4, Zen 5); on Intel's Sapphire Rapids it ran at 0.77–0.96× (one port,
+/// against two for FMA). A property of the CPU, not of the SIMD path in use, so pinning a path
+/// (`cpu::set_active`) never changes a result: on a narrower path the bf16 twin runs.
+pub fn auto_prefers_bf16() -> bool {
+    has_bf16_kernel(crate::cpu::best()) && crate::cpu::is_amd()
+}
+
 /// Scores of `scales.len()` keys with the bf16 queries `q.pairs` (`q.qt` is not read); sizes
 /// checked by the caller (`score::score_keys`).
 pub fn score_keys_bf16(
@@ -88,10 +97,55 @@ pub fn score_keys_bf16(
         // SAFETY: the CPU has the features (checked in `simd_ok`); the sizes were checked by
         // `score::score_keys` (pairs `d/2 × hp`, codes `n × d`, out `n`).
         unsafe {
-            x86::score_keys_avx512bf16(q, codes, scales, out, scratch)
+            if q.hp == 16 {
+                x86::score_keys_avx512bf16_h16(q, codes, scales, out, scratch)
+            } else {
+                x86::score_keys_avx512bf16(q, codes, scales, out, scratch)
+            }
         }
     } else {
         score_keys_bf16_scalar(q, codes, scales, out, scratch)
+    }
+}
+
+/// `score::score_keys_rows` with bf16 queries (every row's `pairs` set; sizes checked there): each
+/// key decoded once for all the rows on AVX512-BF16, row by row with the scalar twin elsewhere.
+/// Every row's scores are those `score_keys_bf16` gives it alone.
+#[allow(clippy::too_many_arguments)]
+pub fn score_keys_rows_bf16(
+    isa: Isa,
+    qs: &[Query<'_>],
+    counts: &[usize],
+    codes: &[u8],
+    scales: &[f32],
+    out: &mut [f32],
+    stride: usize,
+    scratch: &mut Vec<f32>,
+) {
+    let d = qs[0].d;
+    #[cfg(target_arch = "x86_64")]
+    {
+        if simd_ok(isa, d) {
+            // SAFETY: the CPU has the features (`simd_ok`); the sizes were checked by the caller
+            // (`score::score_keys_rows`: every query against the keys, counts and outputs in range).
+            unsafe {
+                if qs[0].hp == 16 {
+                    x86::score_keys_rows_avx512bf16_h16(
+                        qs, counts, codes, scales, out, stride, scratch,
+                    )
+                } else {
+                    x86::score_keys_rows_avx512bf16(qs, counts, codes, scales, out, stride, scratch)
+                }
+            }
+            return;
+        }
+    }
+    let _ = isa;
+    for ((q, &m), r) in qs.iter().zip(counts).zip(0..) {
+        if m > 0 {
+            let o = &mut out[r * stride..r * stride + m];
+            score_keys_bf16_scalar(*q, &codes[..m * d], &scales[..m], o, scratch);
+        }
     }
 }
 
@@ -119,8 +173,8 @@ fn score_keys_bf16_scalar(
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::Query;
-    use crate::score::x86::tree_sum_avx2;
-    use crate::score::{simd_entry, BlockKernel};
+    use crate::score::x86::{finish16, tree_sum_avx2};
+    use crate::score::{simd_entry, simd_rows_entry, BlockKernel, ROWS_CHUNK_FLOATS};
     use std::arch::x86_64::*;
 
     /// 16 e4m3 codes as 16 bf16 values / 256 (through F16C: exact).
@@ -246,6 +300,175 @@ mod x86 {
         "avx512f,avx512bf16,avx512vl,avx2,fma,f16c",
         Bf16Avx512
     );
+
+    simd_rows_entry!(
+        /// `score_keys_avx512bf16` for rows sharing keys: a chunk of keys decoded once for all rows.
+        score_keys_rows_avx512bf16,
+        "avx512f,avx512bf16,avx512vl,avx2,fma,f16c",
+        Bf16Avx512
+    );
+
+    /// 16 codes at `src` decoded to 16 bf16 values (/ 256) at `dst`.
+    ///
+    /// # Safety
+    /// The features are enabled; `src` has 16 readable bytes, `dst` room for 16 `u16`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16,avx512vl,avx2,f16c")]
+    unsafe fn decode16_to(src: *const u8, dst: *mut u16) {
+        // SAFETY: as the caller promises.
+        unsafe {
+            let v = decode16(_mm_loadu_si128(src.cast()));
+            _mm256_storeu_si256(dst.cast(), std::mem::transmute::<__m256bh, __m256i>(v));
+        }
+    }
+
+    /// One register block of the few-head kernels: 16 decoded keys at `kp` (`d / 2` pairs of bf16
+    /// apart) against the 16 heads' query pairs, 16 `vdpbf16ps` chains in order of the pairs, so
+    /// each head's sum is the twin's. With `next` given, two chunks of 16 of the next block's codes
+    /// are decoded into it per pair (16 keys × `d` codes: `d` chunks in `d / 2` steps), overlapping
+    /// the arithmetic.
+    ///
+    /// # Safety
+    /// The features are enabled; `q.pairs` holds `d / 2 × 16` words, `kp` 16 keys of `d / 2`
+    /// words, and with `next` = (codes, dst) 16 × `d` readable codes and as many writable `u16`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16,avx512vl,avx2,f16c")]
+    unsafe fn block16(
+        q: Query<'_>,
+        kp: *const u32,
+        next: Option<(*const u8, *mut u16)>,
+    ) -> [__m512; 16] {
+        let np = q.d / 2;
+        let mut acc = [_mm512_setzero_ps(); 16];
+        // SAFETY: as the caller promises.
+        unsafe {
+            for p in 0..np {
+                let qv = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                    q.pairs.as_ptr().add(p * 16).cast(),
+                ));
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let kv = _mm512_set1_epi32(*kp.add(i * np + p) as i32);
+                    *a = _mm512_dpbf16_ps(*a, qv, std::mem::transmute::<__m512i, __m512bh>(kv));
+                }
+                if let Some((codes, dst)) = next {
+                    decode16_to(codes.add(p * 32), dst.add(p * 32));
+                    decode16_to(codes.add(p * 32 + 16), dst.add(p * 32 + 16));
+                }
+            }
+        }
+        acc
+    }
+
+    /// `score_keys_avx512bf16` for queries of up to 16 heads (`hp == 16`): 16 keys per register
+    /// block (`block16`, the next block decoded inside its loop) and their head sums in registers
+    /// (`score::x86::finish16`, `tree_sum`'s order). The last `n % 16` keys take
+    /// `score_keys_avx512bf16`: every score is the scalar twin's either way.
+    ///
+    /// # Safety
+    /// The CPU has AVX512-BF16 and the rest of the features; the sizes were checked, `q.hp == 16`
+    /// and `q.d % 32 == 0`.
+    #[target_feature(enable = "avx512f,avx512bf16,avx512vl,avx2,fma,f16c")]
+    pub unsafe fn score_keys_avx512bf16_h16(
+        q: Query<'_>,
+        codes: &[u8],
+        scales: &[f32],
+        out: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) {
+        let (d, n) = (q.d, scales.len());
+        debug_assert!(q.hp == 16 && d.is_multiple_of(32) && codes.len() == n * d);
+        let full = n / 16 * 16;
+        // Two blocks of 16 decoded keys (16 × d bf16 = 8 × d floats each): scored, and next.
+        scratch.resize(16 * d, 0.0);
+        // SAFETY: block `b` reads keys b .. b + 16 ≤ full ≤ n and decodes keys b + 16 .. b + 32
+        // only when b + 32 ≤ full; each scratch half holds 16 × d u16; 16 scales and outputs each.
+        unsafe {
+            let (cp, base) = (codes.as_ptr(), scratch.as_mut_ptr().cast::<u16>());
+            if full > 0 {
+                for c in 0..d {
+                    decode16_to(cp.add(c * 16), base.add(c * 16));
+                }
+            }
+            for (blk, b) in (0..full).step_by(16).enumerate() {
+                let (kp, next) = if blk % 2 == 0 {
+                    (base, base.add(16 * d))
+                } else {
+                    (base.add(16 * d), base)
+                };
+                let more = (b + 32 <= full).then(|| (cp.add((b + 16) * d), next));
+                let acc = block16(q, kp.cast(), more);
+                finish16(q, acc, scales.as_ptr().add(b), out.as_mut_ptr().add(b));
+            }
+            if full < n {
+                score_keys_avx512bf16(
+                    q,
+                    &codes[full * d..],
+                    &scales[full..],
+                    &mut out[full..],
+                    scratch,
+                );
+            }
+        }
+    }
+
+    /// `score_keys_rows_avx512bf16` for queries of up to 16 heads: a chunk of keys decoded once
+    /// for all the rows, then each row's whole register blocks of 16 over it; a row's last
+    /// `count % 16` keys take `score_keys_avx512bf16`. Each row's scores are `score_keys`' bits.
+    ///
+    /// # Safety
+    /// As `score_keys_avx512bf16_h16`, for every row (counts ≤ n, outputs in range: checked by
+    /// `score::score_keys_rows`).
+    #[target_feature(enable = "avx512f,avx512bf16,avx512vl,avx2,fma,f16c")]
+    pub unsafe fn score_keys_rows_avx512bf16_h16(
+        qs: &[Query<'_>],
+        counts: &[usize],
+        codes: &[u8],
+        scales: &[f32],
+        out: &mut [f32],
+        stride: usize,
+        scratch: &mut Vec<f32>,
+    ) {
+        let d = qs[0].d;
+        let n = counts.iter().copied().max().unwrap_or(0);
+        // A multiple of 16 keys per chunk, about ROWS_CHUNK_FLOATS floats of bf16 pairs.
+        let chunk = (2 * ROWS_CHUNK_FLOATS / d / 16).max(1) * 16;
+        scratch.resize(chunk * d / 2, 0.0);
+        let mut tail = Vec::new();
+        let mut c0 = 0;
+        // SAFETY: the chunk's keys c0 .. c1 ≤ n are decoded into the scratch (chunk × d u16); row
+        // r's block at s reads keys s .. s + 16 ≤ min(c1, counts[r]) of it, 16 scales, and writes
+        // out[r · stride + s ..][.. 16] (in range: checked by the caller).
+        unsafe {
+            while c0 < n {
+                let c1 = (c0 + chunk).min(n);
+                let kp = scratch.as_mut_ptr().cast::<u16>();
+                for c in 0..(c1 - c0) * d / 16 {
+                    decode16_to(codes.as_ptr().add(c0 * d + c * 16), kp.add(c * 16));
+                }
+                for ((q, &m), r) in qs.iter().zip(counts).zip(0..) {
+                    let end = c1.min(m);
+                    let mut s = c0;
+                    while s + 16 <= end {
+                        let acc = block16(*q, kp.add((s - c0) * d).cast(), None);
+                        let o = out.as_mut_ptr().add(r * stride + s);
+                        finish16(*q, acc, scales.as_ptr().add(s), o);
+                        s += 16;
+                    }
+                    if s < end {
+                        let o = &mut out[r * stride + s..r * stride + end];
+                        score_keys_avx512bf16(
+                            *q,
+                            &codes[s * d..end * d],
+                            &scales[s..end],
+                            o,
+                            &mut tail,
+                        );
+                    }
+                }
+                c0 = c1;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -374,5 +597,105 @@ mod tests {
             }
         }
         println!("compared the AVX512-BF16 kernel {compared} times"); // 0 without the instruction
+    }
+
+    /// The few-head kernel (16 keys per register block) and the rows kernels (keys decoded once for
+    /// several rows) equal the scalar twin row by row, bit for bit: whole blocks, tails, rows whose
+    /// counts differ or are 0, FP8 and float32 queries.
+    #[test]
+    fn few_head_and_rows_bf16_kernels_equal_the_scalar_twin() {
+        use crate::score::score_keys_rows;
+        let mut next = lcg(0x0b16_0016);
+        let mut compared = 0;
+        for &(heads, d, n) in &[
+            (16, 64, 16),
+            (16, 64, 17),
+            (9, 64, 100),
+            (16, 32, 33),
+            (1, 128, 48),
+            (16, 128, 257),
+            (64, 64, 70),
+            (20, 128, 31),
+        ] {
+            for fp8_queries in [true, false] {
+                let hp = padded_heads(heads);
+                let rows = 3;
+                let mut all_pairs = Vec::new();
+                let mut weights = Vec::new();
+                for _ in 0..rows {
+                    let mut qt = vec![0.0f32; d * hp];
+                    let mut hw = vec![0.0f32; hp];
+                    for h in 0..heads {
+                        for dd in 0..d {
+                            qt[dd * hp + h] = if fp8_queries {
+                                let c = (next() % 256) as usize;
+                                if c & 0x7f == 0x7f {
+                                    0.0
+                                } else {
+                                    DECODE_TABLE[c]
+                                }
+                            } else {
+                                unit(&mut next) * 2f32.powi((next() % 21) as i32 - 10)
+                            };
+                        }
+                        hw[h] = unit(&mut next);
+                    }
+                    let mut pairs = Vec::new();
+                    build_pairs(&qt, hp, d, &mut pairs);
+                    all_pairs.push((qt, pairs));
+                    weights.push(hw);
+                }
+                let qs: Vec<Query<'_>> = all_pairs
+                    .iter()
+                    .zip(&weights)
+                    .map(|((qt, pairs), hw)| Query {
+                        qt,
+                        hw,
+                        hp,
+                        d,
+                        pairs,
+                    })
+                    .collect();
+                let codes: Vec<u8> = (0..n * d)
+                    .map(|_| (next() % 256) as u8)
+                    .map(|c| if c & 0x7f == 0x7f { c ^ 1 } else { c })
+                    .collect();
+                let scales: Vec<f32> = (0..n)
+                    .map(|_| 2f32.powi((next() % 24) as i32 - 14))
+                    .collect();
+                let counts = [n, 0, (next() as usize) % (n + 1)];
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                for isa in Isa::available() {
+                    let mut got = vec![f32::NAN; rows * n];
+                    let mut scratch = vec![1.0f32; (next() % 64) as usize];
+                    score_keys_rows(
+                        isa,
+                        &qs,
+                        &counts,
+                        &codes,
+                        &scales,
+                        &mut got,
+                        n,
+                        &mut scratch,
+                    )
+                    .unwrap();
+                    for (r, q) in qs.iter().enumerate() {
+                        let m = counts[r];
+                        let mut want = vec![0.0f32; m];
+                        let (c, sc) = (&codes[..m * d], &scales[..m]);
+                        score_keys(Isa::Scalar, *q, c, sc, &mut want, &mut Vec::new()).unwrap();
+                        let mut alone = vec![f32::NAN; m];
+                        score_keys(isa, *q, c, sc, &mut alone, &mut vec![f32::NAN; 5]).unwrap();
+                        let row = &got[r * n..(r + 1) * n];
+                        let at = format!("{isa:?} heads={heads} d={d} n={n} row {r}");
+                        assert_eq!(bits(&alone), bits(&want), "alone: {at}");
+                        assert_eq!(bits(&row[..m]), bits(&want), "rows: {at}");
+                        assert!(row[m..].iter().all(|x| x.is_nan()), "{at}");
+                    }
+                    compared += usize::from(simd_ok(isa, d));
+                }
+            }
+        }
+        println!("compared the AVX512-BF16 kernels {compared} times"); // 0 without the instruction
     }
 }
