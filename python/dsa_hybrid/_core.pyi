@@ -34,8 +34,10 @@ __version__: str
 """The crate's version (`rust/Cargo.toml`)."""
 
 def cpu_features() -> dict[str, bool | str]:
-    """Detected CPU features (name -> present) plus `simd_path`, the SIMD path the kernels dispatch to now.
-    x86-64: `sse4.2`, `avx2`, `fma`, `f16c`, `avx512f`, `avx512bw`. aarch64: `neon`, `asimddp` (dot
+    """Detected CPU features (name -> present) plus `simd_path`, the SIMD path the kernels dispatch to now,
+    and `indexer_query_dtype`, what `query_dtype="auto"` scores FP8-quantized indexer queries with here
+    ("bfloat16" or "float32"). x86-64: `sse4.2`, `avx2`, `fma`, `f16c`, `avx512f`, `avx512bw`,
+    `avx512bf16`. aarch64: `neon`, `asimddp` (dot
     product), `fp16`, `bf16`, `i8mm`, `sve`, `sve2` (reported only: the kernels use NEON)."""
 
 def fp8_quantize_rows(
@@ -248,8 +250,10 @@ class IndexerKeyCache:
         ValueError for shapes, NaN/inf in `q` or `weights` or among a row's scores (named `q, weights`),
         `k` outside `[1, 2**31 - 1]`, `threads` outside `[1, 1024]`; MemoryError naming `k` for an output
         past 2**40 bytes (or `positions` for a row of scores) that cannot be allocated. `query_dtype`:
-        "float32" (default) or "bfloat16" (queries rounded to bf16, `vdpbf16ps` where the CPU has
-        AVX512-BF16, its exact scalar twin elsewhere); ValueError / TypeError naming it otherwise. Releases
+        "auto" (default, `None`), "float32" or "bfloat16" (queries rounded to bf16, `vdpbf16ps` where the
+        CPU has AVX512-BF16, its exact scalar twin elsewhere); "auto" is "bfloat16" for FP8-quantized
+        queries where the CPU runs it faster (`cpu_features()["indexer_query_dtype"]`, or the environment
+        variable `DSA_HYBRID_QUERY_DTYPE`), else "float32"; ValueError / TypeError naming it otherwise. Releases
         the GIL."""
     def scores(
         self,

@@ -42,6 +42,24 @@ pub fn features() -> Vec<(&'static str, bool)> {
     }
 }
 
+/// Whether the CPU is an AMD one (x86-64 CPUID vendor "AuthenticAMD"); false elsewhere.
+pub fn is_amd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // CPUID leaf 0 exists on every x86-64 CPU; the vendor string is in EBX, EDX, ECX.
+        let r = std::arch::x86_64::__cpuid(0);
+        let mut v = [0u8; 12];
+        for (i, w) in [r.ebx, r.edx, r.ecx].into_iter().enumerate() {
+            v[4 * i..4 * i + 4].copy_from_slice(&w.to_le_bytes());
+        }
+        &v == b"AuthenticAMD"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// An instruction set a kernel can be compiled for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {

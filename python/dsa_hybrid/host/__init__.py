@@ -31,7 +31,10 @@ def cpu_features() -> dict[str, bool | str]:
     """CPU features detected by the Rust core and `simd_path`, the SIMD path its kernels dispatch to on this
     machine. On x86-64: `sse4.2`, `avx2`, `fma`, `f16c`, `avx512f`, `avx512bw`, `avx512bf16` (the bf16
     scoring kernel, `query_dtype="bfloat16"`); on aarch64: `neon`,
-    `asimddp` (dot product), `bf16`, `i8mm`, `fp16`, `sve`, `sve2` (reported only: the kernels use NEON)."""
+    `asimddp` (dot product), `bf16`, `i8mm`, `fp16`, `sve`, `sve2` (reported only: the kernels use NEON).
+    `indexer_query_dtype`: what the indexer's `query_dtype="auto"` scores FP8-quantized queries with here,
+    "bfloat16" (AMD cores with AVX512-BF16, where it is faster) or "float32"; `DSA_HYBRID_QUERY_DTYPE`
+    pins it."""
     return dict(_core.cpu_features())
 
 

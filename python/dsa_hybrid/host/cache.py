@@ -273,7 +273,7 @@ class IndexerKeyCache:
         quantize_queries: bool = True,
         sorted: bool = False,
         threads: int | None = None,
-        query_dtype: str = "float32",
+        query_dtype: str = "auto",
     ) -> npt.NDArray[np.int32]:
         """The lightning indexer on the host: each query row's top-`k` keys (dsa.md §4, §5).
 
@@ -290,12 +290,16 @@ class IndexerKeyCache:
                 scale after the Hadamard rotation, as deployed; False keeps the rotated queries in float32.
             sorted: False: each row ascending by position; True: by descending score.
             threads: worker threads (default: one per core; few-row batches split each row's keys).
-            query_dtype: "float32" (default) or "bfloat16": score with the (rotated, maybe quantized)
-                queries rounded to bfloat16, by `vdpbf16ps` on CPUs with AVX512-BF16 (about twice the
-                float32 rate) and by its exact scalar twin elsewhere (slow; the same bits). FP8 keys are
-                exact in bf16; with `quantize_queries` the queries are too, so only the order of the
-                float32 sums changes (pairs of dimensions, the instruction's order); without it the
-                selection is the top-k of the bf16-query scores. docs/performance.md, "bf16 scoring".
+            query_dtype: "auto" (default), "float32" or "bfloat16". "bfloat16" scores with the (rotated,
+                maybe quantized) queries rounded to bfloat16, by `vdpbf16ps` on CPUs with AVX512-BF16
+                (1.2–1.8× the float32 rate on AMD cores) and by its exact scalar twin elsewhere (slow; the
+                same bits). FP8 keys are exact in bf16; with `quantize_queries` the queries are too, so
+                only the order of the float32 sums changes (pairs of dimensions, the instruction's order);
+                without it the selection is the top-k of the bf16-query scores. "auto" is "bfloat16" for
+                quantized queries on a CPU where it is faster (`cpu_features()["indexer_query_dtype"]`;
+                the environment variable `DSA_HYBRID_QUERY_DTYPE` pins it), else "float32": a
+                property of the machine, so every SIMD path of one machine gives the same bits.
+                docs/performance.md, "bf16 scoring".
 
         Returns int32 `[T, k]`, −1 padded; rows with `p_t + 1 ≤ k` select every visible key (no scoring).
         Ties go to the lowest position. Scores are accumulated in float32 from exact FP8 products.
@@ -324,7 +328,7 @@ class IndexerKeyCache:
         *,
         quantize_queries: bool = True,
         threads: int | None = None,
-        query_dtype: str = "float32",
+        query_dtype: str = "auto",
     ) -> npt.NDArray[np.float32]:
         """The indexer scores `select` ranks, float32 `[T, L]` with `L = max(positions) + 1`; entries past a
         row's own `p_t` are −inf. Arguments as in `select`. For tests and callers that want the scores."""
@@ -352,7 +356,7 @@ class IndexerKeyCache:
         quantize_queries: bool = True,
         sorted: bool = False,
         threads: int | None = None,
-        query_dtype: str = "float32",
+        query_dtype: str = "auto",
     ) -> npt.NDArray[np.int32]:
         """`select` through the caller's block tables instead of the cache's sequences.
 
@@ -392,7 +396,7 @@ class IndexerKeyCache:
         *,
         quantize_queries: bool = True,
         threads: int | None = None,
-        query_dtype: str = "float32",
+        query_dtype: str = "auto",
     ) -> npt.NDArray[np.float32]:
         """`scores` through block tables (arguments as in `select_paged`): float32 `[T, max(positions) + 1]`,
         −inf past each row's own position."""

@@ -37,7 +37,27 @@ def check_simd_env() -> str | None:
     return text
 
 
+QUERY_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def check_query_dtype_env() -> str | None:
+    """Warn (`RuntimeWarning`, naming the value) when `DSA_HYBRID_QUERY_DTYPE` is set to anything but
+    "auto", "float32" or "bfloat16": the Rust core then ignores it and "auto" decides by the CPU. Runs once
+    at import; returns the warning's text (None when the variable is unset or valid)."""
+    value = os.environ.get("DSA_HYBRID_QUERY_DTYPE", "").strip()
+    if not value or value in QUERY_DTYPES:
+        return None
+    auto = _core.cpu_features()["indexer_query_dtype"]
+    text = (
+        f"DSA_HYBRID_QUERY_DTYPE={value!r} is not one of {', '.join(QUERY_DTYPES)}; ignored, "
+        f'query_dtype="auto" scores FP8 queries as {auto!r} on this CPU'
+    )
+    warnings.warn(text, RuntimeWarning, stacklevel=2)
+    return text
+
+
 check_simd_env()
+check_query_dtype_env()
 
 
 def topk(

@@ -16,6 +16,13 @@ pub fn cpu_features(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
             d.set_item(name, present)?;
         }
         d.set_item("simd_path", cpu::simd_path())?;
+        // What `query_dtype="auto"` scores FP8-quantized indexer queries with on this CPU.
+        let auto = if super::select::auto_bf16() {
+            "bfloat16"
+        } else {
+            "float32"
+        };
+        d.set_item("indexer_query_dtype", auto)?;
         Ok(d)
     })
 }

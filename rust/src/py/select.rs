@@ -69,18 +69,45 @@ pub struct Opts {
     bf16: bool,
 }
 
-/// `query_dtype`: `None` or "float32" (false), "bfloat16" (true).
-fn query_dtype(obj: Option<&Bound<'_, PyAny>>) -> PyResult<bool> {
-    let Some(obj) = obj.filter(|o| !o.is_none()) else {
-        return Ok(false);
-    };
-    let name = args::string("query_dtype", obj)?;
-    match name.as_str() {
-        "float32" => Ok(false),
-        "bfloat16" => Ok(true),
+/// The environment variable that pins `query_dtype="auto"` when set to "float32" or "bfloat16".
+pub const QUERY_DTYPE_ENV: &str = "DSA_HYBRID_QUERY_DTYPE";
+
+/// A `query_dtype` argument: Some(false) "float32", Some(true) "bfloat16", None "auto";
+/// ValueError naming it for anything else.
+fn parse_query_dtype(name: &str) -> PyResult<Option<bool>> {
+    match name {
+        "float32" => Ok(Some(false)),
+        "bfloat16" => Ok(Some(true)),
+        "auto" => Ok(None),
         other => Err(PyValueError::new_err(format!(
-            "query_dtype: expected \"float32\" or \"bfloat16\", got {other:?}"
+            "query_dtype: expected \"auto\", \"float32\" or \"bfloat16\", got {other:?}"
         ))),
+    }
+}
+
+/// What "auto" scores FP8-quantized queries with here: `DSA_HYBRID_QUERY_DTYPE` when it names a
+/// dtype, else bf16 where the CPU runs it faster (`score_bf16::auto_prefers_bf16`); any other value
+/// of the variable is ignored, as an unusable `DSA_HYBRID_SIMD` is (the Python package warns of
+/// both at import). Unquantized queries stay float32 under "auto" (rounding them would change the
+/// function, not only the order of the sums).
+pub fn auto_bf16() -> bool {
+    let env = std::env::var(QUERY_DTYPE_ENV).unwrap_or_default();
+    match env.trim() {
+        "float32" => false,
+        "bfloat16" => true,
+        _ => crate::score_bf16::auto_prefers_bf16(),
+    }
+}
+
+/// `query_dtype` (`None` is "auto") with `quantize_queries`: whether to score in bf16.
+fn query_dtype(obj: Option<&Bound<'_, PyAny>>, quantize: bool) -> PyResult<bool> {
+    let choice = match obj.filter(|o| !o.is_none()) {
+        None => None,
+        Some(obj) => parse_query_dtype(&args::string("query_dtype", obj)?)?,
+    };
+    match choice {
+        Some(bf16) => Ok(bf16),
+        None => Ok(quantize && auto_bf16()),
     }
 }
 
@@ -93,11 +120,12 @@ impl Opts {
         threads: Option<&Bound<'_, PyAny>>,
         dtype: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
+        let quantize = args::flag("quantize_queries", quantize, true)?;
         Ok(Opts {
-            bf16: query_dtype(dtype)?,
+            bf16: query_dtype(dtype, quantize)?,
             k: args::k(k)?,
             as_slots: args::flag("as_slots", as_slots, false)?,
-            quantize: args::flag("quantize_queries", quantize, true)?,
+            quantize,
             sorted: args::flag("sorted", sorted, false)?,
             threads: args::threads(threads)?,
         })
@@ -108,11 +136,12 @@ impl Opts {
         threads: Option<&Bound<'_, PyAny>>,
         dtype: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
+        let quantize = args::flag("quantize_queries", quantize, true)?;
         Ok(Opts {
-            bf16: query_dtype(dtype)?,
+            bf16: query_dtype(dtype, quantize)?,
             k: 1,
             as_slots: false,
-            quantize: args::flag("quantize_queries", quantize, true)?,
+            quantize,
             sorted: false,
             threads: args::threads(threads)?,
         })
