@@ -7,6 +7,7 @@ use std::hint::black_box;
 use dsa_hybrid_core::cpu::Isa;
 use dsa_hybrid_core::fp8::DECODE_TABLE;
 use dsa_hybrid_core::score::{padded_heads, score_keys, score_keys_rows, Query};
+use dsa_hybrid_core::score_bf16::{build_pairs, has_bf16_kernel};
 use dsa_hybrid_core::topk::{topk_row, Scratch};
 
 /// This thread's CPU time in seconds (Linux; wall time elsewhere), so that a loaded machine's
@@ -75,12 +76,28 @@ fn bench_score(heads: usize, d: usize) {
         d,
         pairs: &[],
     };
+    let mut pairs = Vec::new();
+    build_pairs(&qt, hp, d, &mut pairs);
+    let qb = Query { pairs: &pairs, ..q };
     let mut out = vec![0f32; n];
     let mut scratch = Vec::new();
     let flops = 2.0 * (heads * d * n) as f64;
     println!("indexer scoring, H_I={heads}, D_I={d}, {n} keys in pages of 64:");
     let mut scalar = None;
-    for isa in Isa::available() {
+    let best = *Isa::available().last().unwrap();
+    let bf16_runs = if has_bf16_kernel(best) {
+        vec![(best, true)]
+    } else {
+        vec![]
+    };
+    let runs: Vec<(Isa, bool)> = Isa::available()
+        .into_iter()
+        .map(|i| (i, false))
+        .chain(bf16_runs)
+        .collect();
+    for (isa, bf16) in runs {
+        let q = if bf16 { qb } else { q };
+        let name = if bf16 { "bf16" } else { isa.name() };
         let reps = if isa == Isa::Scalar { 1 } else { 40 };
         let t = best_of(reps, || {
             for (c, (s, o)) in codes
@@ -94,7 +111,7 @@ fn bench_score(heads: usize, d: usize) {
         let base = *scalar.get_or_insert(t);
         println!(
             "  {:7} {:8.2} ms  {:6.1} GFLOP/s  {:5.1}x scalar",
-            isa.name(),
+            name,
             t * 1e3,
             flops / t / 1e9,
             base / t
@@ -116,7 +133,7 @@ fn bench_score(heads: usize, d: usize) {
         });
         println!(
             "  {:7} {:8.2} ms  {:6.1} GFLOP/s  ({rows} rows sharing the pages)",
-            isa.name(),
+            name,
             t * 1e3,
             rows as f64 * flops / t / 1e9,
         );

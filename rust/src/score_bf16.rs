@@ -68,6 +68,51 @@ fn simd_ok(isa: Isa, d: usize) -> bool {
     }
 }
 
+/// Whether the few-head bf16 kernels can run (beyond `simd_ok`): they decode keys with AVX512-VBMI
+/// byte lookups (every AVX512-BF16 CPU but Cooper Lake has it; there the general kernel runs).
+fn few_head_ok() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512vbmi")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// bf16 bits of e4m3 code `c` / 256 as `decode16` computes it (the 7 magnitude bits read as a
+/// float16's exponent and mantissa, so also the NaN codes 0x7f / 0xff, which no cache holds, map
+/// as it maps them), sign from bit 7.
+const fn code_bf16_bits(c: u8) -> u16 {
+    let (e, m) = (((c >> 3) & 15) as u16, (c & 7) as u16);
+    let mag = if e > 0 {
+        ((e + 112) << 7) | (m << 4)
+    } else if m == 0 {
+        0
+    } else {
+        // float16 subnormal m · 2^-17: normalize (msb 0, 1 or 2).
+        let msb = 15 - m.leading_zeros() as u16;
+        ((110 + msb) << 7) | ((m - (1 << msb)) << (7 - msb))
+    };
+    mag | (((c & 0x80) as u16) << 8)
+}
+
+/// `code_bf16_bits` of codes 0 … 127: low bytes and high bytes (the sign is added separately).
+static CODE_BF16_LO: [u8; 128] = code_table(false);
+static CODE_BF16_HI: [u8; 128] = code_table(true);
+
+const fn code_table(high: bool) -> [u8; 128] {
+    let mut t = [0u8; 128];
+    let mut i = 0;
+    while i < 128 {
+        let b = code_bf16_bits(i as u8);
+        t[i] = if high { (b >> 8) as u8 } else { b as u8 };
+        i += 1;
+    }
+    t
+}
+
 /// Whether this CPU runs the bf16 scoring with `vdpbf16ps` on `isa` (otherwise the scalar twin).
 pub fn has_bf16_kernel(isa: Isa) -> bool {
     simd_ok(isa, 128)
@@ -97,8 +142,9 @@ pub fn score_keys_bf16(
         // SAFETY: the CPU has the features (checked in `simd_ok`); the sizes were checked by
         // `score::score_keys` (pairs `d/2 × hp`, codes `n × d`, out `n`).
         unsafe {
-            if q.hp == 16 {
-                x86::score_keys_avx512bf16_h16(q, codes, scales, out, scratch)
+            if q.hp == 16 && few_head_ok() {
+                let n = scales.len();
+                x86::score_keys_rows_avx512bf16_h16(&[q], &[n], codes, scales, out, n, scratch)
             } else {
                 x86::score_keys_avx512bf16(q, codes, scales, out, scratch)
             }
@@ -129,7 +175,7 @@ pub fn score_keys_rows_bf16(
             // SAFETY: the CPU has the features (`simd_ok`); the sizes were checked by the caller
             // (`score::score_keys_rows`: every query against the keys, counts and outputs in range).
             unsafe {
-                if qs[0].hp == 16 {
+                if qs[0].hp == 16 && few_head_ok() {
                     x86::score_keys_rows_avx512bf16_h16(
                         qs, counts, codes, scales, out, stride, scratch,
                     )
@@ -172,7 +218,7 @@ fn score_keys_bf16_scalar(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::Query;
+    use super::{Query, CODE_BF16_HI, CODE_BF16_LO};
     use crate::score::x86::{finish16, tree_sum_avx2};
     use crate::score::{simd_entry, simd_rows_entry, BlockKernel, ROWS_CHUNK_FLOATS};
     use std::arch::x86_64::*;
@@ -308,36 +354,40 @@ mod x86 {
         Bf16Avx512
     );
 
-    /// 16 codes at `src` decoded to 16 bf16 values (/ 256) at `dst`.
+    /// 64 codes at `src` decoded to 64 bf16 values (/ 256) at `dst`, the bits of `decode16`: two
+    /// 128-entry byte lookups (`vpermi2b`) of the magnitude's low and high bytes, the sign or-ed in,
+    /// the bytes interleaved (the codes' quadwords permuted first so the in-lane unpacks keep order).
     ///
     /// # Safety
-    /// The features are enabled; `src` has 16 readable bytes, `dst` room for 16 `u16`.
+    /// The features are enabled; `src` has 64 readable bytes, `dst` room for 64 `u16`.
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bf16,avx512vl,avx2,f16c")]
-    unsafe fn decode16_to(src: *const u8, dst: *mut u16) {
-        // SAFETY: as the caller promises.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    pub(super) unsafe fn decode64(src: *const u8, dst: *mut u16) {
+        // SAFETY: the tables are 128 bytes each; the rest as the caller promises.
         unsafe {
-            let v = decode16(_mm_loadu_si128(src.cast()));
-            _mm256_storeu_si256(dst.cast(), std::mem::transmute::<__m256bh, __m256i>(v));
+            let t =
+                |p: &[u8; 128], half: usize| _mm512_loadu_si512(p.as_ptr().add(64 * half).cast());
+            let order = _mm512_setr_epi64(0, 4, 1, 5, 2, 6, 3, 7);
+            let c = _mm512_permutexvar_epi64(order, _mm512_loadu_si512(src.cast()));
+            let lo = _mm512_permutex2var_epi8(t(&CODE_BF16_LO, 0), c, t(&CODE_BF16_LO, 1));
+            let hi = _mm512_permutex2var_epi8(t(&CODE_BF16_HI, 0), c, t(&CODE_BF16_HI, 1));
+            // hi | (c & 0x80)
+            let hi = _mm512_ternarylogic_epi32::<0xF8>(hi, c, _mm512_set1_epi8(0x80u8 as i8));
+            _mm512_storeu_si512(dst.cast(), _mm512_unpacklo_epi8(lo, hi));
+            _mm512_storeu_si512(dst.add(32).cast(), _mm512_unpackhi_epi8(lo, hi));
         }
     }
 
     /// One register block of the few-head kernels: 16 decoded keys at `kp` (`d / 2` pairs of bf16
     /// apart) against the 16 heads' query pairs, 16 `vdpbf16ps` chains in order of the pairs, so
-    /// each head's sum is the twin's. With `next` given, two chunks of 16 of the next block's codes
-    /// are decoded into it per pair (16 keys × `d` codes: `d` chunks in `d / 2` steps), overlapping
-    /// the arithmetic.
+    /// each head's sum is the twin's. (Decoding the next block inside this loop, as the float32
+    /// few-head kernel does, ran at half the rate: the keys are decoded a chunk ahead instead.)
     ///
     /// # Safety
-    /// The features are enabled; `q.pairs` holds `d / 2 × 16` words, `kp` 16 keys of `d / 2`
-    /// words, and with `next` = (codes, dst) 16 × `d` readable codes and as many writable `u16`.
+    /// The features are enabled; `q.pairs` holds `d / 2 × 16` words, `kp` 16 keys of `d / 2` words.
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bf16,avx512vl,avx2,f16c")]
-    unsafe fn block16(
-        q: Query<'_>,
-        kp: *const u32,
-        next: Option<(*const u8, *mut u16)>,
-    ) -> [__m512; 16] {
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vbmi")]
+    unsafe fn block16(q: Query<'_>, kp: *const u32) -> [__m512; 16] {
         let np = q.d / 2;
         let mut acc = [_mm512_setzero_ps(); 16];
         // SAFETY: as the caller promises.
@@ -350,75 +400,22 @@ mod x86 {
                     let kv = _mm512_set1_epi32(*kp.add(i * np + p) as i32);
                     *a = _mm512_dpbf16_ps(*a, qv, std::mem::transmute::<__m512i, __m512bh>(kv));
                 }
-                if let Some((codes, dst)) = next {
-                    decode16_to(codes.add(p * 32), dst.add(p * 32));
-                    decode16_to(codes.add(p * 32 + 16), dst.add(p * 32 + 16));
-                }
             }
         }
         acc
     }
 
-    /// `score_keys_avx512bf16` for queries of up to 16 heads (`hp == 16`): 16 keys per register
-    /// block (`block16`, the next block decoded inside its loop) and their head sums in registers
-    /// (`score::x86::finish16`, `tree_sum`'s order). The last `n % 16` keys take
-    /// `score_keys_avx512bf16`: every score is the scalar twin's either way.
+    /// `score_keys_rows_avx512bf16` for queries of up to 16 heads (`hp == 16`; also one row alone):
+    /// a chunk of keys decoded once for all the rows (`decode64`), then each row's whole register
+    /// blocks of 16 over it (`block16`) and their head sums in registers (`score::x86::finish16`,
+    /// `tree_sum`'s order); a row's last `count % 16` keys take `score_keys_avx512bf16`. Each row's
+    /// scores are the scalar twin's bits.
     ///
     /// # Safety
-    /// The CPU has AVX512-BF16 and the rest of the features; the sizes were checked, `q.hp == 16`
-    /// and `q.d % 32 == 0`.
-    #[target_feature(enable = "avx512f,avx512bf16,avx512vl,avx2,fma,f16c")]
-    pub unsafe fn score_keys_avx512bf16_h16(
-        q: Query<'_>,
-        codes: &[u8],
-        scales: &[f32],
-        out: &mut [f32],
-        scratch: &mut Vec<f32>,
-    ) {
-        let (d, n) = (q.d, scales.len());
-        debug_assert!(q.hp == 16 && d.is_multiple_of(32) && codes.len() == n * d);
-        let full = n / 16 * 16;
-        // Two blocks of 16 decoded keys (16 × d bf16 = 8 × d floats each): scored, and next.
-        scratch.resize(16 * d, 0.0);
-        // SAFETY: block `b` reads keys b .. b + 16 ≤ full ≤ n and decodes keys b + 16 .. b + 32
-        // only when b + 32 ≤ full; each scratch half holds 16 × d u16; 16 scales and outputs each.
-        unsafe {
-            let (cp, base) = (codes.as_ptr(), scratch.as_mut_ptr().cast::<u16>());
-            if full > 0 {
-                for c in 0..d {
-                    decode16_to(cp.add(c * 16), base.add(c * 16));
-                }
-            }
-            for (blk, b) in (0..full).step_by(16).enumerate() {
-                let (kp, next) = if blk % 2 == 0 {
-                    (base, base.add(16 * d))
-                } else {
-                    (base.add(16 * d), base)
-                };
-                let more = (b + 32 <= full).then(|| (cp.add((b + 16) * d), next));
-                let acc = block16(q, kp.cast(), more);
-                finish16(q, acc, scales.as_ptr().add(b), out.as_mut_ptr().add(b));
-            }
-            if full < n {
-                score_keys_avx512bf16(
-                    q,
-                    &codes[full * d..],
-                    &scales[full..],
-                    &mut out[full..],
-                    scratch,
-                );
-            }
-        }
-    }
-
-    /// `score_keys_rows_avx512bf16` for queries of up to 16 heads: a chunk of keys decoded once
-    /// for all the rows, then each row's whole register blocks of 16 over it; a row's last
-    /// `count % 16` keys take `score_keys_avx512bf16`. Each row's scores are `score_keys`' bits.
-    ///
-    /// # Safety
-    /// As `score_keys_avx512bf16_h16`, for every row (counts ≤ n, outputs in range: checked by
-    /// `score::score_keys_rows`).
-    #[target_feature(enable = "avx512f,avx512bf16,avx512vl,avx2,fma,f16c")]
+    /// The CPU has AVX512-BF16, AVX512-VBMI and the rest of the features; `hp == 16`, `d % 32 == 0`,
+    /// and the sizes were checked by `score::score_keys` / `score_keys_rows` (every query against the
+    /// keys, counts ≤ n, outputs in range).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vbmi,avx512vl,avx2,fma,f16c")]
     pub unsafe fn score_keys_rows_avx512bf16_h16(
         qs: &[Query<'_>],
         counts: &[usize],
@@ -442,14 +439,14 @@ mod x86 {
             while c0 < n {
                 let c1 = (c0 + chunk).min(n);
                 let kp = scratch.as_mut_ptr().cast::<u16>();
-                for c in 0..(c1 - c0) * d / 16 {
-                    decode16_to(codes.as_ptr().add(c0 * d + c * 16), kp.add(c * 16));
+                for c in 0..(c1 - c0) * d / 64 {
+                    decode64(codes.as_ptr().add(c0 * d + c * 64), kp.add(c * 64));
                 }
                 for ((q, &m), r) in qs.iter().zip(counts).zip(0..) {
                     let end = c1.min(m);
                     let mut s = c0;
                     while s + 16 <= end {
-                        let acc = block16(*q, kp.add((s - c0) * d).cast(), None);
+                        let acc = block16(*q, kp.add((s - c0) * d).cast());
                         let o = out.as_mut_ptr().add(r * stride + s);
                         finish16(*q, acc, scales.as_ptr().add(s), o);
                         s += 16;
@@ -498,6 +495,30 @@ mod tests {
                     "FP8 code {c:#x} is exact in bf16"
                 );
             }
+        }
+    }
+
+    /// The few-head kernels' byte-lookup decode gives every code's exact value / 256, and the SIMD
+    /// lookup (where the CPU has AVX512-VBMI) the table's bits, in order, for all 256 codes.
+    #[test]
+    fn the_lookup_decode_is_exact_for_every_code() {
+        for (c, &v) in DECODE_TABLE.iter().enumerate() {
+            let got = bf16(u32::from(code_bf16_bits(c as u8)));
+            if v.is_finite() {
+                assert_eq!(got.to_bits(), (v / 256.0).to_bits(), "code {c:#x}");
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512vbmi") && std::is_x86_feature_detected!("avx512bw")
+        {
+            let codes: Vec<u8> = (0..=255u8).rev().collect();
+            let mut out = vec![0u16; 256];
+            for i in 0..4 {
+                // SAFETY: the CPU has the features; 64 codes in, 64 values out per call.
+                unsafe { x86::decode64(codes.as_ptr().add(64 * i), out.as_mut_ptr().add(64 * i)) };
+            }
+            let want: Vec<u16> = codes.iter().map(|&c| code_bf16_bits(c)).collect();
+            assert_eq!(out, want);
         }
     }
 
