@@ -143,10 +143,15 @@ def bench_topk(t: Table, lengths: list[int]) -> None:
 
 
 def bench_indexer(t: Table, lengths: list[int], peak: float) -> None:
+    from dsa_hybrid.host import cpu_features
     from dsa_hybrid.host.cache import IndexerKeyCache
 
-    t.title("host indexer score + top-2048 from the FP8 cache, H = 64, D = 128, 4 query rows, 1 thread")
-    t.header("L", "ours ms", "numpy ms (f32 keys)", "faster", "scoring GFLOP/s", "of FMA peak")
+    # The default query_dtype ("auto") scores FP8 queries in bf16 on some CPUs: say which, since a bf16
+    # dot-product instruction can pass the float32 FMA peak.
+    dtype = cpu_features()["indexer_query_dtype"]
+    t.title(f"host indexer score + top-2048 from the FP8 cache, H = 64, D = 128, 4 query rows, 1 thread, "
+            f"scored in {dtype} (query_dtype=\"auto\")")  # fmt: skip
+    t.header("L", "ours ms", "numpy ms (f32 keys)", "faster", "scoring GFLOP/s", "of f32 FMA peak")
     rng = np.random.default_rng(1)
     T, H, D, K = 4, 64, 128, 2048
     for L in lengths:
