@@ -70,20 +70,15 @@ fn simd_ok(isa: Isa, d: usize) -> bool {
 
 /// Whether the few-head bf16 kernels can run (beyond `simd_ok`): they decode keys with AVX512-VBMI
 /// byte lookups (every AVX512-BF16 CPU but Cooper Lake has it; there the general kernel runs).
+#[cfg(target_arch = "x86_64")]
 fn few_head_ok() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512vbmi")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    std::is_x86_feature_detected!("avx512vbmi")
 }
 
 /// bf16 bits of e4m3 code `c` / 256 as `decode16` computes it (the 7 magnitude bits read as a
 /// float16's exponent and mantissa, so also the NaN codes 0x7f / 0xff, which no cache holds, map
-/// as it maps them), sign from bit 7.
+/// as it maps them), sign from bit 7. (For the few-head kernels' decode, as the tables below.)
+#[cfg(target_arch = "x86_64")]
 const fn code_bf16_bits(c: u8) -> u16 {
     let (e, m) = (((c >> 3) & 15) as u16, (c & 7) as u16);
     let mag = if e > 0 {
@@ -99,9 +94,12 @@ const fn code_bf16_bits(c: u8) -> u16 {
 }
 
 /// `code_bf16_bits` of codes 0 … 127: low bytes and high bytes (the sign is added separately).
+#[cfg(target_arch = "x86_64")]
 static CODE_BF16_LO: [u8; 128] = code_table(false);
+#[cfg(target_arch = "x86_64")]
 static CODE_BF16_HI: [u8; 128] = code_table(true);
 
+#[cfg(target_arch = "x86_64")]
 const fn code_table(high: bool) -> [u8; 128] {
     let mut t = [0u8; 128];
     let mut i = 0;
@@ -501,6 +499,7 @@ mod tests {
     /// The few-head kernels' byte-lookup decode gives every code's exact value / 256, and the SIMD
     /// lookup (where the CPU has AVX512-VBMI) the table's bits, in order, for all 256 codes.
     #[test]
+    #[cfg(target_arch = "x86_64")]
     fn the_lookup_decode_is_exact_for_every_code() {
         for (c, &v) in DECODE_TABLE.iter().enumerate() {
             let got = bf16(u32::from(code_bf16_bits(c as u8)));
