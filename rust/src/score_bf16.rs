@@ -477,6 +477,48 @@ mod tests {
         next() as f32 / (1u64 << 30) as f32 - 1.0
     }
 
+    /// Transposed queries `[d][hp]` of `heads` heads (the rest zero) and their head weights: FP8
+    /// values (the NaN codes as 0), or float32 values of magnitudes 2^-span … 2^span.
+    fn random_query(
+        next: &mut impl FnMut() -> u64,
+        heads: usize,
+        d: usize,
+        fp8: bool,
+        span: i32,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let hp = padded_heads(heads);
+        let mut qt = vec![0.0f32; d * hp];
+        let mut hw = vec![0.0f32; hp];
+        for h in 0..heads {
+            for dd in 0..d {
+                qt[dd * hp + h] = if fp8 {
+                    let c = (next() % 256) as usize;
+                    if c & 0x7f == 0x7f {
+                        0.0
+                    } else {
+                        DECODE_TABLE[c]
+                    }
+                } else {
+                    unit(next) * 2f32.powi((next() % (2 * span as u64 + 1)) as i32 - span)
+                };
+            }
+            hw[h] = unit(next);
+        }
+        (qt, hw)
+    }
+
+    /// `n` keys of `d` random non-NaN e4m3 codes and power-of-two scales 2^-14 … 2^9.
+    fn random_keys(next: &mut impl FnMut() -> u64, n: usize, d: usize) -> (Vec<u8>, Vec<f32>) {
+        let codes = (0..n * d)
+            .map(|_| (next() % 256) as u8)
+            .map(|c| if c & 0x7f == 0x7f { c ^ 1 } else { c })
+            .collect();
+        let scales = (0..n)
+            .map(|_| 2f32.powi((next() % 24) as i32 - 14))
+            .collect();
+        (codes, scales)
+    }
+
     #[test]
     fn bf16_rounding_is_nearest_even_and_tiny_values_flush() {
         assert_eq!(to_bf16_bits(1.0), 0x3f80);
@@ -532,30 +574,8 @@ mod tests {
             let d = [32usize, 64, 128, 256, 16, 2][(next() % 6) as usize];
             let n = (next() % 40) as usize;
             let hp = padded_heads(heads);
-            let mut qt = vec![0.0f32; d * hp];
-            let mut hw = vec![0.0f32; hp];
-            for h in 0..heads {
-                for dd in 0..d {
-                    qt[dd * hp + h] = if case % 2 == 0 {
-                        let c = (next() % 256) as usize;
-                        if c & 0x7f == 0x7f {
-                            0.0
-                        } else {
-                            DECODE_TABLE[c]
-                        }
-                    } else {
-                        unit(&mut next) * 2f32.powi((next() % 41) as i32 - 20)
-                    };
-                }
-                hw[h] = unit(&mut next);
-            }
-            let codes: Vec<u8> = (0..n * d)
-                .map(|_| (next() % 256) as u8)
-                .map(|c| if c & 0x7f == 0x7f { c ^ 1 } else { c })
-                .collect();
-            let scales: Vec<f32> = (0..n)
-                .map(|_| 2f32.powi((next() % 24) as i32 - 14))
-                .collect();
+            let (qt, hw) = random_query(&mut next, heads, d, case % 2 == 0, 20);
+            let (codes, scales) = random_keys(&mut next, n, d);
             let mut pairs = Vec::new();
             build_pairs(&qt, hp, d, &mut pairs);
             let q = Query {
@@ -643,23 +663,7 @@ mod tests {
                 let mut all_pairs = Vec::new();
                 let mut weights = Vec::new();
                 for _ in 0..rows {
-                    let mut qt = vec![0.0f32; d * hp];
-                    let mut hw = vec![0.0f32; hp];
-                    for h in 0..heads {
-                        for dd in 0..d {
-                            qt[dd * hp + h] = if fp8_queries {
-                                let c = (next() % 256) as usize;
-                                if c & 0x7f == 0x7f {
-                                    0.0
-                                } else {
-                                    DECODE_TABLE[c]
-                                }
-                            } else {
-                                unit(&mut next) * 2f32.powi((next() % 21) as i32 - 10)
-                            };
-                        }
-                        hw[h] = unit(&mut next);
-                    }
+                    let (qt, hw) = random_query(&mut next, heads, d, fp8_queries, 10);
                     let mut pairs = Vec::new();
                     build_pairs(&qt, hp, d, &mut pairs);
                     all_pairs.push((qt, pairs));
@@ -676,13 +680,7 @@ mod tests {
                         pairs,
                     })
                     .collect();
-                let codes: Vec<u8> = (0..n * d)
-                    .map(|_| (next() % 256) as u8)
-                    .map(|c| if c & 0x7f == 0x7f { c ^ 1 } else { c })
-                    .collect();
-                let scales: Vec<f32> = (0..n)
-                    .map(|_| 2f32.powi((next() % 24) as i32 - 14))
-                    .collect();
+                let (codes, scales) = random_keys(&mut next, n, d);
                 let counts = [n, 0, (next() as usize) % (n + 1)];
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 for isa in Isa::available() {
