@@ -118,6 +118,10 @@ CASES: list[Case] = [
     ("PlacementCosts.predict/negative", lambda: COSTS.predict(-1, 1, 64), ValueError, "visible_keys: must be >= 0"),
     ("PlacementCosts.predict/float", lambda: COSTS.predict(8, 1.5, 64), TypeError, "device_rows: expected an integer"),
     ("PlacementCosts.choose/negative", lambda: COSTS.choose(8, 1, -64), ValueError, "table_keys: must be >= 0"),
+    ("PlacementCosts.choose/default", lambda: COSTS.choose(8, 1, 64, default="tpu"), ValueError, "default: expected one of"),
+    ("PlacementCosts/spread-nan", lambda: PlacementCosts(1.0, 0.0, 1.0, 0.0, spread=float("nan")), ValueError, "spread: expected a finite number >= 0"),
+    ("PlacementCosts/negative", lambda: PlacementCosts(1.0, -1e-9, 1.0, 0.0), ValueError, "host_per_key: expected a finite number >= 0"),
+    ("PlacementCosts.from_json/inf", lambda: PlacementCosts.from_json({**COSTS.to_json(), "device_fixed": "inf"}), ValueError, "device_fixed: expected a finite"),
     ("PlacementCosts.measure/page_size", lambda: PlacementCosts.measure(CFG, LP, 0), ValueError, "page_size: must be >= 1"),
     ("PlacementCosts.measure_points/repeats", lambda: PlacementCosts.measure_points(CFG, LP, 64, repeats=0), ValueError, "repeats: must be >= 1"),
     ("PlacementCosts.measure_points/lengths", lambda: PlacementCosts.measure_points(CFG, LP, 64, lengths=()), TypeError, "lengths: expected a non-empty tuple"),
@@ -156,8 +160,10 @@ def test_good_inputs_round_trip() -> None:
     again = DSAParams.from_state_dict(LP.state_dict(0), CFG, 0)
     for a, b in zip(leaves(LP), leaves(again), strict=True):
         np.testing.assert_array_equal(a, b)
-    pc = PlacementCosts(1.0, 1e-6, 2.0, 1e-7)
+    pc = PlacementCosts(1.0, 1e-6, 2.0, 1e-7, spread=0.25)
     assert PlacementCosts.from_json(pc.to_json()) == pc
+    old = {k: v for k, v in pc.to_json().items() if k != "spread"}  # stored before the spread existed
+    assert PlacementCosts.from_json(old) == dataclasses.replace(pc, spread=0.0)
     assert resolve_backend("xla") == "xla" and CFG.layer_indexer_type(0) in ("full", "shared")
     idx = np.asarray(topk_select_xla(SCORES, LENS, 3))
     want = np.argsort(-np.asarray(SCORES)[0], kind="stable")[:3]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,14 @@ from dsa_hybrid.models.config import DSAConfig
 from dsa_hybrid.serving import placement
 from dsa_hybrid.serving.compile_cache import cache_dir, enable_compilation_cache
 from dsa_hybrid.serving.engine import Engine
-from dsa_hybrid.serving.placement import PlacementCosts, cache_key, cost_model_path, load_costs, save_costs
+from dsa_hybrid.serving.placement import (
+    PlacementCosts,
+    cache_key,
+    cost_model_path,
+    load_costs,
+    relative_spread,
+    save_costs,
+)
 
 CFG = DSAConfig.small()
 COSTS = PlacementCosts(host_fixed=1e-4, host_per_key=2.5e-9, device_fixed=3e-4, device_per_key=1.25e-9)
@@ -157,8 +165,15 @@ def test_measure_points_are_medians_of_wall_and_cpu() -> None:
         repeats=3, latent_kind="f32",
     )  # fmt: skip
     assert {p["where"] for p in points} == {"host", "device"}
-    assert all(p["wall_s"] > 0 and p["cpu_s"] >= 0 for p in points)
+    assert all(p["wall_s"] > 0 and p["cpu_s"] >= 0 and p["spread"] >= 0 for p in points)
     assert min(dataclasses.astuple(costs)) >= 0
+    assert costs.spread == statistics.median(p["spread"] for p in points)
+
+
+def test_relative_spread_is_the_interquartile_range_over_the_median() -> None:
+    assert relative_spread([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(2.0 / 3.0)  # quartiles 2 and 4
+    assert relative_spread([2.0, 2.0, 2.0]) == 0.0 and relative_spread([5.0]) == 0.0
+    assert relative_spread([1.0, 1.0, 9.0, 1.0, 1.0]) == 0.0  # one outlier does not widen it
 
 
 def test_engine_loads_a_stored_cost_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, jax_cache_unset) -> None:

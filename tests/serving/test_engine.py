@@ -242,6 +242,29 @@ def test_auto_placement_switches_and_keeps_both_indexer_caches_identical() -> No
     assert auto.stats.steps_by_placement["host"] > 0 and auto.stats.steps_by_placement["device"] > 0
 
 
+def test_choose_keeps_its_default_within_the_spread_and_picks_the_faster_outside() -> None:
+    costs = PlacementCosts(host_fixed=1.0, host_per_key=0.0, device_fixed=1.2, device_per_key=0.0, spread=0.25)
+    # 1.2 lies within 25% of 1.0: the default either way; at a spread of 10% the host is faster by more.
+    assert costs.choose(0, 1, 0, default="device") == "device" and costs.choose(0, 1, 0, default="host") == "host"
+    tight = dataclasses.replace(costs, spread=0.1)
+    assert tight.choose(0, 1, 0, default="device") == "host" and tight.choose(0, 1, 0, default="host") == "host"
+    flipped = PlacementCosts(host_fixed=1.2, host_per_key=0.0, device_fixed=1.0, device_per_key=0.0, spread=0.1)
+    assert flipped.choose(0, 1, 0, default="host") == "device"
+    even = dataclasses.replace(flipped, host_fixed=1.0, spread=0.0)
+    assert even.choose(0, 1, 0) == "device" and even.choose(0, 1, 0, default="host") == "host"  # a tie
+
+
+def test_auto_placement_within_the_cost_models_spread_runs_the_cpus_default() -> None:
+    # SWITCHING alone sends steps both ways (above); with a spread wider than its lines ever differ here,
+    # every step goes to the CPU's default, the host.
+    kw = dict(num_pages=12, page_size=16, max_tokens_per_step=24, max_model_len=64, backend="xla")
+    noisy = dataclasses.replace(SWITCHING, spread=1e6)
+    auto = Engine(PARAMS, CFG, placement="auto", cost_model=noisy, host_threads=1, **kw)
+    auto.generate(PROMPTS[:2], 3)
+    assert auto.runner.auto_default == "host"
+    assert auto.stats.steps_by_placement["device"] == 0 and auto.stats.steps_by_placement["host"] > 0
+
+
 def test_auto_placement_measures_a_cost_model_at_startup() -> None:
     engine = Engine(PARAMS, CFG, placement="auto", num_pages=8, page_size=16, max_model_len=128, backend="xla")
     costs = engine.cost_model

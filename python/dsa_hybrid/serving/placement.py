@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -68,12 +69,21 @@ def check_measure_args(page_size: Any, lengths: Any, rows: Any, threads: Any, re
 @dataclasses.dataclass(frozen=True)
 class PlacementCosts:
     """Seconds per layer of one step's selection: `fixed + per_key · keys`, where keys are the visible
-    keys of all rows on the host, and rows × block-table keys on the device (it scans the table)."""
+    keys of all rows on the host, and rows × block-table keys on the device (it scans the table).
+    `spread`: how far apart the measurement's own repeats lay (a fraction of the point's median; 0 for a
+    model not measured), the margin inside which `choose` keeps its default."""
 
     host_fixed: float
     host_per_key: float
     device_fixed: float
     device_per_key: float
+    spread: float = 0.0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{f.name}: expected a finite number >= 0, got {v!r}")
 
     def predict(self, visible_keys: int, device_rows: int, table_keys: int) -> dict[str, float]:
         """Predicted seconds of one step on each side: `visible_keys` the host scans, `device_rows` ×
@@ -86,10 +96,14 @@ class PlacementCosts:
             "device": self.device_fixed + self.device_per_key * device_rows * table_keys,
         }
 
-    def choose(self, visible_keys: int, device_rows: int, table_keys: int) -> str:
-        """ "host" or "device", whichever is predicted faster (ties: "device", which avoids round trips)."""
+    def choose(self, visible_keys: int, device_rows: int, table_keys: int, default: str = "device") -> str:
+        """ "host" or "device", whichever is predicted faster, unless the two predictions lie within
+        `spread` of each other: then `default` (the engine passes its platform's default placement), so
+        that the measurement's noise cannot flip the choice from one start-up to the next."""
+        check_choice("default", default, ("host", "device"))
         p = self.predict(visible_keys, device_rows, table_keys)
-        return "host" if p["host"] < p["device"] else "device"
+        fast, slow = sorted(p, key=p.__getitem__)
+        return default if p[slow] <= p[fast] * (1.0 + self.spread) else fast
 
     @staticmethod
     def measure(
@@ -106,8 +120,9 @@ class PlacementCosts:
         """Time one layer (`params`, a layer of the served model) both ways at every (rows, length) pair
         (`median_times`: the median of `repeats` calls, host and device calls alternating, the smaller of
         wall and CPU time per point) and fit each line by least squares (intercept and slope clamped at
-        ≥ 0). The device runs its rows padded as the engine pads them (`model.padded_rows`);
-        `latent_kind` is the engine's latent cache format."""
+        ≥ 0); `spread` is the median over points of their calls' interquartile range / median. The device
+        runs its rows padded as the engine pads them (`model.padded_rows`); `latent_kind` is the engine's
+        latent cache format."""
         return PlacementCosts.measure_points(
             cfg, params, page_size, lengths=lengths, rows=rows, threads=threads, repeats=repeats,
             latent_kind=latent_kind,
@@ -136,21 +151,28 @@ class PlacementCosts:
             for T in rows:
                 dev_rows = padded_rows(T)
                 # Both placements' calls alternate, so a burst of load from other processes hits both.
-                (h_wall, h_cpu), (d_wall, d_cpu) = median_times(
+                host_calls, dev_calls = interleaved_times(
                     [
                         _layer_call(cfg, params, page_size, L, T, "host", threads, latent_kind),
                         _layer_call(cfg, params, page_size, L, dev_rows, "device", threads, latent_kind),
                     ],
                     repeats,
                 )
-                for where, n, work, ws, ss, wall, cpu in (
-                    ("host", T, T * L, host_work, host_s, h_wall, h_cpu),
-                    ("device", dev_rows, dev_rows * -(-L // page_size) * page_size, dev_work, dev_s, d_wall, d_cpu),
+                for where, n, work, ws, ss, (walls, cpus) in (
+                    ("host", T, T * L, host_work, host_s, host_calls),
+                    ("device", dev_rows, dev_rows * -(-L // page_size) * page_size, dev_work, dev_s, dev_calls),
                 ):
+                    wall, cpu = statistics.median(walls), statistics.median(cpus)
+                    # The smaller of the two medians (CPU time misses waits, wall time counts other load),
+                    # and the spread of the calls that gave it.
+                    used = walls if wall <= cpu else cpus
                     ws.append(work)
                     ss.append(min(wall, cpu))
-                    points.append({"where": where, "rows": n, "length": L, "work": work, "wall_s": wall, "cpu_s": cpu})
-        return PlacementCosts(*_fit(host_work, host_s), *_fit(dev_work, dev_s)), points
+                    points.append({"where": where, "rows": n, "length": L, "work": work, "wall_s": wall, "cpu_s": cpu,
+                                   "spread": relative_spread(used)})  # fmt: skip
+        # The margin is the median point's spread: one noisy point does not stop every decision.
+        spread = statistics.median(p["spread"] for p in points)
+        return PlacementCosts(*_fit(host_work, host_s), *_fit(dev_work, dev_s), spread=spread), points
 
     # ----- stored and reused -----------------------------------------------------------------------
     @staticmethod
@@ -196,7 +218,9 @@ class PlacementCosts:
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> PlacementCosts:
-        return PlacementCosts(**{f.name: float(d[f.name]) for f in dataclasses.fields(PlacementCosts)})
+        """The inverse of `to_json` (a model stored without `spread` gets 0)."""
+        values = {f.name: float(d[f.name]) for f in dataclasses.fields(PlacementCosts) if f.name != "spread"}
+        return PlacementCosts(**values, spread=float(d.get("spread", 0.0)))
 
 
 def machine_id() -> dict[str, Any]:
@@ -302,6 +326,14 @@ def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 2) -> tup
 
 def median_times(fns: Sequence[Callable[[], Any]], repeats: int = 5, warmup: int = 2) -> list[tuple[float, float]]:
     """`median_time` of each of `fns`, their calls interleaved (one of each per round)."""
+    return [(statistics.median(w), statistics.median(c)) for w, c in interleaved_times(fns, repeats, warmup)]
+
+
+def interleaved_times(
+    fns: Sequence[Callable[[], Any]], repeats: int = 5, warmup: int = 2
+) -> list[tuple[list[float], list[float]]]:
+    """Every call's (wall, CPU) seconds for each of `fns`: `warmup` untimed calls each (at least one),
+    then `repeats` rounds of one call of each (so a burst of load from other processes hits them all)."""
     for fn in fns:
         for _ in range(max(warmup, 1)):
             jax.block_until_ready(fn())
@@ -313,7 +345,16 @@ def median_times(fns: Sequence[Callable[[], Any]], repeats: int = 5, warmup: int
             jax.block_until_ready(fn())
             wall[i].append(time.perf_counter() - w0)
             cpu[i].append(time.process_time() - c0)
-    return [(statistics.median(w), statistics.median(c)) for w, c in zip(wall, cpu, strict=True)]
+    return list(zip(wall, cpu, strict=True))
+
+
+def relative_spread(secs: Sequence[float]) -> float:
+    """How far apart repeated timings lie: (upper quartile − lower quartile) / median (0 for fewer than
+    two, or a zero median)."""
+    if len(secs) < 2:
+        return 0.0
+    q1, q2, q3 = statistics.quantiles(secs, n=4, method="inclusive")
+    return float((q3 - q1) / q2) if q2 > 0 else 0.0
 
 
 def time_layer(cfg, params, S, L, T, where, threads, repeats, latent_kind="bf16") -> float:  # noqa: N803

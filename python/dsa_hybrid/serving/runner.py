@@ -10,7 +10,8 @@ One step (`execute`):
    table), the tables only as wide as this step needs, rounded up to one of 8 widths per octave
    (`table_width`), and the rows padded to a power of two on the device (`models.causal_lm.padded_rows`),
    so few shapes compile.
-2. The placement: "device", "host", or per step under "auto", whichever `PlacementCosts` predicts faster.
+2. The placement: "device", "host", or per step under "auto", whichever `PlacementCosts` predicts faster
+   (by more than its measurement's spread; else the platform's default, "host" on a CPU).
 3. The forward: `models.causal_lm.forward_jit` (everything on the device; under "host"/"auto" the keys it
    wrote are then copied to the host caches with `write_slots`, so both indexer caches always hold the
    same bytes), or `forward_host` (each layer's selection in the Rust cache, two micro-batches pipelined).
@@ -163,6 +164,9 @@ class ModelRunner:
         self.caches = create_caches(cfg, num_pages, page_size, latent_kind=latent_kind, indexer=indexer)
         self.host_caches = self._new_host_caches()
         self.cost_model = cost_model
+        # Where "auto" goes when the cost model cannot tell the two apart (within its measurement's
+        # spread): the platform's default, what `placement=None` runs on a CPU or an accelerator.
+        self.auto_default = "host" if target_device().platform == "cpu" else "device"
         # Where the cost model came from: "given", "loaded" (stored by an earlier start-up), "measured".
         self.cost_model_source: str | None = None if cost_model is None else "given"
         if placement == "auto" and cost_model is None:
@@ -206,7 +210,7 @@ class ModelRunner:
         # The device indexer reads keys up to its rows' last position (it skips chunks past it), not
         # the whole padded table.
         device_keys = min(batch.block_tables.shape[1] * self.page_size, int(batch.positions.max()) + 1)
-        return self.cost_model.choose(visible, padded, device_keys)
+        return self.cost_model.choose(visible, padded, device_keys, default=self.auto_default)
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         """Run the step `out` describes; returns the sampled tokens (nothing of the scheduler's state is
