@@ -76,6 +76,29 @@ def test_bench_quick_prints_every_perf_row_and_the_plot(tmp_path, monkeypatch):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_round_robin_steps_every_unfinished_run_once_per_round():
+    """The end-to-end rows time their sides in turn (a drift in the machine's speed hits them alike)."""
+    from dsa_hybrid.cli.bench import _round_robin
+
+    log: list[str] = []
+
+    class Run:
+        def __init__(self, name: str, steps: int) -> None:
+            self.name, self.left = name, steps
+
+        @property
+        def done(self) -> bool:
+            return self.left == 0
+
+        def step(self) -> None:
+            assert not self.done
+            self.left -= 1
+            log.append(self.name)
+
+    _round_robin([Run("a", 3), Run("b", 1), Run("c", 2), Run("d", 0)])
+    assert "".join(log) == "abcaca"
+
+
 def test_cli_rejects_bad_arguments():
     with pytest.raises(SystemExit):
         cli.main(["oracle", "--tokens", "0"])

@@ -60,6 +60,14 @@ def matmul_gflops() -> float:
     return 2 * 2048**3 / t / 1e9
 
 
+def read_gbps(mib: int = 256) -> float:
+    """One-thread streaming read bandwidth in GB/s: one `np.max` pass over `mib` MiB of float32, far
+    more than the caches hold (the top-k row's read baseline is the same pass over its rows)."""
+    x = np.ones(mib * 2**18, np.float32)
+    t = best_time(functools.partial(np.max, x), 3)
+    return x.nbytes / t / 1e9
+
+
 def fma_peak_gflops() -> float:
     """The core's float32 FMA peak on the SIMD path in use (`host.fma_peak_gflops`: independent FMA
     chains, one thread), the "of FMA peak" columns' denominator."""
@@ -254,28 +262,30 @@ def bench_layer_placement(t: Table, lengths: list[int], cfg_name: str) -> None:
     cfg = DSAConfig.deepseek_v32() if cfg_name == "deepseek_v32" else DSAConfig.small()
     from dsa_hybrid.ops.target import target_device
 
-    kind = "f32" if target_device().platform == "cpu" else "bf16"  # the engine's default latent cache
+    on_cpu = target_device().platform == "cpu"
+    kind = "f32" if on_cpu else "bf16"  # the engine's default latent cache
     t.title(f"one DSA layer decode step ({cfg_name} widths, {kind} latent cache), indexer on the host vs the device")
-    t.header("L", "device ms", "host ms", "host / device", "auto picks", "right?")
+    t.header("L", "device ms", "host ms", "host / device", "auto picks", "right?", "fitted: host / device")
     params = DSAParams.random(cfg, seed=0, std=0.01)
     # One-row decode is what this table checks: the model is fitted on one-row points alone (at the ends
     # of `lengths`, so the middle rows test its interpolation).
     costs = PlacementCosts.measure(
         cfg, params, 64, lengths=(min(lengths), max(lengths)), rows=(1,), threads=1, latent_kind=kind
     )
+    # Within the fitted model's spread "auto" keeps the platform's default, as the engine's runner does.
+    default = "host" if on_cpu else "device"
     for L in lengths:
         t_dev = time_layer(cfg, params, 64, L, 1, "device", 1, 3, kind)
         t_host = time_layer(cfg, params, 64, L, 1, "host", 1, 3, kind)
-        pick = costs.choose(L, 1, -(-L // 64) * 64)
+        pick = costs.choose(L, 1, -(-L // 64) * 64, default=default)
+        fitted = costs.predict(L, 1, -(-L // 64) * 64)
         faster = "host" if t_host < t_dev else "device"
-        t.row(
-            L,
-            f"{t_dev * 1e3:.1f}",
-            f"{t_host * 1e3:.1f}",
-            f"{t_host / t_dev:.2f}",
-            pick,
-            "yes" if pick == faster else "no",
-        )
+        # Measured within the margin either choice is right (the margin exists because such a
+        # difference does not hold from one start-up to the next).
+        close = max(t_host, t_dev) <= min(t_host, t_dev) * (1 + costs.spread)
+        t.row(L, f"{t_dev * 1e3:.1f}", f"{t_host * 1e3:.1f}", f"{t_host / t_dev:.2f}", pick,
+              "yes" if pick == faster else f"within the margin ({costs.spread:.0%})" if close else "no",
+              f"{fitted['host'] / fitted['device']:.2f} (margin {costs.spread:.0%})")  # fmt: skip
 
 
 def _steady_decode_seconds(engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
@@ -284,31 +294,105 @@ def _steady_decode_seconds(engine, prompts: list[list[int]], new_tokens: int) ->
     return float(np.median(steps)), out
 
 
-def _prefill_and_decode(
-    engine, prompts: list[list[int]], new_tokens: int
-) -> tuple[list[tuple[int, float]], list[float], list[list[int]]]:
-    """Run `prompts` to completion: `(prefill curve, wall seconds of each decode-only step after the
-    first two (which may compile), the outputs)`. The prefill curve lists `(prompt tokens computed, CPU
-    seconds so far)` after every prefill step: process CPU time (the process is pinned to one core, so it
-    is that core's time, whatever else the machine runs) less what JAX spent tracing and compiling
-    meanwhile (`CompileClock`), so one run gives the prefill cost of every prompt length it passes."""
-    ids = [engine.add_request(p, new_tokens) for p in prompts]
-    total = sum(len(p) for p in prompts)
-    times = []
-    prefill = 0.0
-    curve: list[tuple[int, float]] = []
-    while engine.has_unfinished():
+class _EngineRun:
+    """`prompts` run to completion through `engine`, one engine step per `step()`: the prefill `curve`
+    lists `(prompt tokens computed, CPU seconds so far)` after every prefill step (process CPU time, the
+    process pinned to one core, less what JAX spent tracing and compiling meanwhile, `CompileClock`, so
+    one run gives the prefill cost of every prompt length it passes); `decode` the wall seconds of every
+    decode-only step."""
+
+    def __init__(self, engine: Any, prompts: list[list[int]], new_tokens: int) -> None:
+        self.engine = engine
+        self.ids = [engine.add_request(p, new_tokens) for p in prompts]
+        self.total = sum(len(p) for p in prompts)
+        self.curve: list[tuple[int, float]] = []
+        self.decode: list[float] = []
+        self.prefill = 0.0
+
+    @property
+    def done(self) -> bool:
+        return not self.engine.has_unfinished()
+
+    def step(self) -> None:
+        engine = self.engine
         decoding = all(r.computed >= r.num_prompt for r in engine.running) and not engine.waiting
         t0, c0 = time.perf_counter(), time.process_time()
         with CompileClock() as clock:
             engine.step()
         if decoding:
-            times.append(time.perf_counter() - t0)
+            self.decode.append(time.perf_counter() - t0)
         else:
-            prefill += time.process_time() - c0 - clock.seconds
+            self.prefill += time.process_time() - c0 - clock.seconds
             left = sum(r.num_prompt - min(r.computed, r.num_prompt) for r in [*engine.running, *engine.waiting])
-            curve.append((total - left, prefill))
-    return curve, times[2:] or times or [0.0], [engine.finished[i].output for i in ids]
+            self.curve.append((self.total - left, self.prefill))
+
+    def outputs(self) -> list[list[int]]:
+        return [self.engine.finished[i].output for i in self.ids]
+
+
+class _HFRun:
+    """transformers' greedy generation of `new_tokens` after `prompt`, one step per `step()`: the prompt
+    in chunks of `chunk` tokens into its cache (the whole prompt at once would hold `heads × L × L`
+    attention scores: 32 GiB at 32K), the prefill `curve` as `(tokens computed, CPU seconds so far)`;
+    the first token from the prefill's logits, then one decode step per token, `decode` their wall
+    seconds; `tokens` the greedy tokens."""
+
+    def __init__(self, torch: Any, model: Any, prompt: list[int], new_tokens: int, chunk: int = 1024) -> None:
+        # `past_key_values` works in every 5.x release; the newer spelling `cache` does not.
+        warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
+        self.torch, self.model, self.chunk, self.new_tokens = torch, model, chunk, new_tokens
+        self.ids = torch.tensor([prompt])
+        self.computed = 0
+        self.past: Any = None
+        self.curve: list[tuple[int, float]] = []
+        self.decode: list[float] = []
+        self.tokens: list[int] = []
+        self.prefill = 0.0
+
+    @property
+    def done(self) -> bool:
+        return len(self.tokens) >= self.new_tokens
+
+    def step(self) -> None:
+        n = self.ids.shape[1]
+        with self.torch.no_grad():
+            if self.computed < n:
+                c0 = time.process_time()
+                chunk = self.ids[:, self.computed : self.computed + self.chunk]
+                out = self.model(input_ids=chunk, past_key_values=self.past, use_cache=True)
+                self.prefill += time.process_time() - c0
+                self.past, self.computed = out.past_key_values, min(self.computed + self.chunk, n)
+                self.curve.append((self.computed, self.prefill))
+                if self.computed == n:
+                    self.tokens.append(int(out.logits[:, -1:].argmax(-1)))
+                return
+            t0 = time.perf_counter()
+            out = self.model(
+                input_ids=self.torch.tensor([[self.tokens[-1]]]), past_key_values=self.past, use_cache=True
+            )
+            self.past = out.past_key_values
+            self.tokens.append(int(out.logits[:, -1:].argmax(-1)))
+            self.decode.append(time.perf_counter() - t0)
+
+
+def _round_robin(runs: list[Any]) -> None:
+    """One `step()` of every unfinished run per round until all are `done`. Each side's steps are timed
+    in the same stretch of time as the others' (prefill chunk beside prefill chunk, decode step beside
+    decode step), so a drift in the machine's speed (the shared development machines move by up to 1.5×
+    within minutes) hits every side alike instead of whichever ran during it."""
+    while live := [r for r in runs if not r.done]:
+        for r in live:
+            r.step()
+
+
+def _prefill_and_decode(
+    engine, prompts: list[list[int]], new_tokens: int
+) -> tuple[list[tuple[int, float]], list[float], list[list[int]]]:
+    """Run `prompts` to completion alone (`_EngineRun`): `(prefill curve, wall seconds of each decode-only
+    step after the first two (which may compile), the outputs)`."""
+    run = _EngineRun(engine, prompts, new_tokens)
+    _round_robin([run])
+    return run.curve, run.decode[2:] or run.decode or [0.0], run.outputs()
 
 
 def _at(curve: list[tuple[int, float]], tokens: int) -> float:
@@ -422,49 +506,12 @@ def _hf_model(cfg):
     return torch, model, params
 
 
-def _hf_prefill(
-    torch: Any, model: Any, prompt: list[int], chunk: int = 1024
-) -> tuple[list[tuple[int, float]], Any, Any]:
-    """transformers' chunked prefill into its cache: `(curve, the cache, the last logits)`, the curve
-    listing `(tokens computed, CPU seconds so far)` after every chunk. (The whole prompt at once would hold
-    `heads × L × L` attention scores: 32 GiB at 32K.)"""
-    # `past_key_values` works in every 5.x release; the newer spelling `cache` does not.
-    warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
-    ids = torch.tensor([prompt])
-    past: Any = None
-    out: Any = None
-    curve: list[tuple[int, float]] = []
-    c0 = time.process_time()
-    with torch.no_grad():
-        for start in range(0, len(prompt), chunk):
-            out = model(input_ids=ids[:, start : start + chunk], past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            curve.append((min(start + chunk, len(prompt)), time.process_time() - c0))
-    return curve, past, out.logits
-
-
 def _engine(params, cfg, context: int, new_tokens: int, placement: str, indexer: str = "fp8"):
     from dsa_hybrid.serving.engine import Engine
 
     return Engine(params, cfg, num_pages=-(-(context + new_tokens) // 64) + 1, page_size=64, max_tokens_per_step=1024,
                   max_model_len=context + new_tokens, placement=placement, latent_kind="f32", indexer=indexer,
                   host_threads=1, backend="auto")  # fmt: skip
-
-
-def _hf_greedy(torch: Any, model: Any, past: Any, logits: Any, new_tokens: int) -> tuple[list[float], list[int]]:
-    """transformers' greedy decode after a prefill (`past`, its last `logits`): `(wall seconds of each
-    decode step, the new_tokens tokens)`; the first token comes from the prefill's logits."""
-    with torch.no_grad():
-        tok = logits[:, -1:].argmax(-1)
-        tokens = [int(tok)]
-        times = []
-        for _ in range(new_tokens - 1):
-            t0 = time.perf_counter()
-            out = model(input_ids=tok, past_key_values=past, use_cache=True)
-            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            tokens.append(int(tok))
-            times.append(time.perf_counter() - t0)
-        return times or [0.0], tokens
 
 
 def _first_difference(a: list[int], b: list[int]) -> int:
@@ -479,12 +526,14 @@ def bench_end_to_end(
     prefill time (chunks of 1024 tokens both sides) at each of `prefill_lengths` and at `context`, read off
     the one `context`-token prefill each side runs (the time once that many prompt tokens were computed;
     a chunked prefill of a shorter prompt runs the same chunks). The Engine runs both placements with the
-    FP8 indexer as deployed ("host" is its default on a CPU). Then the correctness check: at
-    `check_context` tokens the Engine with the exact indexer (transformers' own computation) must give
-    transformers' greedy tokens."""
+    FP8 indexer as deployed ("host" is its default on a CPU). The three run side by side, one step each
+    per round (`_round_robin`): prefill chunk beside prefill chunk, then decode step beside decode step.
+    Then the correctness check: at `check_context` tokens the Engine with the exact indexer
+    (transformers' own computation) must give transformers' greedy tokens."""
     from dsa_hybrid.models.config import DSAConfig
 
-    t.title(f"end to end: decode at {context} tokens of context, DSAConfig.small() weights, 1 thread")
+    t.title(f"end to end: decode at {context} tokens of context, DSAConfig.small() weights, 1 thread, the three "
+            "sides stepping in turn")  # fmt: skip
     cfg = DSAConfig.small()
     hf = _hf_model(cfg)
     if hf is None:
@@ -492,85 +541,85 @@ def bench_end_to_end(
         return
     torch, model, params = hf
     prompt = np.random.default_rng(4).integers(0, cfg.vocab_size, context).tolist()
-    hf_curve, past, logits = _hf_prefill(torch, model, prompt)
-    hf_steps, hf_tokens = _hf_greedy(torch, model, past, logits, new_tokens)
-    del past
-
-    row: dict[str, tuple[list[float], list[int]]] = {}
-    curves: dict[str, list[tuple[int, float]]] = {}
-    for placement in ("device", "host"):
-        engine = _engine(params, cfg, context, new_tokens, placement, "fp8")
-        curves[placement], steps, (out,) = _prefill_and_decode(engine, [prompt], new_tokens)
-        row[placement] = (steps, out)
-        del engine
-    # Each side's fastest decode step (the rule of docs/performance.md) and, beside it, the median step.
+    ref = _HFRun(torch, model, prompt, new_tokens)
+    runs = {p: _EngineRun(_engine(params, cfg, context, new_tokens, p, "fp8"), [prompt], new_tokens)
+            for p in ("device", "host")}  # fmt: skip
+    _round_robin([ref, *runs.values()])
+    # The engines' first two decode steps may compile: those rounds are left out on every side. Each side's
+    # fastest step (the rule of docs/performance.md), its median beside it, and the median over rounds of
+    # the two steps taken in the same round (the ratio least moved by drift in the machine's speed).
+    hf_steps = ref.decode[2:] or ref.decode
     hf_best, hf_median = min(hf_steps), float(np.median(hf_steps))
     t.header("", "ms / token (fastest step)", "median ms", "tokens/s", "× transformers", "× (medians)",
-             "tokens equal to transformers'")  # fmt: skip
+             "× (same-round steps, median)", "tokens equal to transformers'")  # fmt: skip
     t.row("transformers (dense + mask, exact indexer)", f"{hf_best * 1e3:.1f}", f"{hf_median * 1e3:.1f}",
-          f"{1 / hf_best:.1f}", "1.0×", "1.0×", "—")  # fmt: skip
-    for placement, (steps, toks) in row.items():
+          f"{1 / hf_best:.1f}", "1.0×", "1.0×", "1.0×", "—")  # fmt: skip
+    for placement, run in runs.items():
+        steps = run.decode[2:] or run.decode
         best, median = min(steps), float(np.median(steps))
+        paired = float(np.median([h / o for h, o in zip(hf_steps, steps, strict=False)]))
         name = f"dsa_hybrid Engine, {placement}{' (the CPU default)' if placement == 'host' else ''}, FP8 indexer"
         t.row(name, f"{best * 1e3:.2f}", f"{median * 1e3:.2f}", f"{1 / best:.1f}", f"{hf_best / best:.1f}×",
-              f"{hf_median / median:.1f}×", f"first {_first_difference(toks, hf_tokens)} of {new_tokens}")  # fmt: skip
+              f"{hf_median / median:.1f}×", f"{paired:.1f}×",
+              f"first {_first_difference(run.outputs()[0], ref.tokens)} of {new_tokens}")  # fmt: skip
 
     t.title(
         "end to end: prefill of one prompt, DSAConfig.small() weights, FP8 indexer, 1 thread, chunks of "
-        f"1024 tokens (CPU seconds until L prompt tokens are computed, in one {context}-token prefill each; "
-        "the Engine's less JAX's tracing and compilation)"
+        f"1024 tokens (CPU seconds until L prompt tokens are computed, in one {context}-token prefill each, "
+        "the sides' chunks in turn; the Engine's less JAX's tracing and compilation)"
     )
-    names = list(curves)
-    t.header("L", "transformers s", *[f"Engine {p} s" for p in names], *[f"{p} × transformers" for p in names])
-    for L in sorted({*prefill_lengths, context}):
-        if L > context:
-            continue
-        hf_pre = _at(hf_curve, L)
-        ours = {p: _at(curves[p], L) for p in names}
-        t.row(L, f"{hf_pre:.1f}", *[f"{ours[p]:.1f}" for p in names],
-              *[f"{hf_pre / max(ours[p], 1e-9):.1f}×" for p in names])  # fmt: skip
+    _prefill_rows(t, ref.curve, {p: r.curve for p, r in runs.items()}, prefill_lengths, context)
+    del ref, runs
 
     # transformers runs the exact indexer (float32 keys): the Engine's exact indexer is the same
     # computation, so its greedy tokens must agree (the FP8 indexer may select differently near the top-k
     # boundary, and with random weights the top logits lie close together).
     short = prompt[: min(check_context, context)]
     t.title(f"end to end: greedy tokens against transformers at {len(short)} tokens of context, exact indexer")
-    _, past, logits = _hf_prefill(torch, model, short)
-    _, want = _hf_greedy(torch, model, past, logits, new_tokens)
-    del past
-    exact = _engine(params, cfg, len(short), new_tokens, "device", "exact")
-    _, _, (got,) = _prefill_and_decode(exact, [short], new_tokens)
+    ref = _HFRun(torch, model, short, new_tokens)
+    exact = _EngineRun(_engine(params, cfg, len(short), new_tokens, "device", "exact"), [short], new_tokens)
+    _round_robin([ref, exact])
     t.header("", "tokens equal to transformers'")
-    t.row("dsa_hybrid Engine, device placement, exact indexer", f"first {_first_difference(got, want)} of {new_tokens}")
+    t.row("dsa_hybrid Engine, device placement, exact indexer",
+          f"first {_first_difference(exact.outputs()[0], ref.tokens)} of {new_tokens}")  # fmt: skip
+
+
+def _prefill_rows(
+    t: Table, hf_curve: list[tuple[int, float]], curves: dict[str, list[tuple[int, float]]],
+    lengths: tuple[int, ...], context: int,
+) -> None:  # fmt: skip
+    """The prefill table: at each of `lengths` (up to `context`) and at `context`, transformers' CPU
+    seconds, each placement's, and the ratios."""
+    names = list(curves)
+    t.header("L", "transformers s", *[f"Engine {p} s" for p in names], *[f"{p} × transformers" for p in names])
+    for L in sorted({*lengths, context}):
+        if L <= context:
+            hf_pre, ours = _at(hf_curve, L), {p: _at(curves[p], L) for p in names}
+            t.row(L, f"{hf_pre:.1f}", *[f"{ours[p]:.1f}" for p in names],
+                  *[f"{hf_pre / max(ours[p], 1e-9):.1f}×" for p in names])  # fmt: skip
 
 
 def bench_prefill(
     t: Table, context: int, lengths: tuple[int, ...] = (), placements: tuple[str, ...] = ("device", "host")
 ) -> None:
     """The end-to-end prefill table alone (no decode rows): one `context`-token prefill per side, the
-    Engine's `placements` against transformers, rows at each of `lengths` and at `context` (as in
-    `bench_end_to_end`). `bench/bench_prefill.py` runs it."""
+    Engine's `placements` against transformers, their chunks in turn, rows at each of `lengths` and at
+    `context` (as in `bench_end_to_end`). `bench/bench_prefill.py` runs it."""
     from dsa_hybrid.models.config import DSAConfig
 
     cfg = DSAConfig.small()
     hf = _hf_model(cfg)
     t.title(f"end to end: prefill of one {context}-token prompt, DSAConfig.small() weights, FP8 indexer, 1 thread, "
-            "chunks of 1024 (CPU seconds; the Engine's less JAX's tracing and compilation)")  # fmt: skip
+            "chunks of 1024 in turn (CPU seconds; the Engine's less JAX's tracing and compilation)")  # fmt: skip
     if hf is None:
         t.row("skipped: needs torch and transformers (pip install torch transformers)")
         return
     torch, model, params = hf
     prompt = np.random.default_rng(4).integers(0, cfg.vocab_size, context).tolist()
-    curves = {p: _prefill_and_decode(_engine(params, cfg, context, 1, p), [prompt], 1)[0] for p in placements}
-    hf_curve = _hf_prefill(torch, model, prompt)[0]
-    t.header(
-        "L", "transformers s", *[f"Engine {p} s" for p in placements], *[f"{p} × transformers" for p in placements]
-    )
-    for L in sorted({*lengths, context}):
-        if L <= context:
-            hf_pre, ours = _at(hf_curve, L), {p: _at(curves[p], L) for p in placements}
-            t.row(L, f"{hf_pre:.1f}", *[f"{ours[p]:.1f}" for p in placements],
-                  *[f"{hf_pre / max(ours[p], 1e-9):.1f}×" for p in placements])  # fmt: skip
+    ref = _HFRun(torch, model, prompt, 1)
+    runs = {p: _EngineRun(_engine(params, cfg, context, 1, p), [prompt], 1) for p in placements}
+    _round_robin([ref, *runs.values()])
+    _prefill_rows(t, ref.curve, {p: r.curve for p, r in runs.items()}, lengths, context)
 
 
 def plot(points: list[tuple[int, float, float]], path: str, out: TextIO) -> None:
@@ -607,9 +656,11 @@ def run_bench(quick: bool = False, plot_path: str | None = "dsa_bench.png", out:
 
     t = Table(out)
     peak = fma_peak_gflops()
+    read = read_gbps(64 if quick else 256)
     print(f"# dsa_hybrid bench ({'quick' if quick else 'full'}): SIMD path {cpu_features()['simd_path']}, "
           f"JAX {jax.default_backend()}, FMA peak {peak:.0f} GFLOP/s (1 thread, the core's FMA chains; "
-          f"numpy f32 matmul {matmul_gflops():.0f} GFLOP/s)", file=out)  # fmt: skip
+          f"numpy f32 matmul {matmul_gflops():.0f} GFLOP/s), read bandwidth {read:.1f} GB/s (1 thread)",
+          file=out)  # fmt: skip
     started = time.perf_counter()
     bench_topk(t, [32_768] if quick else [32_768, 131_072, 1_048_576])
     bench_indexer(t, [8192] if quick else [8192, 32_768, 131_072], peak)
