@@ -319,8 +319,7 @@ class _EngineRun:
         return bool(engine.waiting) or any(r.computed < r.num_prompt for r in engine.running)
 
     def step(self) -> None:
-        engine = self.engine
-        decoding = all(r.computed >= r.num_prompt for r in engine.running) and not engine.waiting
+        engine, decoding = self.engine, not self.prefilling
         t0, c0 = time.perf_counter(), time.process_time()
         with CompileClock() as clock:
             engine.step()
@@ -623,7 +622,7 @@ def bench_prefill(
     t: Table, context: int, lengths: tuple[int, ...] = (), placements: tuple[str, ...] = ("device", "host")
 ) -> None:
     """The end-to-end prefill table alone (no decode rows): one `context`-token prefill per side, the
-    Engine's `placements` against transformers, rows at each of `lengths` and at
+    Engine's `placements` against transformers, each side's alone, rows at each of `lengths` and at
     `context` (as in `bench_end_to_end`). `bench/bench_prefill.py` runs it."""
     from dsa_hybrid.models.config import DSAConfig
 
