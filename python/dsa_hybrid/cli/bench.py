@@ -395,9 +395,11 @@ def _round_robin(runs: list[Any]) -> None:
 
 def _prefill_then_round_robin(runs: list[Any]) -> None:
     """Each run's prefill alone, one run after the other, then their decode steps in turn
-    (`_round_robin`). Prefill chunks are not interleaved: with the Engine's steps between its chunks,
-    transformers' 32K prefill took 1.9× the CPU time it took alone in the run before (1206 against
-    627 s; the Engine's did not grow), a bias in the Engine's favour whose cause is not pinned down."""
+    (`_round_robin`). Prefill chunks are not interleaved, and the callers run transformers' prefill
+    before they create the engines: with the engines' steps between its chunks, and again with the
+    engines merely made beforehand, transformers' 32K prefill took 1.9× the CPU time it took when it
+    ran first and alone (1206 against 627 s; the Engine's did not grow), a bias in the Engine's favour
+    whose cause is not pinned down."""
     for r in runs:
         while r.prefilling:
             r.step()
@@ -561,6 +563,7 @@ def bench_end_to_end(
     torch, model, params = hf
     prompt = np.random.default_rng(4).integers(0, cfg.vocab_size, context).tolist()
     ref = _HFRun(torch, model, prompt, new_tokens)
+    _prefill_then_round_robin([ref])  # before the engines exist (see `_prefill_then_round_robin`)
     runs = {p: _EngineRun(_engine(params, cfg, context, new_tokens, p, "fp8"), [prompt], new_tokens)
             for p in ("device", "host")}  # fmt: skip
     _prefill_then_round_robin([ref, *runs.values()])
@@ -636,8 +639,9 @@ def bench_prefill(
     torch, model, params = hf
     prompt = np.random.default_rng(4).integers(0, cfg.vocab_size, context).tolist()
     ref = _HFRun(torch, model, prompt, 1)
+    _prefill_then_round_robin([ref])  # before the engines exist (see `_prefill_then_round_robin`)
     runs = {p: _EngineRun(_engine(params, cfg, context, 1, p), [prompt], 1) for p in placements}
-    _prefill_then_round_robin([ref, *runs.values()])
+    _prefill_then_round_robin(list(runs.values()))
     _prefill_rows(t, ref.curve, {p: r.curve for p, r in runs.items()}, lengths, context)
 
 
