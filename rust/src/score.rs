@@ -433,9 +433,15 @@ macro_rules! simd_entry {
 pub(crate) use simd_entry;
 
 /// A SIMD kernel's entry point for rows sharing keys: `#[target_feature]` around
-/// `score_blocks_rows` with the kernel (`score_keys_rows`).
+/// `score_blocks_rows` with the kernel (`score_keys_rows`), or around another rows driver
+/// (`driver = x86::score_rows_h16` for the few-head kernels).
 macro_rules! simd_rows_entry {
     ($(#[$doc:meta])* $name:ident, $features:literal, $kernel:ty) => {
+        simd_rows_entry!(
+            $(#[$doc])* $name, $features, $kernel, driver = $crate::score::score_blocks_rows
+        );
+    };
+    ($(#[$doc:meta])* $name:ident, $features:literal, $kernel:ty, driver = $($driver:ident)::+) => {
         $(#[$doc])*
         #[target_feature(enable = $features)]
         pub unsafe fn $name(
@@ -448,11 +454,7 @@ macro_rules! simd_rows_entry {
             scratch: &mut Vec<f32>,
         ) {
             // SAFETY: forwarded; the features are this function's.
-            unsafe {
-                $crate::score::score_blocks_rows::<$kernel>(
-                    qs, counts, codes, scales, out, stride, scratch,
-                )
-            }
+            unsafe { $($driver)::+::<$kernel>(qs, counts, codes, scales, out, stride, scratch) }
         }
     };
 }
@@ -945,12 +947,7 @@ pub(crate) mod x86 {
     /// The features are enabled; `scales` has 16 readable floats and `out` 16 writable ones.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub(crate) unsafe fn finish16(
-        q: Query<'_>,
-        mut acc: [__m512; 16],
-        scales: *const f32,
-        out: *mut f32,
-    ) {
+    unsafe fn finish16(q: Query<'_>, mut acc: [__m512; 16], scales: *const f32, out: *mut f32) {
         // SAFETY: hw holds 16 floats (checked by the callers); the rest as the caller promises.
         unsafe {
             let (w, zero) = (_mm512_loadu_ps(q.hw.as_ptr()), _mm512_setzero_ps());
@@ -1014,14 +1011,49 @@ pub(crate) mod x86 {
         }
     }
 
-    /// `score_keys_rows` for queries of up to 16 heads: a chunk of keys decoded once for all the
-    /// rows, then each row's whole register blocks of 16 over it (`block16`, `finish16`); a row's
-    /// last `count % 16` keys take `score_keys_avx512`. Each row's scores are `score_keys`' bits.
+    /// What a few-head kernel (`hp == 16`: one head vector, 16 heads to the lanes) gives the driver
+    /// of its rows (`score_rows_h16`): how keys are decoded into the scratch, how one register
+    /// block of 16 decoded keys is scored, and what scores the last `count % 16` keys.
+    pub(crate) trait FewHeadKernel {
+        /// Floats of scratch one decoded key of width `d` takes.
+        fn key_floats(d: usize) -> usize;
+        /// Decode `keys` keys' codes (`keys × d` bytes at `codes`) into `dst`, at least every
+        /// whole register block of 16 keys of them.
+        ///
+        /// # Safety
+        /// The CPU has the kernel's features; `codes` has `keys × d` readable bytes and `dst`
+        /// room for `keys × key_floats(d)` floats.
+        unsafe fn decode(codes: *const u8, keys: usize, d: usize, dst: *mut f32);
+        /// The 16 FMA chains of a register block: the 16 decoded keys at `kp` against the
+        /// query's head vector, one lane per head (to be summed by `finish16`).
+        ///
+        /// # Safety
+        /// As `decode`; `kp` holds 16 decoded keys.
+        unsafe fn block16(q: Query<'_>, kp: *const f32) -> [__m512; 16];
+        /// The scores of a row's last keys (fewer than 16), the kernel's bits.
+        ///
+        /// # Safety
+        /// As `decode`; the sizes agree (`check_shapes`).
+        unsafe fn tail(
+            q: Query<'_>,
+            codes: &[u8],
+            scales: &[f32],
+            out: &mut [f32],
+            scratch: &mut Vec<f32>,
+        );
+    }
+
+    /// The driver of the few-head rows kernels (float32 and bf16): a chunk of keys decoded once
+    /// for all the rows (`K::decode`, about `ROWS_CHUNK_FLOATS` floats), then each row's whole
+    /// register blocks of 16 over it (`K::block16`, `finish16`); a row's last `count % 16` keys
+    /// take `K::tail`. Each row's scores are its kernel's bits for that row alone. Inlined into
+    /// each kernel's `#[target_feature]` entry.
     ///
     /// # Safety
-    /// As `score_keys_avx512_h16`, for every row (`check_rows`: `counts[r] ≤ n`, outputs in range).
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    pub unsafe fn score_keys_rows_avx512_h16(
+    /// The CPU has the kernel's features; `hp == 16` and `d` suits the kernel; the sizes were
+    /// checked (`check_rows`: `counts[r] ≤ n`, outputs in range).
+    #[inline(always)]
+    pub(crate) unsafe fn score_rows_h16<K: FewHeadKernel>(
         qs: &[Query<'_>],
         counts: &[usize],
         codes: &[u8],
@@ -1030,47 +1062,84 @@ pub(crate) mod x86 {
         stride: usize,
         scratch: &mut Vec<f32>,
     ) {
-        let d = qs[0].d;
+        let (d, kf) = (qs[0].d, K::key_floats(qs[0].d));
         let n = counts.iter().copied().max().unwrap_or(0);
         // A multiple of 16 keys per chunk, about ROWS_CHUNK_FLOATS floats.
-        let chunk = (super::ROWS_CHUNK_FLOATS / d / 16).max(1) * 16;
-        scratch.resize(chunk * d, 0.0);
+        let chunk = (super::ROWS_CHUNK_FLOATS / kf / 16).max(1) * 16;
+        scratch.resize(chunk * kf, 0.0);
         let mut tail = Vec::new();
         let mut c0 = 0;
-        // SAFETY: the chunk's keys c0 .. c1 ≤ n are decoded into the scratch (chunk × d floats);
-        // row r's block at s reads keys s .. s + 16 ≤ min(c1, counts[r]) of it, 16 scales, and
-        // writes out[r · stride + s ..][.. 16] (in range: checked by the caller).
+        // SAFETY: the chunk's keys c0 .. c1 ≤ n are decoded into the scratch (chunk × kf
+        // floats); row r's block at s reads keys s .. s + 16 ≤ min(c1, counts[r]) of it, 16
+        // scales, and writes out[r · stride + s ..][.. 16] (in range: checked by the caller).
         unsafe {
             while c0 < n {
                 let c1 = (c0 + chunk).min(n);
                 let kp = scratch.as_mut_ptr();
-                for j in 0..(c1 - c0) * d / 16 {
-                    decode16_avx512(codes.as_ptr().add(c0 * d + j * 16), kp.add(j * 16));
-                }
+                K::decode(codes.as_ptr().add(c0 * d), c1 - c0, d, kp);
                 for ((q, &m), r) in qs.iter().zip(counts).zip(0..) {
                     let end = c1.min(m);
                     let mut s = c0;
                     while s + 16 <= end {
-                        let acc = block16(*q, kp.add((s - c0) * d), None);
+                        let acc = K::block16(*q, kp.add((s - c0) * kf));
                         let o = out.as_mut_ptr().add(r * stride + s);
                         finish16(*q, acc, scales.as_ptr().add(s), o);
                         s += 16;
                     }
                     if s < end {
                         let o = &mut out[r * stride + s..r * stride + end];
-                        score_keys_avx512(
-                            *q,
-                            &codes[s * d..end * d],
-                            &scales[s..end],
-                            o,
-                            &mut tail,
-                        );
+                        K::tail(*q, &codes[s * d..end * d], &scales[s..end], o, &mut tail);
                     }
                 }
                 c0 = c1;
             }
         }
     }
+
+    /// The float32 few-head kernel in the rows driver: keys decoded to floats (`decode16_avx512`),
+    /// `block16` without the next block's decoding.
+    struct F32H16;
+
+    impl FewHeadKernel for F32H16 {
+        fn key_floats(d: usize) -> usize {
+            d
+        }
+        #[inline(always)]
+        unsafe fn decode(codes: *const u8, keys: usize, d: usize, dst: *mut f32) {
+            // SAFETY: as the trait promises: keys × d codes, as many floats, d % 16 == 0.
+            unsafe {
+                for j in 0..keys * d / 16 {
+                    decode16_avx512(codes.add(j * 16), dst.add(j * 16));
+                }
+            }
+        }
+        #[inline(always)]
+        unsafe fn block16(q: Query<'_>, kp: *const f32) -> [__m512; 16] {
+            // SAFETY: forwarded.
+            unsafe { block16(q, kp, None) }
+        }
+        #[inline(always)]
+        unsafe fn tail(
+            q: Query<'_>,
+            codes: &[u8],
+            scales: &[f32],
+            out: &mut [f32],
+            scratch: &mut Vec<f32>,
+        ) {
+            // SAFETY: forwarded.
+            unsafe { score_keys_avx512(q, codes, scales, out, scratch) }
+        }
+    }
+
+    simd_rows_entry!(
+        /// `score_keys_rows` for queries of up to 16 heads (`score_rows_h16` with the float32
+        /// kernel). Each row's scores are `score_keys`' bits. Safety: as `score_keys_avx512_h16`,
+        /// for every row (`check_rows`: `counts[r] ≤ n`, outputs in range).
+        score_keys_rows_avx512_h16,
+        "avx512f,avx2,fma,f16c",
+        F32H16,
+        driver = score_rows_h16
+    );
 }
 
 #[cfg(target_arch = "aarch64")]

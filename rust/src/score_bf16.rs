@@ -217,8 +217,8 @@ fn score_keys_bf16_scalar(
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Query, CODE_BF16_HI, CODE_BF16_LO};
-    use crate::score::x86::{finish16, tree_sum_avx2};
-    use crate::score::{simd_entry, simd_rows_entry, BlockKernel, ROWS_CHUNK_FLOATS};
+    use crate::score::x86::{score_rows_h16, tree_sum_avx2, FewHeadKernel};
+    use crate::score::{simd_entry, simd_rows_entry, BlockKernel};
     use std::arch::x86_64::*;
 
     /// 16 e4m3 codes as 16 bf16 values / 256 (through F16C: exact).
@@ -403,67 +403,56 @@ mod x86 {
         acc
     }
 
-    /// `score_keys_rows_avx512bf16` for queries of up to 16 heads (`hp == 16`; also one row alone):
-    /// a chunk of keys decoded once for all the rows (`decode64`), then each row's whole register
-    /// blocks of 16 over it (`block16`) and their head sums in registers (`score::x86::finish16`,
-    /// `tree_sum`'s order); a row's last `count % 16` keys take `score_keys_avx512bf16`. Each row's
-    /// scores are the scalar twin's bits.
-    ///
-    /// # Safety
-    /// The CPU has AVX512-BF16, AVX512-VBMI and the rest of the features; `hp == 16`, `d % 32 == 0`,
-    /// and the sizes were checked by `score::score_keys` / `score_keys_rows` (every query against the
-    /// keys, counts ≤ n, outputs in range).
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vbmi,avx512vl,avx2,fma,f16c")]
-    pub unsafe fn score_keys_rows_avx512bf16_h16(
-        qs: &[Query<'_>],
-        counts: &[usize],
-        codes: &[u8],
-        scales: &[f32],
-        out: &mut [f32],
-        stride: usize,
-        scratch: &mut Vec<f32>,
-    ) {
-        let d = qs[0].d;
-        let n = counts.iter().copied().max().unwrap_or(0);
-        // A multiple of 16 keys per chunk, about ROWS_CHUNK_FLOATS floats of bf16 pairs.
-        let chunk = (2 * ROWS_CHUNK_FLOATS / d / 16).max(1) * 16;
-        scratch.resize(chunk * d / 2, 0.0);
-        let mut tail = Vec::new();
-        let mut c0 = 0;
-        // SAFETY: the chunk's keys c0 .. c1 ≤ n are decoded into the scratch (chunk × d u16); row
-        // r's block at s reads keys s .. s + 16 ≤ min(c1, counts[r]) of it, 16 scales, and writes
-        // out[r · stride + s ..][.. 16] (in range: checked by the caller).
-        unsafe {
-            while c0 < n {
-                let c1 = (c0 + chunk).min(n);
-                let kp = scratch.as_mut_ptr().cast::<u16>();
-                for c in 0..(c1 - c0) * d / 64 {
-                    decode64(codes.as_ptr().add(c0 * d + c * 64), kp.add(c * 64));
+    /// The bf16 few-head kernel in the rows driver of `score.rs` (`score_rows_h16`): keys decoded
+    /// a chunk ahead to bf16 (`decode64`: `d / 2` floats of scratch per key), `block16`'s
+    /// `vdpbf16ps` chains, the general bf16 kernel for a row's last keys.
+    struct Bf16H16;
+
+    impl FewHeadKernel for Bf16H16 {
+        fn key_floats(d: usize) -> usize {
+            d / 2
+        }
+        #[inline(always)]
+        unsafe fn decode(codes: *const u8, keys: usize, d: usize, dst: *mut f32) {
+            // SAFETY: as the trait promises (d % 32 == 0, so whole blocks of 16 keys are whole
+            // groups of 64 codes); dst's floats hold the u16 (f32 is 4-aligned, u16 needs 2).
+            unsafe {
+                let kb = dst.cast::<u16>();
+                for c in 0..keys * d / 64 {
+                    decode64(codes.add(c * 64), kb.add(c * 64));
                 }
-                for ((q, &m), r) in qs.iter().zip(counts).zip(0..) {
-                    let end = c1.min(m);
-                    let mut s = c0;
-                    while s + 16 <= end {
-                        let acc = block16(*q, kp.add((s - c0) * d).cast());
-                        let o = out.as_mut_ptr().add(r * stride + s);
-                        finish16(*q, acc, scales.as_ptr().add(s), o);
-                        s += 16;
-                    }
-                    if s < end {
-                        let o = &mut out[r * stride + s..r * stride + end];
-                        score_keys_avx512bf16(
-                            *q,
-                            &codes[s * d..end * d],
-                            &scales[s..end],
-                            o,
-                            &mut tail,
-                        );
-                    }
-                }
-                c0 = c1;
             }
         }
+        #[inline(always)]
+        unsafe fn block16(q: Query<'_>, kp: *const f32) -> [__m512; 16] {
+            // SAFETY: forwarded; the scratch holds bf16 pairs.
+            unsafe { block16(q, kp.cast()) }
+        }
+        #[inline(always)]
+        unsafe fn tail(
+            q: Query<'_>,
+            codes: &[u8],
+            scales: &[f32],
+            out: &mut [f32],
+            scratch: &mut Vec<f32>,
+        ) {
+            // SAFETY: forwarded.
+            unsafe { score_keys_avx512bf16(q, codes, scales, out, scratch) }
+        }
     }
+
+    simd_rows_entry!(
+        /// `score_keys_rows_avx512bf16` for queries of up to 16 heads (`hp == 16`; also one row
+        /// alone): `score_rows_h16` with the bf16 kernel, head sums in `tree_sum`'s order
+        /// (`finish16`). Each row's scores are the scalar twin's bits. Safety: the CPU has
+        /// AVX512-BF16, AVX512-VBMI and the rest of the features; `hp == 16`, `d % 32 == 0`, and
+        /// the sizes were checked by `score::score_keys` / `score_keys_rows` (every query against
+        /// the keys, counts ≤ n, outputs in range).
+        score_keys_rows_avx512bf16_h16,
+        "avx512f,avx512bw,avx512bf16,avx512vbmi,avx512vl,avx2,fma,f16c",
+        Bf16H16,
+        driver = score_rows_h16
+    );
 }
 
 #[cfg(test)]
