@@ -90,11 +90,14 @@ def sparse_mla(
 
 def ffi_targets() -> dict[str, Any]:
     """`{name: PyCapsule}` of the Rust core's XLA FFI handlers (rust/src/ffi.rs), for
-    `jax.ffi.register_ffi_target(name, capsule, platform="cpu", api_version=1)`: today one,
+    `jax.ffi.register_ffi_target(name, capsule, platform="cpu", api_version=1)`: two.
     `"dsa_hybrid_sparse_mla_f32"`, the sparse-MLA kernel over XLA's buffers (arguments q float32
     `[T, h, D]`, kv float32 `[..., D]`, slots int32 `[T, K]`; results out float32 `[T, h, d_v]`, lse
-    float32 `[T, h]`; attributes scale float32, threads int64). `dsa_hybrid.ops.cpu_kernels` registers
-    and calls it."""
+    float32 `[T, h]`; attributes scale float32, threads int64). `"dsa_hybrid_indexer_select"`, the host
+    indexer's `select_paged` over an `IndexerPages`' arrays (arguments q float32 `[T, H, D]`, weights
+    float32 `[T, H]`, codes uint8 `[P, S, D]`, scales float32 `[P, 1, S]`, block_tables int32 `[T, W]`,
+    positions int32 `[T]`; result int32 `[T, k]` positions; attributes quantize, bf16, threads int64).
+    `dsa_hybrid.ops.cpu_kernels` registers and calls them."""
 
 def ffi_last_kv_address() -> int:
     """The address of the latent buffer the last successful `dsa_hybrid_sparse_mla_f32` call read (0

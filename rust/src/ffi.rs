@@ -37,8 +37,9 @@ use crate::par::MAX_THREADS;
 pub const API_MAJOR: i32 = 0;
 pub const API_MINOR: i32 = 3;
 
-/// The name the Python side registers the handler under (platform "cpu").
+/// The names the Python side registers the handlers under (platform "cpu").
 pub const SPARSE_MLA_F32: &str = "dsa_hybrid_sparse_mla_f32";
+pub const INDEXER_SELECT: &str = "dsa_hybrid_indexer_select";
 
 // ----- the mirrored C API (xla/ffi/api/c_api.h) --------------------------------------------------
 
@@ -52,6 +53,7 @@ pub const BUFFER: i32 = 1;
 pub const ATTR_SCALAR: i32 = 3;
 /// `XLA_FFI_DataType` values used here.
 pub const DT_S32: i32 = 4;
+pub const DT_U8: i32 = 6;
 pub const DT_S64: i32 = 5;
 pub const DT_F32: i32 = 11;
 /// `XLA_FFI_Error_Code` values used here.
@@ -244,30 +246,54 @@ unsafe fn make_error(api: *const Api, code: i32, msg: &str) -> *mut FfiError {
 /// # Safety
 /// `frame` is null or a call frame XLA passes to an FFI handler (valid for the call).
 pub unsafe extern "C" fn sparse_mla_f32(frame: *mut CallFrame) -> *mut FfiError {
+    // SAFETY: the caller's contract.
+    unsafe { entry(frame, SPARSE_MLA_F32, execute) }
+}
+
+/// The XLA FFI handler of `dsa_hybrid_indexer_select` (`execute_select`). Registered and called
+/// as `sparse_mla_f32` is.
+///
+/// # Safety
+/// `frame` is null or a call frame XLA passes to an FFI handler (valid for the call).
+pub unsafe extern "C" fn indexer_select(frame: *mut CallFrame) -> *mut FfiError {
+    // SAFETY: the caller's contract.
+    unsafe { entry(frame, INDEXER_SELECT, execute_select) }
+}
+
+/// What every handler does around its execute stage: the stages (`handle`), a refusal made an
+/// `XLA_FFI_Error`, a panic caught and made an INTERNAL error naming the target `name`.
+///
+/// # Safety
+/// `frame` is null or a call frame XLA passes to an FFI handler (valid for the call).
+unsafe fn entry(
+    frame: *mut CallFrame,
+    name: &str,
+    exec: unsafe fn(&mut CallFrame) -> Result<(), Refusal>,
+) -> *mut FfiError {
     // SAFETY: the caller's contract; a null frame cannot even report an error.
     let Some(frame) = (unsafe { frame.as_mut() }) else {
         return std::ptr::null_mut();
     };
     let api = frame.api;
     // SAFETY (for the closure): `frame` is valid for the call, as XLA guarantees.
-    let result = catch_unwind(AssertUnwindSafe(|| unsafe { handle(frame) }));
+    let result = catch_unwind(AssertUnwindSafe(|| unsafe { handle(frame, exec) }));
     let refusal = match result {
         Ok(Ok(())) => return std::ptr::null_mut(),
         Ok(Err(r)) => r,
-        Err(payload) => Refusal(
-            ERR_INTERNAL,
-            crate::internal_error_message(SPARSE_MLA_F32, &*payload),
-        ),
+        Err(payload) => Refusal(ERR_INTERNAL, crate::internal_error_message(name, &*payload)),
     };
     // SAFETY: `api` comes from XLA's call frame.
     unsafe { make_error(api, refusal.0, &refusal.1) }
 }
 
-/// The stages of one call, as `XLA_FFI_DEFINE_HANDLER` does them.
+/// The stages of one call, as `XLA_FFI_DEFINE_HANDLER` does them, `exec` at the execute stage.
 ///
 /// # Safety
 /// `frame` is a valid call frame (its pointers valid for the call).
-unsafe fn handle(frame: &mut CallFrame) -> Result<(), Refusal> {
+unsafe fn handle(
+    frame: &mut CallFrame,
+    exec: unsafe fn(&mut CallFrame) -> Result<(), Refusal>,
+) -> Result<(), Refusal> {
     if frame.struct_size < CALL_FRAME_SIZE {
         return Err(invalid(format!(
             "Unexpected XLA_FFI_CallFrame size: expected at least {CALL_FRAME_SIZE} got {}. Check installed software versions.",
@@ -289,7 +315,7 @@ unsafe fn handle(frame: &mut CallFrame) -> Result<(), Refusal> {
         )));
     }
     // SAFETY: forwarded contract.
-    unsafe { execute(frame) }
+    unsafe { exec(frame) }
 }
 
 /// Answer the metadata query: the API version this handler was written for, no traits, no state.
@@ -335,7 +361,7 @@ struct View {
 
 /// Buffer `i` of `ops` (`what` "argument" / "result"), named `name`, of `dtype` and `rank` (None:
 /// at least 2); dims non-negative, the element count fitting `isize` bytes, the pointer non-null
-/// and aligned for a 4-byte element when there is any element.
+/// and aligned for its element (`elem_bytes`) when there is any element.
 ///
 /// # Safety
 /// `ops` is a valid `XLA_FFI_Args` / `XLA_FFI_Rets` of the call frame.
@@ -377,14 +403,18 @@ unsafe fn buffer(
         let v = unsafe { *b.dims.add(k) };
         dims.push(usize::try_from(v).map_err(|_| invalid(format!("{name}: dim {k} is {v}")))?);
     }
+    let elem = elem_bytes(dtype);
     let len = dims
         .iter()
         .try_fold(1usize, |a, d| a.checked_mul(*d))
-        .filter(|n| n.checked_mul(4).is_some_and(|b| b <= isize::MAX as usize))
+        .filter(|n| {
+            n.checked_mul(elem)
+                .is_some_and(|b| b <= isize::MAX as usize)
+        })
         .ok_or_else(|| invalid(format!("{name}: {dims:?} is too large")))?;
-    if len > 0 && (b.data.is_null() || !(b.data as usize).is_multiple_of(4)) {
+    if len > 0 && (b.data.is_null() || !(b.data as usize).is_multiple_of(elem)) {
         return Err(invalid(format!(
-            "{name}: the buffer pointer {:p} is null or not 4-byte aligned",
+            "{name}: the buffer pointer {:p} is null or not {elem}-byte aligned",
             b.data
         )));
     }
@@ -400,7 +430,17 @@ fn dtype_name(dtype: i32) -> &'static str {
         DT_F32 => "float32",
         DT_S32 => "int32",
         DT_S64 => "int64",
+        DT_U8 => "uint8",
         _ => "?",
+    }
+}
+
+/// Bytes of one element of the buffer dtypes the handlers take.
+fn elem_bytes(dtype: i32) -> usize {
+    match dtype {
+        DT_U8 => 1,
+        DT_S64 => 8,
+        _ => 4,
     }
 }
 
@@ -443,7 +483,7 @@ unsafe fn scalar_attr<T: Copy>(attrs: &Attrs, name: &str, dtype: i32) -> Result<
     Err(invalid(format!("{name}: missing attribute")))
 }
 
-/// A checked view as a slice of `T` (4-byte elements; empty when there are none).
+/// A checked view as a slice of `T` (the buffer's element type; empty when there are none).
 ///
 /// # Safety
 /// `v` came from `buffer` for a buffer of `T` that lives for `'a` and that no one else writes.
@@ -563,6 +603,143 @@ unsafe fn execute(frame: &mut CallFrame) -> Result<(), Refusal> {
     };
     mla::sparse_mla_into(cpu::active(), &p, threads, os, ls).map_err(|e| invalid(e.to_string()))?;
     LAST_KV.store(kv.data as usize, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The execute stage of `dsa_hybrid_indexer_select`: the host indexer's `select_paged` (FP8
+/// scores, top-k, ascending positions) over the device's split pages, read in place.
+///
+/// - arguments: `q` float32 `[T, H, D]` post-RoPE indexer queries (rotated and quantized here, as
+///   on the host), `weights` float32 `[T, H]`, `codes` uint8 `[P, S, D]` (e4m3fn bit patterns),
+///   `scales` float32 with `P × S` elements (`[P, 1, S]`), `block_tables` int32 `[T, W]` (−1
+///   padded), `positions` int32 `[T]` (a padding row, at a negative position or with a table
+///   that starts with −1, selects nothing);
+/// - result: `out` int32 `[T, k]`, ascending positions, −1 padded;
+/// - attributes: `quantize` (int64 0 / 1: FP8 queries), `bf16` (int64 0 / 1: score in bfloat16),
+///   `threads` (int64, as for `sparse_mla_f32`).
+///
+/// Any other page a row needs that is −1 or outside `[0, P)` is refused (`block_tables: ...`), as
+/// the host's `select_paged` refuses it (the XLA path would mask a −1 page and clamp the rest).
+///
+/// # Safety
+/// `frame` is a valid call frame.
+unsafe fn execute_select(frame: &mut CallFrame) -> Result<(), Refusal> {
+    use crate::indexer_cache::{CacheError, PageGeometry};
+    use crate::select::{paged_rows_padded, select_rows, Pages, Queries, SelectOptions};
+
+    if frame.args.size != 6 || frame.rets.size != 1 || frame.attrs.size != 3 {
+        return Err(invalid(format!(
+            "{INDEXER_SELECT}: expected 6 arguments (q, weights, codes, scales, block_tables, \
+             positions), 1 result and 3 attributes (quantize, bf16, threads), got {}, {} and {}",
+            frame.args.size, frame.rets.size, frame.attrs.size
+        )));
+    }
+    // SAFETY (all of the block): the frame's operands and attributes are valid for the call.
+    let (q, w, codes, scales, tables, positions, out, quantize, bf16, threads) = unsafe {
+        (
+            buffer(&frame.args, 0, "q", DT_F32, Some(3))?,
+            buffer(&frame.args, 1, "weights", DT_F32, Some(2))?,
+            buffer(&frame.args, 2, "codes", DT_U8, Some(3))?,
+            buffer(&frame.args, 3, "scales", DT_F32, None)?,
+            buffer(&frame.args, 4, "block_tables", DT_S32, Some(2))?,
+            buffer(&frame.args, 5, "positions", DT_S32, Some(1))?,
+            buffer(&frame.rets, 0, "out", DT_S32, Some(2))?,
+            scalar_attr::<i64>(&frame.attrs, "quantize", DT_S64)?,
+            scalar_attr::<i64>(&frame.attrs, "bf16", DT_S64)?,
+            scalar_attr::<i64>(&frame.attrs, "threads", DT_S64)?,
+        )
+    };
+    let (t, h, d) = (q.dims[0], q.dims[1], q.dims[2]);
+    let (p, s) = (codes.dims[0], codes.dims[1]);
+    if w.dims != [t, h] {
+        return Err(invalid(format!(
+            "weights: expected [{t}, {h}] (q's rows and heads), got {:?}",
+            w.dims
+        )));
+    }
+    if codes.dims[2] != d || s == 0 || !s.is_multiple_of(16) {
+        return Err(invalid(format!(
+            "codes: expected [pages, page_size, {d}] with page_size a positive multiple of 16, got {:?}",
+            codes.dims
+        )));
+    }
+    if scales.len != p * s {
+        return Err(invalid(format!(
+            "scales: expected {p} × {s} floats ([pages, 1, page_size]), got {:?}",
+            scales.dims
+        )));
+    }
+    if tables.dims[0] != t || positions.dims != [t] {
+        return Err(invalid(format!(
+            "block_tables and positions: expected [{t}, W] and [{t}] (q's rows), got {:?} and {:?}",
+            tables.dims, positions.dims
+        )));
+    }
+    let k = out.dims[1];
+    if out.dims[0] != t || k == 0 {
+        return Err(invalid(format!(
+            "out: expected [{t}, k >= 1], got {:?}",
+            out.dims
+        )));
+    }
+    let flag = |name: &str, v: i64| match v {
+        0 | 1 => Ok(v == 1),
+        _ => Err(invalid(format!("{name}: expected 0 or 1, got {v}"))),
+    };
+    let (quantize, bf16) = (flag("quantize", quantize)?, flag("bf16", bf16)?);
+    let threads = usize::try_from(threads)
+        .ok()
+        .filter(|n| *n <= MAX_THREADS)
+        .ok_or_else(|| {
+            invalid(format!(
+                "threads: must be in [0, {MAX_THREADS}], got {threads}"
+            ))
+        })?;
+    // SAFETY: each view was checked for its dtype (the slice's element type), size and alignment;
+    // the arguments are read-only and the result is this call's own buffer.
+    let (qs, ws, cs, ss, ts, ps, os) = unsafe {
+        (
+            slice::<f32>(&q),
+            slice::<f32>(&w),
+            slice::<u8>(&codes),
+            slice::<f32>(&scales),
+            slice::<i32>(&tables),
+            slice::<i32>(&positions),
+            slice_mut::<i32>(&out),
+        )
+    };
+    let queries = Queries::new(qs, ws, t, h, d, quantize)
+        .map_err(invalid)?
+        .with_bf16(bf16);
+    let geom = PageGeometry {
+        num_blocks: p,
+        block_size: s,
+        head_dim: d,
+    };
+    let pos: Vec<i64> = ps.iter().map(|&x| i64::from(x)).collect();
+    // The messages that do not start with the argument's name get it.
+    let named = |e: CacheError| match e {
+        CacheError::TableTooNarrow { .. } | CacheError::BadPage { .. } => {
+            invalid(format!("block_tables: {e}"))
+        }
+        CacheError::PositionTooLarge { .. } => invalid(format!("positions: {e}")),
+        CacheError::NonFiniteScore { .. } => invalid(format!("q: {e}")),
+        _ => invalid(e.to_string()),
+    };
+    let rows = paged_rows_padded(geom, &queries, ts, tables.dims[1], &pos).map_err(named)?;
+    let opts = SelectOptions {
+        k,
+        as_slots: false,
+        by_score: false,
+        threads,
+        isa: cpu::active(),
+    };
+    let pages = Pages::Split {
+        codes: cs,
+        scales: ss,
+    };
+    let sel = select_rows(geom, pages, &queries, &rows, opts).map_err(named)?;
+    os.copy_from_slice(&sel);
     Ok(())
 }
 

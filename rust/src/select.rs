@@ -207,12 +207,70 @@ fn check_head_dim(geom: PageGeometry, q: &Queries<'_>) -> Result<(), CacheError>
 }
 
 fn check_pages(geom: PageGeometry, pages: &[u8]) -> Result<(), CacheError> {
-    if pages.len() != geom.buffer_bytes() {
-        return Err(CacheError::Shape(
-            "pages: buffer does not match the cache".into(),
-        ));
+    Pages::Host(pages).check(geom)
+}
+
+/// Where the blocks' FP8 codes and scales are: the host cache's one buffer (per page, the codes
+/// then the little-endian float32 scales, dsa.md §6) or the two arrays of the device's pages
+/// (`ops.indexer.IndexerPages`: codes `[num_blocks, block_size, d]`, scales `[num_blocks,
+/// block_size]`), which hold the same values. The kernels read either in place.
+#[derive(Debug, Clone, Copy)]
+pub enum Pages<'a> {
+    /// `num_blocks × page_bytes` bytes.
+    Host(&'a [u8]),
+    /// `num_blocks × block_size × d` codes and `num_blocks × block_size` scales.
+    Split { codes: &'a [u8], scales: &'a [f32] },
+}
+
+impl<'a> Pages<'a> {
+    /// The buffers' sizes against the geometry.
+    pub fn check(&self, geom: PageGeometry) -> Result<(), CacheError> {
+        let ok = match *self {
+            Pages::Host(b) => b.len() == geom.buffer_bytes(),
+            Pages::Split { codes, scales } => {
+                Some(codes.len()) == geom.num_slots().checked_mul(geom.head_dim)
+                    && scales.len() == geom.num_slots()
+            }
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(CacheError::Shape(
+                "pages: buffer does not match the cache".into(),
+            ))
+        }
     }
-    Ok(())
+
+    /// The first `m` keys' codes of block `b` (`m × d` bytes; `m ≤ block_size`, `b` in range).
+    fn codes(&self, geom: PageGeometry, b: u32, m: usize) -> &'a [u8] {
+        let (bs, d, b) = (geom.block_size, geom.head_dim, b as usize);
+        match *self {
+            Pages::Host(buf) => &buf[b * geom.page_bytes()..][..m * d],
+            Pages::Split { codes, .. } => &codes[b * bs * d..][..m * d],
+        }
+    }
+
+    /// The first `m` keys' scales of block `b`: read from the host page's bytes into `buf`, or the
+    /// device array's own floats.
+    fn scales<'s>(&self, geom: PageGeometry, b: u32, m: usize, buf: &'s mut Vec<f32>) -> &'s [f32]
+    where
+        'a: 's,
+    {
+        let (bs, d, b) = (geom.block_size, geom.head_dim, b as usize);
+        match *self {
+            Pages::Host(page) => {
+                let at = b * geom.page_bytes() + bs * d;
+                buf.clear();
+                buf.extend(
+                    page[at..at + 4 * m]
+                        .chunks_exact(4)
+                        .map(|x| f32::from_le_bytes([x[0], x[1], x[2], x[3]])),
+                );
+                buf
+            }
+            Pages::Split { scales, .. } => &scales[b * bs..][..m],
+        }
+    }
 }
 
 /// The rows of queries into the cache's own sequences: known sequence, position inside it.
@@ -269,6 +327,42 @@ pub fn paged_rows<'a>(
     width: usize,
     positions: &[i64],
 ) -> Result<Vec<Row<'a>>, CacheError> {
+    check_paged(geom, q, tables, width, positions)?;
+    (0..q.t)
+        .map(|row| paged_row(geom, tables, width, row, positions[row]))
+        .collect()
+}
+
+/// `paged_rows` where a padding row sees no key and so selects nothing (all −1), as on the device
+/// path (`ops.indexer.select_topk_device`, whose −1 pages hold no visible key): a row at a negative
+/// position, or one whose table starts with −1 (the engine pads a step's rows with position 0 and
+/// an all −1 table). A −1 page after a valid one that the row needs is still an error.
+pub fn paged_rows_padded<'a>(
+    geom: PageGeometry,
+    q: &Queries<'_>,
+    tables: &'a [i32],
+    width: usize,
+    positions: &[i64],
+) -> Result<Vec<Row<'a>>, CacheError> {
+    check_paged(geom, q, tables, width, positions)?;
+    (0..q.t)
+        .map(|row| match positions[row] {
+            p if p < 0 || (width > 0 && tables[row * width] < 0) => Ok(Row {
+                blocks: &[],
+                visible: 0,
+            }),
+            p => paged_row(geom, tables, width, row, p),
+        })
+        .collect()
+}
+
+fn check_paged(
+    geom: PageGeometry,
+    q: &Queries<'_>,
+    tables: &[i32],
+    width: usize,
+    positions: &[i64],
+) -> Result<(), CacheError> {
     check_head_dim(geom, q)?;
     if positions.len() != q.t || tables.len() != q.t * width {
         return Err(CacheError::Shape(format!(
@@ -278,51 +372,56 @@ pub fn paged_rows<'a>(
             q.t
         )));
     }
-    positions
+    Ok(())
+}
+
+/// Row `row` at position `p` through its table, checked.
+fn paged_row(
+    geom: PageGeometry,
+    tables: &[i32],
+    width: usize,
+    row: usize,
+    p: i64,
+) -> Result<Row<'_>, CacheError> {
+    if p < 0 {
+        return Err(CacheError::NegativePosition {
+            index: row,
+            position: p,
+        });
+    }
+    // Row `row` sees `p + 1` keys, ranked as int32 positions.
+    if p > i64::from(i32::MAX) {
+        return Err(CacheError::PositionTooLarge {
+            index: row,
+            position: p,
+        });
+    }
+    let pages = p as usize / geom.block_size + 1;
+    if pages > width {
+        return Err(CacheError::TableTooNarrow {
+            row,
+            position: p,
+            pages,
+            width,
+        });
+    }
+    let table = &tables[row * width..row * width + pages];
+    if let Some((page, &b)) = table
         .iter()
         .enumerate()
-        .map(|(row, &p)| {
-            if p < 0 {
-                return Err(CacheError::NegativePosition {
-                    index: row,
-                    position: p,
-                });
-            }
-            // Row `row` sees `p + 1` keys, ranked as int32 positions.
-            if p > i64::from(i32::MAX) {
-                return Err(CacheError::PositionTooLarge {
-                    index: row,
-                    position: p,
-                });
-            }
-            let pages = p as usize / geom.block_size + 1;
-            if pages > width {
-                return Err(CacheError::TableTooNarrow {
-                    row,
-                    position: p,
-                    pages,
-                    width,
-                });
-            }
-            let table = &tables[row * width..row * width + pages];
-            if let Some((page, &b)) = table
-                .iter()
-                .enumerate()
-                .find(|(_, b)| **b < 0 || **b as usize >= geom.num_blocks)
-            {
-                return Err(CacheError::BadPage {
-                    row,
-                    page,
-                    block: i64::from(b),
-                    num_blocks: geom.num_blocks,
-                });
-            }
-            Ok(Row {
-                blocks: as_block_ids(table),
-                visible: p as usize + 1,
-            })
-        })
-        .collect()
+        .find(|(_, b)| **b < 0 || **b as usize >= geom.num_blocks)
+    {
+        return Err(CacheError::BadPage {
+            row,
+            page,
+            block: i64::from(b),
+            num_blocks: geom.num_blocks,
+        });
+    }
+    Ok(Row {
+        blocks: as_block_ids(table),
+        visible: p as usize + 1,
+    })
 }
 
 /// Per-worker buffers.
@@ -373,7 +472,7 @@ fn group_len(
 fn score_group(
     isa: Isa,
     geom: PageGeometry,
-    pages: &[u8],
+    pages: Pages<'_>,
     blocks: &[u32],
     qs: &[Query<'_>],
     visible: &[usize],
@@ -381,29 +480,23 @@ fn score_group(
     stride: usize,
     buf: &mut SpanBuf,
 ) -> Result<(), CacheError> {
-    let (bs, d, page_bytes) = (geom.block_size, geom.head_dim, geom.page_bytes());
+    let bs = geom.block_size;
     let n = visible.iter().copied().max().unwrap_or(0);
     let mut counts = [0usize; MAX_GROUP];
     let counts = &mut counts[..visible.len()];
     for (p, &b) in blocks.iter().enumerate().take(n.div_ceil(bs)) {
-        let page = &pages[b as usize * page_bytes..][..page_bytes];
         for (c, v) in counts.iter_mut().zip(visible) {
             *c = v.saturating_sub(p * bs).min(bs);
         }
         let m = counts.iter().copied().max().unwrap_or(0);
-        buf.scales.clear();
-        buf.scales.extend(
-            page[bs * d..bs * d + 4 * m]
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        );
+        let scales = pages.scales(geom, b, m, &mut buf.scales);
         let o = &mut out[p * bs..];
         score::score_keys_rows(
             isa,
             qs,
             counts,
-            &page[..m * d],
-            &buf.scales,
+            pages.codes(geom, b, m),
+            scales,
             o,
             stride,
             &mut buf.kernel,
@@ -442,25 +535,20 @@ struct SpanBuf {
 fn score_span(
     isa: Isa,
     geom: PageGeometry,
-    pages: &[u8],
+    pages: Pages<'_>,
     blocks: &[u32],
     q: Query<'_>,
     first: usize,
     out: &mut [f32],
     buf: &mut SpanBuf,
 ) -> Result<(), CacheError> {
-    let (bs, d, page_bytes) = (geom.block_size, geom.head_dim, geom.page_bytes());
+    let bs = geom.block_size;
     debug_assert!(first.is_multiple_of(bs));
     for (i, chunk) in out.chunks_mut(bs).enumerate() {
-        let page = &pages[blocks[first / bs + i] as usize * page_bytes..][..page_bytes];
-        let m = chunk.len();
-        buf.scales.clear();
-        buf.scales.extend(
-            page[bs * d..bs * d + 4 * m]
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        );
-        score::score_keys(isa, q, &page[..m * d], &buf.scales, chunk, &mut buf.kernel)
+        let (b, m) = (blocks[first / bs + i], chunk.len());
+        let scales = pages.scales(geom, b, m, &mut buf.scales);
+        let codes = pages.codes(geom, b, m);
+        score::score_keys(isa, q, codes, scales, chunk, &mut buf.kernel)
             .map_err(|e| CacheError::Shape(e.to_string()))?;
     }
     Ok(())
@@ -472,7 +560,7 @@ fn score_span(
 fn score_row(
     isa: Isa,
     geom: PageGeometry,
-    pages: &[u8],
+    pages: Pages<'_>,
     blocks: &[u32],
     q: Query<'_>,
     out: &mut [f32],
@@ -518,14 +606,14 @@ fn plan(threads: usize, scored: usize, flops: usize) -> (Workers, usize, usize) 
 /// −1 padded. Rows whose visible keys all fit in `k` are not scored (unless sorted by score).
 pub fn select_rows(
     geom: PageGeometry,
-    pages: &[u8],
+    pages: Pages<'_>,
     q: &Queries<'_>,
     rows: &[Row<'_>],
     opts: SelectOptions,
 ) -> Result<Vec<i32>, CacheError> {
     let (k, bs, isa) = (opts.k, geom.block_size, opts.isa);
     check_k(k)?;
-    check_pages(geom, pages)?;
+    pages.check(geom)?;
     if rows.len() != q.t {
         return Err(CacheError::Shape(format!(
             "{} rows for {} query rows",
@@ -637,13 +725,13 @@ pub fn select_rows(
 /// entries past a row's own visible length are −inf.
 pub fn scores_rows(
     geom: PageGeometry,
-    pages: &[u8],
+    pages: Pages<'_>,
     q: &Queries<'_>,
     rows: &[Row<'_>],
     threads: usize,
     isa: Isa,
 ) -> Result<(Vec<f32>, usize), CacheError> {
-    check_pages(geom, pages)?;
+    pages.check(geom)?;
     if rows.len() != q.t {
         return Err(CacheError::Shape(format!(
             "{} rows for {} query rows",
@@ -775,7 +863,7 @@ pub fn select(
     check_k(opts.k)?;
     check_pages(cache.geometry(), pages)?;
     let rows = src.rows(cache, q)?;
-    select_rows(cache.geometry(), pages, q, &rows, opts)
+    select_rows(cache.geometry(), Pages::Host(pages), q, &rows, opts)
 }
 
 /// `scores_rows` over the rows of `src` (as `select`).
@@ -789,7 +877,7 @@ pub fn scores(
 ) -> Result<(Vec<f32>, usize), CacheError> {
     check_pages(cache.geometry(), pages)?;
     let rows = src.rows(cache, q)?;
-    scores_rows(cache.geometry(), pages, q, &rows, threads, isa)
+    scores_rows(cache.geometry(), Pages::Host(pages), q, &rows, threads, isa)
 }
 
 #[cfg(test)]
@@ -1072,8 +1160,79 @@ mod tests {
                     let sel = select(&cache, &pages, &q, src, opts(threads, true)).unwrap();
                     assert_eq!(sel, alone_sel, "{isa:?} threads={threads}");
                 }
+                // The device's split arrays (the same values) score and select alike.
+                let (codes, scales) = split_pages(cache.geometry(), &pages);
+                let split = Pages::Split {
+                    codes: &codes,
+                    scales: &scales,
+                };
+                let rows = paged_rows(cache.geometry(), &q, &tables, width, &positions).unwrap();
+                let (got, _) =
+                    scores_rows(cache.geometry(), split, &q, &rows, threads, isa).unwrap();
+                let (want, _) = scores(
+                    &cache,
+                    &pages,
+                    &q,
+                    paged(&tables, width, &positions),
+                    1,
+                    isa,
+                )
+                .unwrap();
+                assert_eq!(got, want, "{isa:?} threads={threads} (split pages)");
+                let sel =
+                    select_rows(cache.geometry(), split, &q, &rows, opts(threads, true)).unwrap();
+                assert_eq!(sel, alone_sel, "{isa:?} threads={threads} (split pages)");
             }
         }
+    }
+
+    /// The host pages as the device's two arrays: codes `[blocks, block_size, d]`, scales
+    /// `[blocks, block_size]` (`IndexerPages.from_host_pages`).
+    fn split_pages(geom: PageGeometry, pages: &[u8]) -> (Vec<u8>, Vec<f32>) {
+        let (bs, d) = (geom.block_size, geom.head_dim);
+        let mut codes = Vec::new();
+        let mut scales = Vec::new();
+        for page in pages.chunks_exact(geom.page_bytes()) {
+            codes.extend_from_slice(&page[..bs * d]);
+            scales.extend(
+                page[bs * d..]
+                    .chunks_exact(4)
+                    .map(|x| f32::from_le_bytes([x[0], x[1], x[2], x[3]])),
+            );
+        }
+        (codes, scales)
+    }
+
+    #[test]
+    fn split_pages_of_the_wrong_size_are_an_error() {
+        let (cache, pages, _) = setup(&[40], 4, 16);
+        let (codes, scales) = split_pages(cache.geometry(), &pages);
+        let q = Queries::new(&[0.5; 4 * 16], &[1.0; 4], 1, 4, 16, true).unwrap();
+        let rows = sequence_rows(&cache, &q, &[0], &[39]).unwrap();
+        let opts = SelectOptions {
+            k: 8,
+            as_slots: false,
+            by_score: false,
+            threads: 1,
+            isa: Isa::Scalar,
+        };
+        for (c, sc) in [(&codes[1..], &scales[..]), (&codes[..], &scales[1..])] {
+            let split = Pages::Split {
+                codes: c,
+                scales: sc,
+            };
+            let err = select_rows(cache.geometry(), split, &q, &rows, opts).unwrap_err();
+            assert!(err.to_string().contains("pages"), "{err}");
+        }
+        let split = Pages::Split {
+            codes: &codes,
+            scales: &scales,
+        };
+        let want = select(&cache, &pages, &q, seqs(&[0], &[39]), opts).unwrap();
+        assert_eq!(
+            select_rows(cache.geometry(), split, &q, &rows, opts).unwrap(),
+            want
+        );
     }
 
     #[test]

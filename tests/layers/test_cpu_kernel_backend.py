@@ -1,6 +1,7 @@
-"""`dsa_attention(..., backend=...)` on a CPU with a float32 latent cache: "cpu_kernel" (the Rust kernel as
-an XLA custom call) and "auto" (which picks it there) give the XLA path's output and the same top-k; the
-indexer, which has no "cpu_kernel", takes its XLA path."""
+"""`dsa_attention(..., backend=...)` on a CPU with a float32 latent cache: "cpu_kernel" (the Rust kernels as
+XLA custom calls) and "auto" (which picks them there) give the XLA path's output and the same top-k (the
+indexer's Rust kernel sums in another order than XLA's einsum; on this problem no near-tie tells them
+apart, `tests/ops/test_xla_ffi_indexer.py` checks it against the host bit for bit)."""
 
 from __future__ import annotations
 

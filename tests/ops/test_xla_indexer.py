@@ -3,6 +3,8 @@ FP8 oracle and the host `IndexerKeyCache.select` on the same pages."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +18,13 @@ from dsa_hybrid import reference as ref
 from dsa_hybrid.ops.indexer import IndexerPages, hadamard, quantize_rows, select_topk_device
 from dsa_hybrid.testing import assert_topk_equal
 
-_select = jax.jit(select_topk_device, static_argnames=("k", "quantize_queries", "key_chunk"))
+_select = jax.jit(
+    functools.partial(select_topk_device, backend="xla"), static_argnames=("k", "quantize_queries", "key_chunk")
+)
+# The Rust host indexer as an XLA custom call ("auto" on a CPU for FP8 pages whose widths it takes).
+_select_kernel = jax.jit(
+    functools.partial(select_topk_device, backend="cpu_kernel"), static_argnames=("k", "quantize_queries")
+)
 
 
 def _tables(p: Problem) -> np.ndarray:
@@ -57,21 +65,16 @@ def test_pages_move_between_host_and_device_unchanged() -> None:
 
 
 @settings(max_examples=20)
-@given(problems())
-def test_device_selection_matches_the_oracle_and_the_host(p: Problem) -> None:
+@given(problems(), st.sampled_from(["xla", "cpu_kernel"]))
+def test_device_selection_matches_the_oracle_and_the_host(p: Problem, backend: str) -> None:
     dev = IndexerPages.from_host_pages(p.cache.pages(), p.cache.block_size, p.cache.head_dim)
     want_scores = oracle_scores(p, quantized=True)
-    got = np.asarray(
-        _select(
-            jnp.asarray(p.q),
-            jnp.asarray(p.w),
-            dev,
-            jnp.asarray(_tables(p)),
-            jnp.asarray(p.positions.astype(np.int32)),
-            p.k,
-            key_chunk=64,
-        )
-    )
+    args = (jnp.asarray(p.q), jnp.asarray(p.w), dev, jnp.asarray(_tables(p)), jnp.asarray(p.positions.astype(np.int32)))
+    if backend == "xla":
+        got = np.asarray(_select(*args, p.k, key_chunk=64))
+    else:  # the host's own kernels: its selection bit for bit
+        got = np.asarray(_select_kernel(*args, p.k))
+        np.testing.assert_array_equal(got, p.cache.select(p.seq_ids, p.q, p.w, p.positions, p.k))
     want = ref.select_topk(np.where(np.isfinite(want_scores), want_scores, -1e300), p.positions, p.k)
     assert_topk_equal(got, want, want_scores, tie_atol=tie_atol(want_scores))
     host = p.cache.select(p.seq_ids, p.q, p.w, p.positions, p.k)
@@ -138,7 +141,9 @@ def test_bad_shapes_get_named_errors() -> None:
 
 # ----- row blocks (the XLA path scores a block of rows × heads against each key chunk at once) ----------
 
-_select_blocks = jax.jit(select_topk_device, static_argnames=("k", "key_chunk", "row_block"))
+_select_blocks = jax.jit(
+    functools.partial(select_topk_device, backend="xla"), static_argnames=("k", "key_chunk", "row_block")
+)
 
 
 @st.composite

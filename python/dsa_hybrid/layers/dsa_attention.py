@@ -28,6 +28,7 @@ from dsa_hybrid.host.attention import sparse_mla_host
 from dsa_hybrid.layers.weights import Fp8Weight, Weight, dense, linear
 from dsa_hybrid.models.config import DSAConfig
 from dsa_hybrid.ops.checks import check_int
+from dsa_hybrid.ops.cpu_kernels import indexer_kernel_ok
 from dsa_hybrid.ops.indexer import ExactIndexerKeys, IndexerPages, check_rows, quantize_keys, select_topk_device
 from dsa_hybrid.ops.latent_cache import CacheKind, LatentCache
 from dsa_hybrid.ops.sparse_mla import Backend, prefix_mla, sparse_mla
@@ -436,8 +437,9 @@ def dsa_attention(
         caches: the layer's `DSACaches`.
         shared_topk: for GLM-5 `"shared"` layers, the previous full layer's selection `[T, K]` (this
             layer then runs no indexer).
-        backend: "auto", "xla" or "pallas_tpu", for `sparse_mla` and for the indexer's scoring (the
-            Pallas indexer kernel scores FP8 pages; exact keys always use XLA).
+        backend: "auto", "xla", "pallas_tpu" or "cpu_kernel", for `sparse_mla` and for the indexer's
+            scoring (the Pallas and the Rust indexer kernels score FP8 pages; exact keys always use XLA;
+            "cpu_kernel" takes the Rust indexer where `ops.cpu_kernels.indexer_kernel_ok`, else XLA's).
 
     Returns `(out [T, hidden] float32, updated caches, topk [T, K] int32 positions)`. Jit-able.
     """
@@ -449,9 +451,11 @@ def dsa_attention(
             raise ValueError("dsa_attention: this layer has no indexer weights (a 'shared' layer): pass shared_topk")
         index = index.write(slots, proj.k_idx)
         # "auto" follows the target device (ops.target): Pallas for FP8 pages on a TPU target, also when
-        # a CPU host compiles for a TPU ahead of time; exact float32 keys are always scored by XLA.
-        # ("cpu_kernel" names the attention kernel only; the indexer then takes its XLA path)
-        idx_backend = backend if isinstance(index, IndexerPages) and backend != "cpu_kernel" else "xla"
+        # a CPU host compiles for a TPU ahead of time, the Rust kernel on a CPU; exact float32 keys are
+        # always scored by XLA. "cpu_kernel" takes the Rust indexer too where its widths allow.
+        idx_backend = backend if isinstance(index, IndexerPages) else "xla"
+        if idx_backend == "cpu_kernel" and not indexer_kernel_ok(proj.q_idx.shape[1], index.head_dim, index.page_size):
+            idx_backend = "xla"
         # Keys per scan step and rows per block: the indexer's defaults bound its temporaries by itself.
         topk = select_topk_device(
             proj.q_idx, proj.w_idx, index, block_tables, positions, cfg.index_topk, backend=idx_backend

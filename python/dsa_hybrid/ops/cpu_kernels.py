@@ -1,4 +1,7 @@
-"""The Rust core's fused sparse-MLA CPU kernel inside `jit`: an XLA FFI custom call on the CPU backend.
+"""The Rust core's CPU kernels inside `jit`: XLA FFI custom calls on the CPU backend.
+
+Two kernels: the fused sparse MLA attention (`sparse_mla_cpu`) and the indexer's score + top-k over
+the device's FP8 pages (`indexer_select_cpu`).
 
 `sparse_mla_cpu(q, kv, slots, scale=..., d_v=...)` runs `dsa_hybrid.host.sparse_mla_host`'s kernel
 (rust/src/mla.rs) as the custom call `dsa_hybrid_sparse_mla_f32` (rust/src/ffi.rs): XLA hands the kernel
@@ -13,6 +16,12 @@ nothing else of the host side.
 
 Transformations: `jax.vmap` runs the call once per batch element (`vmap_method="sequential"`); the call
 has no derivative of its own (`ops.sparse_mla` gives its kernel path the XLA path's backward).
+
+`indexer_select_cpu(q, weights, codes, scales, block_tables, positions, k)` runs the host indexer's
+`select_paged` (rust/src/select.rs: Hadamard rotation and FP8 quantization of the queries, the SIMD
+scoring kernels, the top-k) as the custom call `dsa_hybrid_indexer_select` on an `IndexerPages`' two
+arrays, read in place: what `ops.indexer.select_topk_device(..., backend="cpu_kernel")` calls, and what
+its "auto" picks for FP8 pages on a CPU target. Its selections are the host placement's bit for bit.
 """
 
 from __future__ import annotations
@@ -29,6 +38,9 @@ from dsa_hybrid.ops.checks import check_int, check_scale
 from dsa_hybrid.ops.target import target_device
 
 TARGET = "dsa_hybrid_sparse_mla_f32"
+INDEXER_TARGET = "dsa_hybrid_indexer_select"
+# The host indexer's limits (rust/src/score.rs MAX_HEADS, rust/src/indexer_cache.rs page sizes).
+INDEXER_MAX_HEADS = 256
 _MAX_THREADS = 1024
 _lock = threading.Lock()
 _registered = False
@@ -105,4 +117,110 @@ def sparse_mla_cpu(
     return out, lse
 
 
-__all__: list[str] = ["TARGET", "register", "sparse_mla_cpu", "target_is_cpu"]
+def indexer_kernel_ok(heads: int, head_dim: int, page_size: int) -> bool:
+    """Whether `indexer_select_cpu` takes these widths: up to 256 heads, a power-of-two `head_dim`, a
+    page size that is a positive multiple of 16 (the host cache's own rule)."""
+    return (
+        1 <= heads <= INDEXER_MAX_HEADS
+        and head_dim > 0
+        and head_dim & (head_dim - 1) == 0
+        and page_size > 0
+        and page_size % 16 == 0
+    )
+
+
+def indexer_query_bf16(query_dtype: str, quantize: bool) -> bool:
+    """Whether the host indexer scores in bfloat16 for `query_dtype` ("auto", "float32", "bfloat16"):
+    "auto" is bf16 for FP8-quantized queries where this CPU runs it faster
+    (`cpu_features()["indexer_query_dtype"]`, which `DSA_HYBRID_QUERY_DTYPE` pins), as `select_paged`'s."""
+    if query_dtype not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"query_dtype: expected 'auto', 'float32' or 'bfloat16', got {query_dtype!r}")
+    if query_dtype == "auto":
+        return quantize and _core.cpu_features()["indexer_query_dtype"] == "bfloat16"
+    return query_dtype == "bfloat16"
+
+
+def indexer_select_cpu(
+    q: jax.Array,
+    weights: jax.Array,
+    codes: jax.Array,
+    scales: jax.Array,
+    block_tables: jax.Array,
+    positions: jax.Array,
+    k: int,
+    *,
+    quantize_queries: bool = True,
+    query_dtype: str = "auto",
+    threads: int = 1,
+) -> jax.Array:
+    """The indexer's top-`k` per query row (dsa.md §4, §5) by the Rust core, as an XLA custom call (CPU
+    backend only): exactly `IndexerKeyCache.select_paged` on the same pages.
+
+    Args:
+        q: `[T, H, D]` post-RoPE indexer queries (float32, or a float widened to it); weights: `[T, H]`
+            head weights (× H^-0.5). The kernel rotates (and with `quantize_queries` FP8-quantizes) them.
+        codes: uint8 `[P, S, D]`, scales: float32 `[P, 1, S]`: an `IndexerPages`' arrays, read in place.
+        block_tables: int32 `[T, W]` (−1 padded); positions: int32 `[T]`, row `t` sees keys `0 ..
+            positions[t]`. A padding row (negative position, or a table starting with −1) selects nothing.
+        k: entries per row. query_dtype: "auto" (as the host's), "float32" or "bfloat16".
+        threads: worker threads (1, the default: XLA's calling thread; 0 one per core; at most 1024).
+
+    Returns int32 `[T, k]` positions, ascending, −1 padded. Jit-able (`k`, `quantize_queries`,
+    `query_dtype`, `threads` static). TypeError / ValueError naming the argument for a wrong dtype,
+    shape or option at trace time; at run time a page a row needs that is −1 (after its first) or
+    outside `[0, P)`, or a non-finite query, fails the call with the argument's name in the message.
+    """
+    if q.ndim != 3:
+        raise ValueError(f"q: expected [T, H, D], got {list(q.shape)}")
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        raise TypeError(f"q: expected floats, got {q.dtype}")
+    T, H, D = q.shape
+    if weights.shape != (T, H) or not jnp.issubdtype(weights.dtype, jnp.floating):
+        raise ValueError(f"weights: expected floats [{T}, {H}], got {weights.dtype} {list(weights.shape)}")
+    if codes.ndim != 3 or codes.shape[2] != D or codes.dtype != jnp.uint8:
+        raise ValueError(f"codes: expected uint8 [pages, page_size, {D}], got {codes.dtype} {list(codes.shape)}")
+    P, S = codes.shape[:2]
+    if scales.shape != (P, 1, S) or scales.dtype != jnp.float32:
+        raise ValueError(f"scales: expected float32 [{P}, 1, {S}], got {scales.dtype} {list(scales.shape)}")
+    if block_tables.ndim != 2 or block_tables.shape[0] != T or not jnp.issubdtype(block_tables.dtype, jnp.integer):
+        got = f"{block_tables.dtype} {list(block_tables.shape)}"
+        raise ValueError(f"block_tables: expected integers [{T}, W], got {got}")
+    if positions.shape != (T,) or not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise ValueError(f"positions: expected integers [{T}], got {positions.dtype} {list(positions.shape)}")
+    if not indexer_kernel_ok(H, D, S):
+        raise ValueError(
+            f"q: the host indexer takes 1-{INDEXER_MAX_HEADS} heads, a power-of-two head_dim and pages of a "
+            f"multiple of 16 keys; got {H} heads, head_dim {D}, page_size {S}"
+        )
+    k = check_int("k", k, 1)
+    threads = check_int("threads", threads, 0, _MAX_THREADS)
+    bf16 = indexer_query_bf16(query_dtype, quantize_queries)
+    if block_tables.dtype != jnp.int32:  # wider entries past the pages stay past them (refused)
+        block_tables = jnp.where(block_tables < 0, -1, jnp.minimum(block_tables, P))
+    if positions.dtype != jnp.int32:  # past int32 no table is wide enough (refused)
+        positions = jnp.clip(positions, -1, 2**31 - 1)
+    register()
+    call = jax.ffi.ffi_call(INDEXER_TARGET, jax.ShapeDtypeStruct((T, k), jnp.int32), vmap_method="sequential")
+    return call(
+        q.astype(jnp.float32),
+        weights.astype(jnp.float32),
+        codes,
+        scales,
+        block_tables.astype(jnp.int32),
+        positions.astype(jnp.int32),
+        quantize=np.int64(quantize_queries),
+        bf16=np.int64(bf16),
+        threads=np.int64(threads),
+    )
+
+
+__all__: list[str] = [
+    "INDEXER_TARGET",
+    "TARGET",
+    "indexer_kernel_ok",
+    "indexer_query_bf16",
+    "indexer_select_cpu",
+    "register",
+    "sparse_mla_cpu",
+    "target_is_cpu",
+]

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsa_hybrid.ops.checks import check_alloc, check_array, check_int, check_int_array, is_concrete
+from dsa_hybrid.ops.cpu_kernels import indexer_kernel_ok, indexer_select_cpu, target_is_cpu
 from dsa_hybrid.ops.latent_cache import quantize_rows
 from dsa_hybrid.ops.target import resolve_backend, target_is_tpu
 
@@ -280,6 +281,8 @@ def select_topk_device(
     row_block: int | None = None,
     backend: str = "auto",
     interpret: Any = False,
+    query_dtype: str = "auto",
+    threads: int = 1,
 ) -> jax.Array:
     """Top-`k` visible keys per query row, scored on the device from FP8 pages (dsa.md §4, §5).
 
@@ -294,9 +297,16 @@ def select_topk_device(
             big batches, so that rows × keys × D stays near 2^26.
         row_block: the XLA path's query rows per block (None: `row_block_size`). The Pallas path ignores it.
         backend: "auto" (the default: "pallas_tpu" for FP8 `IndexerPages` when the target is a TPU, see
-            `ops.target`; "xla" otherwise), "xla" (gather + einsum, anywhere) or "pallas_tpu" (FP8
-            `IndexerPages` only: the kernel of `ops.tpu.indexer`, which streams key pages through VMEM;
-            `interpret=True` or `pltpu.InterpretParams(...)` simulates it off a TPU).
+            `ops.target`; "cpu_kernel" for FP8 `IndexerPages` when it is a CPU and the widths suit the
+            host indexer (`ops.cpu_kernels.indexer_kernel_ok`); "xla" otherwise), "xla" (gather + einsum,
+            anywhere), "pallas_tpu" (FP8 `IndexerPages` only: the kernel of `ops.tpu.indexer`, which
+            streams key pages through VMEM; `interpret=True` or `pltpu.InterpretParams(...)` simulates it
+            off a TPU) or "cpu_kernel" (FP8 `IndexerPages` on a CPU target: the Rust host indexer as an
+            XLA custom call on the pages in place, `ops.cpu_kernels.indexer_select_cpu`, which selects
+            exactly what the host placement's `select_paged` selects; `key_chunk` and `row_block` do not
+            apply, and a padding row must have a negative position or a table starting with −1).
+        query_dtype, threads: the "cpu_kernel" path's scoring dtype ("auto": as the host indexer's) and
+            worker threads (1: XLA's calling thread); the other paths score in float32 and ignore them.
 
     Returns int32 `[T, k]` positions, ascending, −1 padded (rows with `positions[t] + 1 ≤ k` select
     every visible key). Jit-able with `k`, `quantize_queries`, `key_chunk` and `row_block` static.
@@ -322,12 +332,24 @@ def select_topk_device(
         row_block = check_int("row_block", row_block, 1)
     S = pages.page_size
     T, max_pages = block_tables.shape
-    if backend == "auto":  # Pallas scores FP8 pages when the target is a TPU; exact keys always use XLA
-        backend = "pallas_tpu" if isinstance(pages, IndexerPages) and target_is_tpu(q, pages) else "xla"
-    if backend not in ("xla", "pallas_tpu"):
-        raise ValueError(f"backend: expected 'auto', 'xla' or 'pallas_tpu', got {backend!r}")
-    if backend == "pallas_tpu" and not isinstance(pages, IndexerPages):
-        raise ValueError("backend='pallas_tpu' scores FP8 IndexerPages; use backend='xla' for ExactIndexerKeys")
+    if backend == "auto":  # FP8 pages: Pallas on a TPU target, the Rust kernel on a CPU; exact keys: XLA
+        backend = "xla"
+        if isinstance(pages, IndexerPages) and target_is_tpu(q, pages):
+            backend = "pallas_tpu"
+        elif isinstance(pages, IndexerPages) and indexer_kernel_ok(H, pages.head_dim, S) and target_is_cpu(q, pages):
+            backend = "cpu_kernel"
+    if backend not in ("xla", "pallas_tpu", "cpu_kernel"):
+        raise ValueError(f"backend: expected 'auto', 'xla', 'pallas_tpu' or 'cpu_kernel', got {backend!r}")
+    if backend in ("pallas_tpu", "cpu_kernel") and not isinstance(pages, IndexerPages):
+        raise ValueError(f"backend={backend!r} scores FP8 IndexerPages; use backend='xla' for ExactIndexerKeys")
+    if backend == "cpu_kernel":
+        assert isinstance(pages, IndexerPages)  # checked above
+        if not target_is_cpu(q, pages):
+            raise ValueError("backend='cpu_kernel' runs on the CPU backend; the target here is not a CPU")
+        return indexer_select_cpu(
+            q, weights, pages.codes, pages.scales, block_tables, positions, k,
+            quantize_queries=quantize_queries, query_dtype=query_dtype, threads=threads,
+        )  # fmt: skip
     if backend == "pallas_tpu":
         resolve_backend(backend, q, pages, interpret=interpret)  # a TPU target, or interpret mode
     if key_chunk is None:

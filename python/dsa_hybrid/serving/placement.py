@@ -258,7 +258,7 @@ def cache_key(
     import jaxlib
 
     return {
-        "format": 2,  # 2: each side attends as the engine does (the Rust kernels on a CPU)
+        "format": 3,  # 3: each side indexes and attends as the engine does (the Rust kernels on a CPU)
         "machine": machine_id(),
         "model_type": cfg.model_type,
         "widths": {w: int(getattr(cfg, w)) for w in widths},

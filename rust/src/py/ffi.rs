@@ -15,15 +15,21 @@ use crate::ffi;
 #[pyfunction]
 pub fn ffi_targets(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     guard("ffi_targets", || {
-        let handler: unsafe extern "C" fn(*mut ffi::CallFrame) -> *mut ffi::FfiError =
-            ffi::sparse_mla_f32;
-        let ptr = NonNull::new(handler as *mut c_void)
-            .ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("null handler"))?;
-        // SAFETY: a function pointer with static lifetime (this library stays loaded while Python
-        // runs), handed to XLA as an FFI handler; the capsule owns nothing.
-        let capsule = unsafe { PyCapsule::new_with_pointer(py, ptr, c"xla._CUSTOM_CALL_TARGET") }?;
+        type Handler = unsafe extern "C" fn(*mut ffi::CallFrame) -> *mut ffi::FfiError;
+        let handlers: [(&str, Handler); 2] = [
+            (ffi::SPARSE_MLA_F32, ffi::sparse_mla_f32),
+            (ffi::INDEXER_SELECT, ffi::indexer_select),
+        ];
         let d = PyDict::new(py);
-        d.set_item(ffi::SPARSE_MLA_F32, capsule)?;
+        for (name, handler) in handlers {
+            let ptr = NonNull::new(handler as *mut c_void)
+                .ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("null handler"))?;
+            // SAFETY: a function pointer with static lifetime (this library stays loaded while
+            // Python runs), handed to XLA as an FFI handler; the capsule owns nothing.
+            let capsule =
+                unsafe { PyCapsule::new_with_pointer(py, ptr, c"xla._CUSTOM_CALL_TARGET") }?;
+            d.set_item(name, capsule)?;
+        }
         Ok(d)
     })
 }
