@@ -78,3 +78,22 @@ def tie_atol(scores: np.ndarray) -> float:
     # float32 accumulation of exact FP8 products: relative error ~1e-6 of the largest term.
     finite = np.abs(scores[np.isfinite(scores)])
     return 1e-5 * float(finite.max(initial=0.0)) + 1e-30
+
+
+def small_paged_problem(rng: np.random.Generator, S: int = 16, D: int = 32, H: int = 4) -> tuple:
+    """A small fixed problem through block tables: `(cache, IndexerPages of its bytes, q [3, H, D], w [3, H],
+    tables int32 [3, 6] (−1 padded), positions int32 [3])`, rows over two sequences of 70 and 33 keys."""
+    from dsa_hybrid.ops.indexer import IndexerPages
+
+    cache = dh.IndexerKeyCache(num_blocks=12, block_size=S, head_dim=D)
+    for s, n in enumerate((70, 33)):
+        cache.add_sequence(s)
+        cache.append(s, rng.standard_normal((n, D)).astype(np.float32))
+    tables = np.full((3, 6), -1, np.int32)
+    for i, s in enumerate((0, 1, 0)):
+        bt = cache.block_table(s)
+        tables[i, : bt.size] = bt
+    pos = np.array([69, 32, 5], np.int32)
+    q = rng.standard_normal((3, H, D)).astype(np.float32)
+    w = (rng.random((3, H)) * H**-0.5).astype(np.float32)
+    return cache, IndexerPages.from_host_pages(cache.pages(), S, D), q, w, tables, pos

@@ -1,8 +1,8 @@
 """The Rust host indexer inside `jit` (`select_topk_device(..., backend="cpu_kernel")`, `ops.cpu_kernels.
 indexer_select_cpu`): on an `IndexerPages`' two arrays it selects exactly what the host's `select_paged`
 selects on the same bytes (so the oracle's selection up to float32 ties, `tests/ops/test_xla_indexer.py`),
-for every query dtype, thread count and padding row; "auto" picks it for FP8 pages on a CPU; bad input
-gets errors naming the argument, at trace time and from the handler itself."""
+for every query dtype, thread count and padding row; "auto" picks it for FP8 pages on a CPU. (Bad input:
+`test_xla_ffi_indexer_bad_input.py`.)"""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from indexer_problems import Problem, problems
+from indexer_problems import Problem, problems, small_paged_problem
 
 import dsa_hybrid as dh
 from dsa_hybrid.ops import cpu_kernels
@@ -71,23 +71,9 @@ def test_the_kernel_selects_what_the_host_selects(
     assert np.all(got[len(want) :] == -1)  # padding rows select nothing
 
 
-def small_problem(rng: np.random.Generator, S: int = 16, D: int = 32, H: int = 4):
-    cache = dh.IndexerKeyCache(num_blocks=12, block_size=S, head_dim=D)
-    for s, n in enumerate((70, 33)):
-        cache.add_sequence(s)
-        cache.append(s, rng.standard_normal((n, D)).astype(np.float32))
-    seq = np.array([0, 1, 0])
-    pos = np.array([69, 32, 5], np.int32)
-    tables = tables_of(cache, seq, width=6)
-    q = rng.standard_normal((3, H, D)).astype(np.float32)
-    w = (rng.random((3, H)) * H**-0.5).astype(np.float32)
-    pages = IndexerPages.from_host_pages(cache.pages(), S, D)
-    return cache, pages, q, w, tables, pos
-
-
 def test_auto_picks_the_kernel_for_fp8_pages_on_a_cpu_only() -> None:
     rng = np.random.default_rng(1)
-    cache, pages, q, w, tables, pos = small_problem(rng)
+    cache, pages, q, w, tables, pos = small_paged_problem(rng)
 
     def hlo(pg, backend: str = "auto") -> str:
         f = jax.jit(lambda q, w, pg, t, p: select_topk_device(q, w, pg, t, p, 8, backend=backend))
@@ -104,7 +90,7 @@ def test_auto_picks_the_kernel_for_fp8_pages_on_a_cpu_only() -> None:
 
 def test_vmap_runs_the_call_per_element() -> None:
     rng = np.random.default_rng(2)
-    cache, pages, q, w, tables, pos = small_problem(rng)
+    cache, pages, q, w, tables, pos = small_paged_problem(rng)
     qs = np.stack([q, q[::-1].copy()])
     f = jax.vmap(lambda q: select_topk_device(q, w, pages, tables, pos, 8, backend="cpu_kernel"))
     got = np.asarray(f(jnp.asarray(qs)))
@@ -129,83 +115,3 @@ def test_the_layer_indexes_with_the_kernel_on_a_cpu() -> None:
         assert cpu_kernels.INDEXER_TARGET in run.lower(x, caches).as_text()
     xla = jax.jit(lambda x, c: dsa_attention(params, cfg, x, pos, pos, tables, c, backend="xla"))
     assert cpu_kernels.INDEXER_TARGET not in xla.lower(x, caches).as_text()
-
-
-def test_bad_input_gets_errors_naming_the_argument() -> None:
-    rng = np.random.default_rng(5)
-    cache, pages, q, w, tables, pos = small_problem(rng)
-    sel = cpu_kernels.indexer_select_cpu
-    c, s = pages.codes, pages.scales
-    cases = [
-        (lambda: sel(q[0], w, c, s, tables, pos, 8), ValueError, "^q:"),
-        (lambda: sel(q.astype(np.int32), w, c, s, tables, pos, 8), TypeError, "^q:"),
-        (lambda: sel(q, w[:, :3], c, s, tables, pos, 8), ValueError, "^weights:"),
-        (lambda: sel(q, w, c.astype(jnp.float32), s, tables, pos, 8), ValueError, "^codes:"),
-        (lambda: sel(q, w, c[..., :16], s, tables, pos, 8), ValueError, "^codes:"),
-        (lambda: sel(q, w, c, s[:, :, :8], tables, pos, 8), ValueError, "^scales:"),
-        (lambda: sel(q, w, c, s, tables[:2], pos, 8), ValueError, "^block_tables:"),
-        (lambda: sel(q, w, c, s, tables.astype(np.float32), pos, 8), ValueError, "^block_tables:"),
-        (lambda: sel(q, w, c, s, tables, pos[:2], 8), ValueError, "^positions:"),
-        (lambda: sel(q, w, c, s, tables, pos, 0), ValueError, "^k:"),
-        (lambda: sel(q, w, c, s, tables, pos, 8, threads=-1), ValueError, "^threads:"),
-        (lambda: sel(q, w, c, s, tables, pos, 8, query_dtype="fp16"), ValueError, "^query_dtype:"),
-        (lambda: sel(q, w, c[:, :8], s[:, :, :8], tables, pos, 8), ValueError, "^q: the host indexer takes"),
-        (lambda: select_topk_device(q, w, ExactIndexerKeys.create(12, 16, 32), tables, pos, 8,
-                                    backend="cpu_kernel"), ValueError, "^backend="),
-    ]  # fmt: skip
-    for call, exc, match in cases:
-        with pytest.raises(exc, match=match):
-            call()
-    # At run time (inside the jitted call): a hole in a row's pages, a page past the pool, a table too
-    # narrow, a non-finite query. Nothing is written anywhere, so the pages are unchanged.
-    before = pages.to_host_pages()
-    hole, past, narrow = tables.copy(), tables.copy(), tables[:, :2].copy()
-    hole[0, 2] = -1
-    past[0, 1] = 99
-    nan_q = q.copy()
-    nan_q[1, 0, 0] = np.nan
-    for args, match in [
-        ((q, w, pages, hole, pos), "block_tables: row 0 needs page 2"),
-        ((q, w, pages, past, pos), "block_tables: row 0 needs page 1 .*block 99"),
-        ((q, w, pages, narrow, pos), "block_tables: row 0 at position 69 needs 5 pages"),
-        ((nan_q, w, pages, tables, pos), "q: non-finite value"),
-    ]:
-        with pytest.raises(Exception, match=match):
-            np.asarray(_kernel(*args, 8))
-    np.testing.assert_array_equal(pages.to_host_pages(), before)
-    want = cache.select_paged(tables, pos, q, w, 8)
-    np.testing.assert_array_equal(np.asarray(_kernel(q, w, pages, tables, pos, 8)), want)
-
-
-def test_the_handler_checks_what_python_would() -> None:
-    """Called directly (the Python checks bypassed), the handler refuses wrong dtypes, shapes and
-    attributes with an INVALID_ARGUMENT error that starts with the buffer's or attribute's name."""
-    rng = np.random.default_rng(6)
-    _, pages, q, w, tables, pos = small_problem(rng)
-    cpu_kernels.register()
-
-    def call(*args, k=8, out_dtype=jnp.int32, **attrs):
-        attrs = {"quantize": np.int64(1), "bf16": np.int64(0), "threads": np.int64(1)} | attrs
-        f = jax.ffi.ffi_call(cpu_kernels.INDEXER_TARGET, jax.ShapeDtypeStruct((3, k), out_dtype))
-        return np.asarray(jax.jit(lambda *a: f(*a, **attrs))(*args))
-
-    good = (q, w, pages.codes, pages.scales, tables, pos)
-    np.testing.assert_array_equal(call(*good), _kernel(q, w, pages, tables, pos, 8))
-    for args, attrs, match in [
-        ((q[..., :16], *good[1:]), {}, "codes: expected"),  # rows of 32 codes for queries of 16
-        ((q, w, pages.codes.astype(jnp.int32), *good[3:]), {}, "codes: expected dtype uint8"),
-        ((q, w, pages.codes, pages.scales[:, :, :8], *good[4:]), {}, "scales: expected"),
-        ((q, w[:2], *good[2:]), {}, "weights: expected"),
-        ((*good[:4], tables[:2], pos), {}, "block_tables and positions"),
-        ((*good[:5], pos.astype(np.float32)), {}, "positions: expected dtype int32"),
-        (good, {"quantize": np.int64(2)}, "quantize: expected 0 or 1"),
-        (good, {"bf16": np.int64(-1)}, "bf16: expected 0 or 1"),
-        (good, {"threads": np.int64(5000)}, "threads: must be in"),
-        (good, {"threads": np.float32(1.0)}, "threads: expected a int64 scalar"),
-    ]:
-        with pytest.raises(Exception, match=match):
-            call(*args, **attrs)
-    with pytest.raises(Exception, match="out: expected dtype int32"):
-        call(*good, out_dtype=jnp.float32)
-    with pytest.raises(Exception, match="expected 6 arguments"):
-        call(*good[:5])
