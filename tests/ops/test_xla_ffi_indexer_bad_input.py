@@ -50,6 +50,8 @@ def test_bad_input_gets_errors_naming_the_argument() -> None:
         (lambda: indexer_select_cpu(q, w, c, s, tables, pos, 8, threads=-1), ValueError, "^threads:"),
         (lambda: indexer_select_cpu(q, w, c, s, tables, pos, 8, query_dtype="fp16"), ValueError, "^query_dtype:"),
         (lambda: indexer_select_cpu(q, w, c[:, :8], s[:, :, :8], tables, pos, 8), ValueError, "^q: the host"),
+        (lambda: select_topk_device(q, w, pages, tables, pos, 8, query_dtype="fp8"), ValueError, "^query_dtype:"),
+        (lambda: select_topk_device(q, w, pages, tables, pos, 8, backend="xla", threads=-2), ValueError, "^threads:"),
         (lambda: select_topk_device(q, w, ExactIndexerKeys.create(12, 16, 32), tables, pos, 8,
                                     backend="cpu_kernel"), ValueError, "^backend="),
     ]  # fmt: skip

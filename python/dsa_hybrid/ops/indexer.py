@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsa_hybrid.ops.checks import check_alloc, check_array, check_int, check_int_array, is_concrete
-from dsa_hybrid.ops.cpu_kernels import indexer_kernel_ok, indexer_select_cpu, target_is_cpu
+from dsa_hybrid.ops.cpu_kernels import indexer_kernel_ok, indexer_query_bf16, indexer_select_cpu, target_is_cpu
 from dsa_hybrid.ops.latent_cache import quantize_rows
 from dsa_hybrid.ops.target import resolve_backend, target_is_tpu
 
@@ -309,7 +309,8 @@ def select_topk_device(
             worker threads (1: XLA's calling thread); the other paths score in float32 and ignore them.
 
     Returns int32 `[T, k]` positions, ascending, −1 padded (rows with `positions[t] + 1 ≤ k` select
-    every visible key). Jit-able with `k`, `quantize_queries`, `key_chunk` and `row_block` static.
+    every visible key). Jit-able with `k`, `quantize_queries`, `key_chunk`, `row_block`, `backend`,
+    `query_dtype` and `threads` static.
     ValueError / TypeError naming the argument for a wrong shape, dtype or option.
     """
     if not isinstance(pages, (IndexerPages, ExactIndexerKeys)):
@@ -330,6 +331,8 @@ def select_topk_device(
         key_chunk = check_int("key_chunk", key_chunk, 1)
     if row_block is not None:
         row_block = check_int("row_block", row_block, 1)
+    threads = check_int("threads", threads, 0, 1024)
+    indexer_query_bf16(query_dtype, quantize_queries)  # a known dtype on every path
     S = pages.page_size
     T, max_pages = block_tables.shape
     if backend == "auto":  # FP8 pages: Pallas on a TPU target, the Rust kernel on a CPU; exact keys: XLA
