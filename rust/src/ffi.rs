@@ -444,6 +444,19 @@ fn elem_bytes(dtype: i32) -> usize {
     }
 }
 
+/// The `threads` attribute as a worker count (the `par.rs` convention: 0 one per core, 1 the
+/// calling XLA thread), at most `MAX_THREADS`.
+fn thread_count(threads: i64) -> Result<usize, Refusal> {
+    usize::try_from(threads)
+        .ok()
+        .filter(|n| *n <= MAX_THREADS)
+        .ok_or_else(|| {
+            invalid(format!(
+                "threads: must be in [0, {MAX_THREADS}], got {threads}"
+            ))
+        })
+}
+
 /// The scalar attribute `name` of `dtype` (an `XLA_FFI_Scalar`), its value read as `T`.
 ///
 /// # Safety
@@ -571,14 +584,7 @@ unsafe fn execute(frame: &mut CallFrame) -> Result<(), Refusal> {
     if !scale.is_finite() {
         return Err(invalid(format!("scale: must be finite, got {scale}")));
     }
-    let threads = usize::try_from(threads)
-        .ok()
-        .filter(|n| *n <= MAX_THREADS)
-        .ok_or_else(|| {
-            invalid(format!(
-                "threads: must be in [0, {MAX_THREADS}], got {threads}"
-            ))
-        })?;
+    let threads = thread_count(threads)?;
     // SAFETY: each view was checked for its dtype (the slice's element type), size and alignment;
     // the arguments are read-only and the results are this call's own buffers.
     let (qs, kvs, ss, os, ls) = unsafe {
@@ -687,14 +693,7 @@ unsafe fn execute_select(frame: &mut CallFrame) -> Result<(), Refusal> {
         _ => Err(invalid(format!("{name}: expected 0 or 1, got {v}"))),
     };
     let (quantize, bf16) = (flag("quantize", quantize)?, flag("bf16", bf16)?);
-    let threads = usize::try_from(threads)
-        .ok()
-        .filter(|n| *n <= MAX_THREADS)
-        .ok_or_else(|| {
-            invalid(format!(
-                "threads: must be in [0, {MAX_THREADS}], got {threads}"
-            ))
-        })?;
+    let threads = thread_count(threads)?;
     // SAFETY: each view was checked for its dtype (the slice's element type), size and alignment;
     // the arguments are read-only and the result is this call's own buffer.
     let (qs, ws, cs, ss, ts, ps, os) = unsafe {
